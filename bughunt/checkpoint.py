@@ -1,0 +1,134 @@
+"""Checkpoint files: find the safetensors weights (single or sharded), refuse pickles unless asked,
+and check every weight's shape against what the Spec implies."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from bughunt.errors import BughuntError
+from bughunt.safetensors_io import read_header, read_safetensors
+from bughunt.spec import Spec, load_spec
+
+_PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.bin", "model.pt", "model.pth")
+
+
+def weight_files(checkpoint: Path, allow_pickle: bool = False) -> list[Path]:
+    """The safetensors files holding the weights, in shard order."""
+    checkpoint = Path(checkpoint)
+    index = checkpoint / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise BughuntError(f"{index} is malformed ({e}); it needs a 'weight_map' object. Re-save the checkpoint.") from None
+        files = sorted(set(weight_map.values()))
+        missing = [f for f in files if not (checkpoint / f).exists()]
+        if missing:
+            raise BughuntError(f"{index} names shard(s) that are missing: {', '.join(missing)}. Download or copy every shard.")
+        return [checkpoint / f for f in files]
+    single = checkpoint / "model.safetensors"
+    if single.exists():
+        return [single]
+    others = sorted(checkpoint.glob("*.safetensors"))
+    if others:
+        return others
+    pickles = [p for p in _PICKLE_NAMES if (checkpoint / p).exists()] + [p.name for p in checkpoint.glob("pytorch_model-*.bin")]
+    if pickles:
+        if not allow_pickle:
+            raise BughuntError(
+                f"{checkpoint} holds only pickled weights ({', '.join(pickles)}). Unpickling runs arbitrary code, so bughunt "
+                "refuses it. Convert to safetensors (model.save_pretrained(dir, safe_serialization=True)), or pass "
+                "--allow-pickle if you trust the file."
+            )
+        return [checkpoint / p for p in pickles if p.endswith(".bin") or p.endswith(".pt") or p.endswith(".pth")]
+    raise BughuntError(f"{checkpoint} has no weights: no model.safetensors, no shards, no index. Save the model with save_pretrained().")
+
+
+def _read_pickle(path: Path) -> dict[str, np.ndarray]:
+    import torch  # only on the explicit --allow-pickle path
+
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    return {k: (v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy()) for k, v in sd.items()}
+
+
+def stored_shapes(checkpoint: Path, allow_pickle: bool = False) -> dict[str, tuple[tuple[int, ...], str]]:
+    """name -> (shape, stored dtype) for every tensor, read from headers only."""
+    out = {}
+    for f in weight_files(checkpoint, allow_pickle):
+        if f.suffix == ".safetensors":
+            for name, info in read_header(f).items():
+                if name != "__metadata__":
+                    out[name] = (tuple(info["shape"]), info["dtype"])
+        else:
+            for name, arr in _read_pickle(f).items():
+                out[name] = (tuple(arr.shape), str(arr.dtype))
+    return out
+
+
+def expected_shapes(spec: Spec) -> dict[str, tuple[int, ...]]:
+    """The HF parameter names and shapes the spec implies (lm_head only when not tied)."""
+    h, v, i = spec.hidden_size, spec.vocab_size, spec.intermediate_size
+    q, kv = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,)}
+    if not spec.tie_word_embeddings:
+        shapes["lm_head.weight"] = (v, h)
+    for layer in range(spec.num_layers):
+        p = f"model.layers.{layer}."
+        if spec.fused_qkv:
+            shapes[p + "self_attn.qkv_proj.weight"] = (q + 2 * kv, h)
+        else:
+            shapes[p + "self_attn.q_proj.weight"] = (q, h)
+            shapes[p + "self_attn.k_proj.weight"] = (kv, h)
+            shapes[p + "self_attn.v_proj.weight"] = (kv, h)
+            if spec.attention_bias:
+                shapes[p + "self_attn.q_proj.bias"] = (q,)
+                shapes[p + "self_attn.k_proj.bias"] = (kv,)
+                shapes[p + "self_attn.v_proj.bias"] = (kv,)
+        shapes[p + "self_attn.o_proj.weight"] = (h, q)
+        if spec.qk_norm:
+            shapes[p + "self_attn.q_norm.weight"] = (spec.head_dim,)
+            shapes[p + "self_attn.k_norm.weight"] = (spec.head_dim,)
+        if spec.fused_gate_up:
+            shapes[p + "mlp.gate_up_proj.weight"] = (2 * i, h)
+        else:
+            shapes[p + "mlp.gate_proj.weight"] = (i, h)
+            shapes[p + "mlp.up_proj.weight"] = (i, h)
+        shapes[p + "mlp.down_proj.weight"] = (h, i)
+        shapes[p + "input_layernorm.weight"] = (h,)
+        shapes[p + "post_attention_layernorm.weight"] = (h,)
+        if spec.sandwich_norms:
+            shapes[p + "pre_feedforward_layernorm.weight"] = (h,)
+            shapes[p + "post_feedforward_layernorm.weight"] = (h,)
+    return shapes
+
+
+def validate_weights(checkpoint: Path, spec: Spec, allow_pickle: bool = False) -> None:
+    """Raise a BughuntError naming every missing weight or weight whose shape contradicts the config."""
+    stored = stored_shapes(checkpoint, allow_pickle)
+    problems = []
+    for name, shape in expected_shapes(spec).items():
+        if name not in stored:
+            problems.append(f"missing {name} (expected shape {shape})")
+        elif stored[name][0] != shape:
+            problems.append(f"{name} has shape {stored[name][0]} but config.json implies {shape}")
+    if problems:
+        shown = "; ".join(problems[:6]) + (f"; and {len(problems) - 6} more" if len(problems) > 6 else "")
+        raise BughuntError(
+            f"weights in {checkpoint} do not match config.json: {shown}. Check that config.json belongs to these weights "
+            "(hidden_size, num_attention_heads, num_key_value_heads, head_dim, intermediate_size, vocab_size, num_hidden_layers)."
+        )
+
+
+def load_weights(checkpoint: Path, spec: Spec | None = None, allow_pickle: bool = False) -> dict[str, np.ndarray]:
+    """All weights as numpy arrays in their stored dtype, validated against the spec."""
+    spec = spec or load_spec(checkpoint)
+    validate_weights(checkpoint, spec, allow_pickle)
+    out: dict[str, np.ndarray] = {}
+    for f in weight_files(checkpoint, allow_pickle):
+        out.update(read_safetensors(f) if f.suffix == ".safetensors" else _read_pickle(f))
+    if spec.tie_word_embeddings:
+        out.setdefault("lm_head.weight", out["model.embed_tokens.weight"])
+    return out

@@ -1,0 +1,62 @@
+"""Implementations (runners): named ways to run a checkpoint. Each is a thin runner over a real library
+with one life cycle: open (load), run (token ids -> Trace), close; usable as a context manager.
+Comparison code lives elsewhere and knows nothing about backends."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from dataclasses import dataclass, field
+
+from bughunt.errors import BughuntError
+
+DTYPES = ("fp64", "fp32", "bf16", "fp16")
+DEVICES = ("cpu", "cuda")
+
+# name -> (module:class, python modules that must be importable for it to be available)
+REGISTRY: dict[str, tuple[str, tuple[str, ...]]] = {
+    "reference": ("bughunt.implementations.reference:ReferenceRunner", ("numpy", "ml_dtypes")),
+    "hf": ("bughunt.implementations.hf:HFRunner", ("torch", "transformers")),
+}
+
+
+@dataclass(frozen=True)
+class ImplChoice:
+    """One implementation as the user named it: NAME[:DTYPE][@PYTHON]."""
+
+    name: str
+    dtype: str | None = None  # None: the run's --dtype (the reference defaults to fp64)
+    python: str | None = None  # another interpreter to run it in (a worker process)
+    toggles: tuple[tuple[str, str], ...] = field(default=())
+
+    @property
+    def label(self) -> str:
+        s = self.name + (f":{self.dtype}" if self.dtype else "")
+        if self.toggles:
+            s += "[" + ",".join(f"{k}={v}" for k, v in self.toggles) + "]"
+        return s + (f"@{self.python}" if self.python else "")
+
+    @classmethod
+    def parse(cls, text: str) -> "ImplChoice":
+        rest, _, python = text.partition("@")
+        name, _, dtype = rest.partition(":")
+        if name not in REGISTRY:
+            raise BughuntError(f"unknown implementation '{name}' in '{text}'. Known: {', '.join(sorted(REGISTRY))}.")
+        if dtype and dtype not in DTYPES:
+            raise BughuntError(f"unknown dtype '{dtype}' in '{text}'. Use one of: {', '.join(DTYPES)}.")
+        return cls(name=name, dtype=dtype or None, python=python or None)
+
+
+def available(name: str) -> bool:
+    """Whether the libraries an implementation needs are importable here."""
+    return all(importlib.util.find_spec(m) is not None for m in REGISTRY[name][1])
+
+
+def runner_class(name: str):
+    if name not in REGISTRY:
+        raise BughuntError(f"unknown implementation '{name}'. Known: {', '.join(sorted(REGISTRY))}.")
+    if not available(name):
+        missing = [m for m in REGISTRY[name][1] if importlib.util.find_spec(m) is None]
+        raise BughuntError(f"implementation '{name}' needs {', '.join(missing)}, which is not installed. See the README's install section.")
+    module, _, cls = REGISTRY[name][0].partition(":")
+    return getattr(importlib.import_module(module), cls)

@@ -1,0 +1,79 @@
+"""The runner life cycle every implementation shares: open, run, close."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bughunt.errors import BughuntError
+from bughunt.spec import Spec
+from bughunt.trace import Trace
+
+
+class Runner:
+    name = "base"
+    families: tuple[str, ...] = ()
+    dtypes: tuple[str, ...] = ()
+    devices: tuple[str, ...] = ("cpu",)
+
+    def __init__(self, checkpoint: Path, spec: Spec, dtype: str, device: str = "cpu", branches: bool = True,
+                 label: str | None = None, allow_pickle: bool = False):
+        if spec.family not in self.families:
+            raise BughuntError(f"implementation '{self.name}' does not support family '{spec.family}' (supports: {', '.join(self.families)}).")
+        if dtype not in self.dtypes:
+            raise BughuntError(f"implementation '{self.name}' cannot run at {dtype} (supports: {', '.join(self.dtypes)}).")
+        if device not in self.devices:
+            raise BughuntError(f"implementation '{self.name}' cannot run on {device} (supports: {', '.join(self.devices)}).")
+        self.checkpoint, self.spec, self.dtype, self.device = Path(checkpoint), spec, dtype, device
+        self.branches, self.allow_pickle = branches, allow_pickle
+        self.label = label or self.name
+        self.load_seconds = 0.0
+        self.is_open = False
+
+    # -- life cycle ---------------------------------------------------------------------------
+    def open(self) -> "Runner":
+        t = time.perf_counter()
+        self._open()
+        self.load_seconds = time.perf_counter() - t
+        self.is_open = True
+        return self
+
+    def run(self, tokens: np.ndarray) -> Trace:
+        if not self.is_open:
+            raise RuntimeError("call open() before run()")
+        tokens = np.atleast_2d(np.asarray(tokens, dtype=np.int64))
+        if tokens.size == 0:
+            raise BughuntError("no input tokens: pass at least one token id.")
+        if tokens.min() < 0 or tokens.max() >= self.spec.vocab_size:
+            raise BughuntError(f"token ids must lie in [0, {self.spec.vocab_size}) for this checkpoint; got range [{tokens.min()}, {tokens.max()}].")
+        t = time.perf_counter()
+        arrays = self._run(tokens)
+        seconds = time.perf_counter() - t
+        meta = {"implementation": self.name, "dtype": self.dtype, "device": self.device, "versions": self.versions(),
+                "timings": {"load_s": self.load_seconds, "forward_s": seconds}, "tokens_shape": list(tokens.shape)}
+        return Trace(self.label, arrays, meta)
+
+    def close(self) -> None:
+        self._close()
+        self.is_open = False
+
+    def __enter__(self) -> "Runner":
+        return self.open()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- what each implementation provides ----------------------------------------------------
+    def _open(self) -> None:
+        raise NotImplementedError
+
+    def _run(self, tokens: np.ndarray) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def _close(self) -> None:
+        pass
+
+    def versions(self) -> dict[str, str]:
+        return {}

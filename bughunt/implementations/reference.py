@@ -1,0 +1,49 @@
+"""The `reference` implementation: the float64 numpy forward passes in reference_impls/. At fp64 it
+rounds nowhere; at another dtype it emulates that dtype's rounding policy step by step."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from bughunt.checkpoint import load_weights
+from bughunt.errors import BughuntError
+from bughunt.implementations.base import Runner
+
+
+class ReferenceRunner(Runner):
+    name = "reference"
+    families = ("gemma", "gemma2", "gemma3", "llama", "mistral", "phi3", "qwen2", "qwen3")
+    dtypes = ("fp64", "fp32", "bf16", "fp16")
+    devices = ("cpu", "cuda")  # numpy runs on the host whatever the device asked; the trace says so
+
+    def __init__(self, *args, policy=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        from reference_impls import Policy
+
+        self.policy = policy or Policy(dtype=self.dtype)
+        if self.policy.dtype != self.dtype:
+            self.policy = Policy(**{**self.policy.__dict__, "dtype": self.dtype})
+        from bughunt.spec import SUPPORTED_ROPE_TYPES
+
+        for kind, rope in self.spec.rope.items():
+            if rope.type not in SUPPORTED_ROPE_TYPES:
+                raise BughuntError(f"the reference does not implement rope_type '{rope.type}' yet (supports: {', '.join(SUPPORTED_ROPE_TYPES)}).")
+
+    def _open(self) -> None:
+        self.weights = load_weights(self.checkpoint, self.spec, self.allow_pickle)
+
+    def _run(self, tokens: np.ndarray) -> dict[str, np.ndarray]:
+        from reference_impls import forward
+
+        arrays = forward(self.weights, self.spec, tokens, self.policy)
+        if not self.branches:
+            arrays = {k: v for k, v in arrays.items() if not k.endswith((".attn", ".mlp"))}
+        return arrays
+
+    def _close(self) -> None:
+        self.weights = None
+
+    def versions(self) -> dict[str, str]:
+        import ml_dtypes
+
+        return {"numpy": np.__version__, "ml_dtypes": ml_dtypes.__version__, "policy": repr(self.policy)}

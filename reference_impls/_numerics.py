@@ -1,0 +1,172 @@
+"""Numerics primitives for the float64 reference forward passes.
+
+Everything is computed in float64. A `Policy` says where a real implementation would round to a
+lower-precision dtype; `Numerics` applies exactly those roundings (bf16/fp16 via ml_dtypes), so the
+reference can reproduce a given dtype policy step by step, or run with no rounding at all (fp64).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import ml_dtypes
+import numpy as np
+
+DTYPES = {"fp64": None, "fp32": np.float32, "bf16": ml_dtypes.bfloat16, "fp16": np.float16}
+
+GELU = ("exact", "tanh")
+ROPE_DTYPE = ("fp32", "model")
+ROPE_PAIRING = ("half", "interleaved")
+NORM_DTYPE = ("fp32", "mixed", "model")
+EMBED_SCALE_DTYPE = ("fp32", "model")
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Where the forward pass rounds. dtype="fp64" rounds nowhere; the other fields say how each
+    step behaves when a lower-precision model dtype is emulated (some, like gelu and rope_pairing,
+    change the maths itself and matter at every dtype)."""
+
+    dtype: str = "fp64"  # emulated model dtype: weights and each op's output are rounded to it
+    gelu: str | None = None  # "exact" (erf, GELU paper eq. 1) | "tanh" (paper's approximation); None: the spec's activation
+    rope_dtype: str = "fp32"  # "fp32": inv_freq, positions and cos/sin in fp32, rounded to the model dtype at the end; "model": every step in the model dtype
+    rope_pairing: str = "half"  # "half": (x[i], x[i+d/2]) rotate together (GPT-NeoX/HF layout); "interleaved": (x[2i], x[2i+1]) (RoFormer paper)
+    norm_dtype: str | None = None  # "fp32": normalise and scale in fp32; "mixed": normalise in fp32, round, scale in model dtype (Llama HF); "model": all in model dtype; None: family default
+    embed_scale_dtype: str = "model"  # "model": sqrt(hidden) rounded to the model dtype before the multiply (55.4256 -> 55.5 in bf16); "fp32": kept in fp32
+
+    def __post_init__(self) -> None:
+        for name, allowed in (("dtype", tuple(DTYPES)), ("gelu", GELU + (None,)), ("rope_dtype", ROPE_DTYPE),
+                              ("rope_pairing", ROPE_PAIRING), ("norm_dtype", NORM_DTYPE + (None,)),
+                              ("embed_scale_dtype", EMBED_SCALE_DTYPE)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"Policy.{name}={getattr(self, name)!r}; allowed: {allowed}")
+
+
+_erf = np.frompyfunc(math.erf, 1, 1)
+
+
+class Numerics:
+    """Float64 maths with the roundings a Policy asks for."""
+
+    def __init__(self, policy: Policy):
+        self.policy = policy
+        self.dt = DTYPES[policy.dtype]
+
+    # -- rounding ---------------------------------------------------------------------------
+    def r(self, x: np.ndarray) -> np.ndarray:
+        """Round to the model dtype (identity for fp64)."""
+        x = np.asarray(x, dtype=np.float64)
+        return x if self.dt is None else x.astype(self.dt).astype(np.float64)
+
+    def r32(self, x: np.ndarray) -> np.ndarray:
+        """Round to fp32, the 'upcast' precision of mixed-precision code (identity for fp64)."""
+        x = np.asarray(x, dtype=np.float64)
+        return x if self.dt is None else x.astype(np.float32).astype(np.float64)
+
+    # -- building blocks --------------------------------------------------------------------
+    def linear(self, x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None) -> np.ndarray:
+        """y = x W^T (+ b): products accumulate at high precision, the output is rounded once (as a fused GEMM does)."""
+        return self.r(x @ w.T if b is None else x @ w.T + b)
+
+    def rms_norm(self, x: np.ndarray, w: np.ndarray, eps: float, form: str, norm_dtype: str) -> np.ndarray:
+        """RMSNorm (Zhang & Sennrich 2019): x / sqrt(mean(x^2) + eps) * scale, scale = w or (1 + w) (Gemma)."""
+        if norm_dtype == "model":
+            r = self.r
+            inv = r(1.0 / np.sqrt(r(r(np.mean(r(x * x), axis=-1, keepdims=True)) + eps)))
+            normed = r(x * inv)
+            scale = r(1.0 + w) if form == "one_plus_w" else w
+            return r(normed * scale)
+        r32 = self.r32
+        normed = r32(x * r32(1.0 / np.sqrt(r32(np.mean(x * x, axis=-1, keepdims=True) + eps))))
+        scale = r32(1.0 + w) if form == "one_plus_w" else w
+        if norm_dtype == "fp32":  # scale in fp32, then one rounding to the model dtype
+            return self.r(normed * scale)
+        return self.r(self.r(normed) * scale)  # "mixed": round first, scale in the model dtype
+
+    def activation(self, x: np.ndarray, kind: str) -> np.ndarray:
+        """GELU (Hendrycks & Gimpel 2016), exact erf form or its tanh approximation; SiLU (x * sigmoid(x))."""
+        if kind == "gelu_exact":
+            y = 0.5 * x * (1.0 + _erf(x / math.sqrt(2.0)).astype(np.float64))
+        elif kind == "gelu_tanh":
+            y = 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+        elif kind == "silu":
+            y = x / (1.0 + np.exp(-x))
+        else:
+            raise ValueError(f"unknown activation {kind}")
+        return self.r(y)
+
+    def rope_cos_sin(self, positions: np.ndarray, theta: float, rot_dim: int, factor: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+        """cos/sin tables [seq, rot_dim] (Su et al. 2021): inv_freq_j = theta^(-2j/d), angle = pos * inv_freq.
+        Linear scaling (position interpolation) divides inv_freq by `factor`."""
+        rd = self.r if self.policy.rope_dtype == "model" else self.r32
+        exponent = rd(np.arange(0, rot_dim, 2, dtype=np.float64) / rot_dim)
+        inv_freq = rd(1.0 / rd(theta**exponent))
+        if factor != 1.0:
+            inv_freq = rd(inv_freq / factor)
+        angles = rd(rd(positions.astype(np.float64))[:, None] * inv_freq[None, :])
+        if self.policy.rope_pairing == "half":
+            angles = np.concatenate([angles, angles], axis=-1)
+        else:
+            angles = np.repeat(angles, 2, axis=-1)
+        return self.r(rd(np.cos(angles))), self.r(rd(np.sin(angles)))
+
+    def apply_rope(self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+        """Rotate the first cos.shape[-1] features of x [batch, heads, seq, head_dim]; the rest pass through."""
+        rot = cos.shape[-1]
+        xr, xp = x[..., :rot], x[..., rot:]
+        if self.policy.rope_pairing == "half":
+            partner = np.concatenate([-xr[..., rot // 2:], xr[..., : rot // 2]], axis=-1)
+        else:
+            partner = np.stack([-xr[..., 1::2], xr[..., 0::2]], axis=-1).reshape(xr.shape)
+        out = self.r(self.r(xr * cos) + self.r(partner * sin))
+        return np.concatenate([out, xp], axis=-1)
+
+    def attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, softcap: float | None,
+                  window: int | None) -> np.ndarray:
+        """Causal softmax attention, q [b, h, s, d], k/v [b, kv_h, s, d]; query head i uses kv head i // (h / kv_h)
+        (grouped-query attention, Ainslie et al. 2023). A sliding window lets query t see keys t-window+1..t."""
+        groups = q.shape[1] // k.shape[1]
+        k = np.repeat(k, groups, axis=1)
+        v = np.repeat(v, groups, axis=1)
+        scores = self.r(self.r(q @ np.swapaxes(k, -1, -2)) * scale)
+        if softcap is not None:  # Gemma 2: cap * tanh(scores / cap)
+            scores = self.r(self.r(np.tanh(self.r(scores / softcap))) * softcap)
+        s = q.shape[2]
+        qi, ki = np.arange(s)[:, None], np.arange(s)[None, :]
+        allowed = ki <= qi
+        if window is not None:
+            allowed &= (qi - ki) < window
+        scores = np.where(allowed, scores, -np.inf)
+        scores = scores - scores.max(axis=-1, keepdims=True)
+        p = np.exp(scores)
+        p = self.r(self.r32(p / p.sum(axis=-1, keepdims=True)))  # softmax in fp32, then back to the model dtype
+        return self.r(p @ v)
+
+    def softcap(self, x: np.ndarray, cap: float | None) -> np.ndarray:
+        if cap is None:
+            return x
+        return self.r(self.r(np.tanh(self.r(x / cap))) * cap)
+
+
+def split_heads(x: np.ndarray, n: int, d: int) -> np.ndarray:
+    """[b, s, n*d] -> [b, n, s, d]"""
+    b, s, _ = x.shape
+    return x.reshape(b, s, n, d).transpose(0, 2, 1, 3)
+
+
+def merge_heads(x: np.ndarray) -> np.ndarray:
+    """[b, n, s, d] -> [b, s, n*d]"""
+    b, n, s, d = x.shape
+    return x.transpose(0, 2, 1, 3).reshape(b, s, n * d)
+
+
+def resolve(spec, policy: Policy, default_norm_dtype: str) -> tuple[Numerics, str, str]:
+    """The Numerics for a policy, the activation kind and the norm dtype to use for this spec."""
+    act = spec.activation if policy.gelu is None or not spec.activation.startswith("gelu") else "gelu_" + policy.gelu
+    return Numerics(policy), act, policy.norm_dtype or default_norm_dtype
+
+
+def round_weights(n: Numerics, weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Weights as float64, rounded to the emulated model dtype (a model loaded at that dtype holds exactly these)."""
+    return {k: n.r(np.asarray(v, dtype=np.float64)) for k, v in weights.items()}

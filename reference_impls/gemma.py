@@ -1,0 +1,55 @@
+"""Gemma (1) forward pass in float64, from the Gemma paper (Gemma Team, 2024) and config.json.
+
+Decoder-only transformer: embeddings scaled by sqrt(hidden) (paper, "embedding normalizer"), pre-norm
+RMSNorm with (1 + w) scale (official code stores w zero-centred), RoPE, multi-query or multi-head
+attention, GeGLU MLP (GELU tanh approximation in the official code), tied input/output embeddings.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from reference_impls._numerics import Policy, merge_heads, resolve, round_weights, split_heads
+
+
+def forward(weights: dict, spec, tokens: np.ndarray, policy: Policy) -> dict[str, np.ndarray]:
+    n, act, norm_dtype = resolve(spec, policy, default_norm_dtype="fp32")  # HF upcasts the whole norm (PR 29402)
+    W = round_weights(n, weights)
+    norm = lambda x, w: n.rms_norm(x, w, spec.rms_eps, "one_plus_w", norm_dtype)  # noqa: E731
+    out: dict[str, np.ndarray] = {}
+    b, s = tokens.shape
+    nh, nkv, hd = spec.num_heads, spec.num_kv_heads, spec.head_dim
+
+    # Embedding, scaled by sqrt(hidden); the scale itself may be rounded to the model dtype first.
+    scale = n.r(spec.embed_scale) if policy.embed_scale_dtype == "model" else n.r32(spec.embed_scale)
+    x = n.r(W["model.embed_tokens.weight"][tokens] * scale)
+    out["embed"] = x
+
+    rope = spec.rope["full"]
+    rot = int(hd * rope.partial_rotary_factor)
+    cos, sin = n.rope_cos_sin(np.arange(s), rope.theta, rot, rope.factor)
+
+    for i in range(spec.num_layers):
+        p = f"model.layers.{i}."
+        # Attention branch: pre-norm, q/k/v projections, RoPE on q and k, softmax(q k^T * head_dim^-0.5) v.
+        h = norm(x, W[p + "input_layernorm.weight"])
+        q = split_heads(n.linear(h, W[p + "self_attn.q_proj.weight"]), nh, hd)
+        k = split_heads(n.linear(h, W[p + "self_attn.k_proj.weight"]), nkv, hd)
+        v = split_heads(n.linear(h, W[p + "self_attn.v_proj.weight"]), nkv, hd)
+        q, k = n.apply_rope(q, cos, sin), n.apply_rope(k, cos, sin)
+        a = n.attention(q, k, v, spec.query_scale, None, None)
+        a = n.linear(merge_heads(a), W[p + "self_attn.o_proj.weight"])
+        out[f"layer.{i}.attn"] = a
+        x = n.r(x + a)
+        # MLP branch: GeGLU, down(act(gate(h)) * up(h)).
+        h = norm(x, W[p + "post_attention_layernorm.weight"])
+        g = n.activation(n.linear(h, W[p + "mlp.gate_proj.weight"]), act)
+        m = n.linear(n.r(g * n.linear(h, W[p + "mlp.up_proj.weight"])), W[p + "mlp.down_proj.weight"])
+        out[f"layer.{i}.mlp"] = m
+        x = n.r(x + m)
+        out[f"layer.{i}"] = x
+
+    x = norm(x, W["model.norm.weight"])
+    out["final_norm"] = x
+    out["logits"] = n.linear(x, W["lm_head.weight"])
+    return out

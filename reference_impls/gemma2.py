@@ -1,0 +1,56 @@
+"""Gemma 2 forward pass in float64, from the Gemma 2 paper (Gemma Team, 2024) and config.json.
+
+Differences from Gemma 1 (paper section 2): sandwich norms (RMSNorm before *and* after each branch),
+local sliding-window attention alternating with global attention (layer_types), logit soft-capping
+in attention (attn_logit_softcapping) and on the final logits (final_logit_softcapping), and a query
+scale of query_pre_attn_scalar^-0.5 instead of head_dim^-0.5.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from reference_impls._numerics import Policy, merge_heads, resolve, round_weights, split_heads
+
+
+def forward(weights: dict, spec, tokens: np.ndarray, policy: Policy) -> dict[str, np.ndarray]:
+    n, act, norm_dtype = resolve(spec, policy, default_norm_dtype="fp32")
+    W = round_weights(n, weights)
+    norm = lambda x, w: n.rms_norm(x, w, spec.rms_eps, "one_plus_w", norm_dtype)  # noqa: E731
+    out: dict[str, np.ndarray] = {}
+    b, s = tokens.shape
+    nh, nkv, hd = spec.num_heads, spec.num_kv_heads, spec.head_dim
+
+    scale = n.r(spec.embed_scale) if policy.embed_scale_dtype == "model" else n.r32(spec.embed_scale)
+    x = n.r(W["model.embed_tokens.weight"][tokens] * scale)
+    out["embed"] = x
+
+    rope = spec.rope["full"]
+    rot = int(hd * rope.partial_rotary_factor)
+    cos, sin = n.rope_cos_sin(np.arange(s), rope.theta, rot, rope.factor)
+
+    for i in range(spec.num_layers):
+        p = f"model.layers.{i}."
+        window = spec.sliding_window if spec.layer_types[i] == "sliding" else None
+        h = norm(x, W[p + "input_layernorm.weight"])
+        q = split_heads(n.linear(h, W[p + "self_attn.q_proj.weight"]), nh, hd)
+        k = split_heads(n.linear(h, W[p + "self_attn.k_proj.weight"]), nkv, hd)
+        v = split_heads(n.linear(h, W[p + "self_attn.v_proj.weight"]), nkv, hd)
+        q, k = n.apply_rope(q, cos, sin), n.apply_rope(k, cos, sin)
+        a = n.attention(q, k, v, spec.query_scale, spec.attn_softcap, window)
+        a = n.linear(merge_heads(a), W[p + "self_attn.o_proj.weight"])
+        a = norm(a, W[p + "post_attention_layernorm.weight"])  # sandwich: norm the branch before the residual add
+        out[f"layer.{i}.attn"] = a
+        x = n.r(x + a)
+        h = norm(x, W[p + "pre_feedforward_layernorm.weight"])
+        g = n.activation(n.linear(h, W[p + "mlp.gate_proj.weight"]), act)
+        m = n.linear(n.r(g * n.linear(h, W[p + "mlp.up_proj.weight"])), W[p + "mlp.down_proj.weight"])
+        m = norm(m, W[p + "post_feedforward_layernorm.weight"])
+        out[f"layer.{i}.mlp"] = m
+        x = n.r(x + m)
+        out[f"layer.{i}"] = x
+
+    x = norm(x, W["model.norm.weight"])
+    out["final_norm"] = x
+    out["logits"] = n.softcap(n.linear(x, W["lm_head.weight"]), spec.final_softcap)
+    return out
