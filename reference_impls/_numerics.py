@@ -57,7 +57,10 @@ class Numerics:
     def r(self, x: np.ndarray) -> np.ndarray:
         """Round to the model dtype (identity for fp64)."""
         x = np.asarray(x, dtype=np.float64)
-        return x if self.dt is None else x.astype(self.dt).astype(np.float64)
+        if self.dt is None:
+            return x
+        with np.errstate(over="ignore"):  # overflow to inf is what the emulated dtype does; traces report it
+            return x.astype(self.dt).astype(np.float64)
 
     def r32(self, x: np.ndarray) -> np.ndarray:
         """Round to fp32, the 'upcast' precision of mixed-precision code (identity for fp64)."""

@@ -1,0 +1,255 @@
+"""The `compare` experiment: run one checkpoint through several implementations, compare each against
+a chosen reference at every capture point, judge the divergence against the dtype's noise floor, and
+produce a Result (plus, when asked, the files: result.json, plots, report.html, traces)."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import shlex
+import traceback
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from bughunt.checkpoint import validate_weights
+from bughunt.errors import BughuntError
+from bughunt.implementations import DEVICES, DTYPES, ImplChoice, runner_class
+from bughunt.metrics import UNIT_ROUNDOFF, compare_traces
+from bughunt.result import SCHEMA_VERSION, Result, environment, write_atomically
+from bughunt.spec import Spec, load_spec
+from bughunt.trace import Trace
+
+DEFAULT_FLOOR_FACTOR = 10.0
+DEFAULT_LENGTH = 16
+
+
+def default_tokens(spec: Spec, length: int = DEFAULT_LENGTH, seed: int = 0) -> np.ndarray:
+    """Deterministic ids: BOS (when the config has one) followed by seeded ids that avoid the special ids 0-2."""
+    rng = np.random.default_rng(seed)
+    hi = min(spec.vocab_size, 32000)
+    body = rng.integers(3, hi, size=length - (spec.bos_token_id is not None))
+    ids = ([spec.bos_token_id] if spec.bos_token_id is not None else []) + body.tolist()
+    return np.asarray([ids], dtype=np.int64)
+
+
+def parse_tokens(text: str) -> np.ndarray:
+    """'2,17,99' -> [[2, 17, 99]]; several sequences of equal length separated by ';'."""
+    try:
+        rows = [[int(t) for t in row.replace(" ", "").split(",") if t != ""] for row in text.strip().split(";") if row.strip()]
+    except ValueError:
+        raise BughuntError(f"--tokens must be comma-separated integers (rows separated by ';'), got {text!r}.") from None
+    if not rows or not rows[0]:
+        raise BughuntError("--tokens is empty: give at least one token id, e.g. --tokens 2,17,99.")
+    if len({len(r) for r in rows}) != 1:
+        raise BughuntError("every ';'-separated row in --tokens must have the same length.")
+    return np.asarray(rows, dtype=np.int64)
+
+
+def read_tokens_file(path: Path) -> np.ndarray:
+    path = Path(path)
+    if not path.exists():
+        raise BughuntError(f"--tokens-file {path} does not exist.")
+    text = path.read_text().strip()
+    if text.startswith("["):
+        import json
+
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise BughuntError(f"--tokens-file {path} is not valid JSON: {e}") from None
+        if rows and isinstance(rows[0], int):
+            rows = [rows]
+        return parse_tokens(";".join(",".join(str(int(t)) for t in r) for r in rows))
+    return parse_tokens(";".join(line for line in text.splitlines() if line.strip()).replace(" ", ","))
+
+
+def _choices(implementations: Iterable[str | ImplChoice], reference: str) -> tuple[list[ImplChoice], ImplChoice]:
+    choices = [c if isinstance(c, ImplChoice) else ImplChoice.parse(c) for c in implementations]
+    ref = ImplChoice.parse(reference) if isinstance(reference, str) else reference
+    labels = [c.label for c in choices]
+    if len(set(labels)) != len(labels):
+        raise BughuntError(f"an implementation is named twice: {labels}. Give each --impl once (add :DTYPE to tell them apart).")
+    match = [c for c in choices if c.label == ref.label] or [c for c in choices if c.name == ref.name and ref.dtype is None]
+    if not match:
+        choices.insert(0, ref)
+        match = [ref]
+    return choices, match[0]
+
+
+def run_implementation(choice: ImplChoice, checkpoint: Path, spec: Spec, dtype: str, device: str, tokens: np.ndarray,
+                       branches: bool = True, allow_pickle: bool = False, **runner_kwargs) -> Trace:
+    """Open, run and close one implementation in this process."""
+    cls = runner_class(choice.name)
+    with cls(checkpoint, spec, dtype, device, branches=branches, label=choice.label, allow_pickle=allow_pickle, **runner_kwargs) as runner:
+        return runner.run(tokens)
+
+
+def noise_floor(checkpoint: Path, spec: Spec, dtype: str, tokens: np.ndarray, fp64: Trace | None = None,
+                allow_pickle: bool = False) -> dict:
+    """The divergence a correct implementation at `dtype` shows against float64: the reference emulating the
+    family's HF rounding policy at that dtype, against the unrounded reference. Never below the dtype's unit roundoff."""
+    if fp64 is None:
+        fp64 = run_implementation(ImplChoice("reference", "fp64"), checkpoint, spec, "fp64", "cpu", tokens, allow_pickle=allow_pickle)
+    u = UNIT_ROUNDOFF[dtype]
+    if dtype == "fp64":
+        measured = {p: {"point": p, "rel_l2": 0.0, "l2": 0.0} for p in fp64.points()}
+    else:
+        emulated = run_implementation(ImplChoice("reference", dtype), checkpoint, spec, dtype, "cpu", tokens, allow_pickle=allow_pickle)
+        measured = {m["point"]: m for m in compare_traces(emulated, fp64)}
+    points = {}
+    for p in fp64.points():
+        ref_norm = float(np.linalg.norm(fp64.arrays[p]))
+        rel = measured[p]["rel_l2"] or 0.0
+        points[p] = {"rel_l2": rel, "l2": measured[p]["l2"] or 0.0, "floor_rel_l2": max(rel, u), "ref_norm": ref_norm}
+    return {"dtype": dtype, "unit_roundoff": u, "method": "reference emulating the family's rounding policy vs float64", "points": points}
+
+
+def judge(points: list[dict], floor: dict, factor: float) -> tuple[list[dict], str | None]:
+    """Annotate each point with its ratio to the floor; return the first point above factor x floor."""
+    first = None
+    for p in points:
+        f = floor["points"].get(p["point"])
+        if f is None or p.get("rel_l2") is None and not p.get("nonfinite"):
+            p["above_floor"] = bool(p.get("error"))
+        else:
+            rel = p["rel_l2"] if p["rel_l2"] is not None else float("inf")
+            p["floor_rel_l2"] = f["floor_rel_l2"]
+            p["ratio_to_floor"] = rel / f["floor_rel_l2"]
+            p["above_floor"] = bool(p.get("nonfinite")) or rel > factor * f["floor_rel_l2"]
+        if p["above_floor"] and first is None:
+            first = p["point"]
+    return points, first
+
+
+def _command(checkpoint, choices, ref, dtype, device, tokens, floor_factor) -> str:
+    parts = ["bughunt", "compare", str(checkpoint)]
+    for c in choices:
+        parts += ["--impl", c.label]
+    parts += ["--reference", ref.label, "--dtype", dtype, "--device", device]
+    parts += ["--tokens", ";".join(",".join(str(int(t)) for t in row) for row in tokens)]
+    if floor_factor != DEFAULT_FLOOR_FACTOR:
+        parts += ["--floor-factor", str(floor_factor)]
+    return shlex.join(parts)
+
+
+def compare(checkpoint: str | Path, implementations: Sequence[str | ImplChoice] = ("hf", "reference"),
+            reference: str = "reference", dtype: str = "fp32", device: str = "cpu",
+            tokens: Sequence[int] | np.ndarray | None = None, out: str | Path | None = None,
+            floor_factor: float = DEFAULT_FLOOR_FACTOR, branches: bool = True, allow_pickle: bool = False,
+            render: bool = True) -> Result:
+    """Compare implementations of one checkpoint layer by layer. Returns the Result; writes files when `out` is set."""
+    checkpoint = Path(checkpoint)
+    if dtype not in DTYPES:
+        raise BughuntError(f"unknown dtype '{dtype}'. Use one of: {', '.join(DTYPES)}.")
+    if device not in DEVICES:
+        raise BughuntError(f"unknown device '{device}'. Use one of: {', '.join(DEVICES)}.")
+    if not floor_factor > 0:
+        raise BughuntError(f"--floor-factor must be positive, got {floor_factor}.")
+    spec = load_spec(checkpoint)
+    validate_weights(checkpoint, spec, allow_pickle)
+    tokens = default_tokens(spec) if tokens is None else np.atleast_2d(np.asarray(tokens, dtype=np.int64))
+    if tokens.size == 0:
+        raise BughuntError("no input tokens: pass at least one token id.")
+    if tokens.min() < 0 or tokens.max() >= spec.vocab_size:
+        raise BughuntError(f"token ids must lie in [0, {spec.vocab_size}) for this checkpoint (vocab_size); got [{tokens.min()}, {tokens.max()}].")
+    choices, ref_choice = _choices(implementations, reference)
+
+    traces: dict[str, Trace] = {}
+    entries = []
+    for choice in choices:
+        impl_dtype = choice.dtype or ("fp64" if choice.name == "reference" else dtype)
+        entry = {"label": choice.label, "name": choice.name, "dtype": impl_dtype, "device": device, "python": choice.python,
+                 "status": "ok", "error": None, "meta": {}}
+        try:
+            trace = run_implementation(choice, checkpoint, spec, impl_dtype, device, tokens, branches, allow_pickle)
+            traces[choice.label] = trace
+            entry["meta"] = trace.meta
+        except BughuntError as e:
+            entry.update(status="failed", error=str(e))
+        except Exception as e:  # a crash inside a library is a failure of that implementation, not of the run
+            entry.update(status="failed", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc(limit=8))
+        entries.append(entry)
+    ref_entry = next(e for e in entries if e["label"] == ref_choice.label)
+    if ref_entry["status"] != "ok":
+        raise BughuntError(f"the reference implementation {ref_choice.label} failed: {ref_entry['error']}")
+    reference_trace = traces[ref_choice.label]
+
+    fp64 = reference_trace if (ref_choice.name == "reference" and reference_trace.meta.get("dtype") == "fp64") else None
+    floors = {}
+    findings = []
+    comparisons = []
+    for entry in entries:
+        if entry["label"] == ref_choice.label:
+            continue
+        if entry["status"] != "ok":
+            findings.append({"severity": "error", "kind": "failure", "implementation": entry["label"], "point": None,
+                             "message": f"{entry['label']} failed: {entry['error']}"})
+            continue
+        if entry["dtype"] not in floors:
+            floors[entry["dtype"]] = noise_floor(checkpoint, spec, entry["dtype"], tokens, fp64, allow_pickle)
+        floor = floors[entry["dtype"]]
+        points, first = judge(compare_traces(traces[entry["label"]], reference_trace), floor, floor_factor)
+        comparisons.append({"candidate": entry["label"], "reference": ref_choice.label, "dtype": entry["dtype"],
+                            "points": points, "first_above_floor": first, "summary": _summary(points)})
+        nonfinite = next((p for p in points if p.get("nonfinite")), None)
+        if nonfinite:
+            findings.append({"severity": "error", "kind": "nonfinite", "implementation": entry["label"], "point": nonfinite["point"],
+                             "message": f"{entry['label']} produced {nonfinite['nonfinite']} NaN/Inf values, first at {nonfinite['point']}"})
+        elif first:
+            p = next(p for p in points if p["point"] == first)
+            findings.append({"severity": "warning", "kind": "divergence", "implementation": entry["label"], "point": first,
+                             "message": (f"{entry['label']} departs from {ref_choice.label} at {first}: relative L2 {p['rel_l2']:.2e} "
+                                         f"is {p['ratio_to_floor']:.1f}x the {entry['dtype']} noise floor ({p['floor_rel_l2']:.1e})")})
+    for note in spec.notes:
+        findings.append({"severity": "info", "kind": "config", "implementation": None, "point": None, "message": note})
+
+    data = {
+        "schema": "bughunt.result",
+        "schema_version": SCHEMA_VERSION,
+        "kind": "compare",
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": _command(checkpoint, choices, ref_choice, dtype, device, tokens, floor_factor),
+        "checkpoint": {"path": str(checkpoint), "spec": spec.to_dict()},
+        "inputs": {"tokens": tokens.tolist()},
+        "settings": {"dtype": dtype, "device": device, "reference": ref_choice.label, "floor_factor": floor_factor, "branches": branches},
+        "environment": environment(),
+        "implementations": entries,
+        "noise_floor": floors,
+        "comparisons": comparisons,
+        "findings": findings,
+    }
+    result = Result(data)
+    if out is not None:
+        save(result, Path(out), traces, render=render)
+    return result
+
+
+def _summary(points: list[dict]) -> dict:
+    residual = [p for p in points if p.get("rel_l2") is not None]
+    worst = max(residual, key=lambda p: p["rel_l2"], default=None)
+    logits = next((p for p in points if p["point"] == "logits"), {})
+    return {"max_rel_l2": worst["rel_l2"] if worst else None, "max_rel_l2_point": worst["point"] if worst else None,
+            "logits_kl": logits.get("kl"), "logits_top1": logits.get("top1")}
+
+
+def save(result: Result, out: Path, traces: dict[str, Trace] | None = None, render: bool = True) -> None:
+    """Write result.json, traces and (when render) the plots and report.html into `out`, atomically."""
+    from bughunt import report
+
+    def write(tmp: Path) -> None:
+        for label, trace in (traces or {}).items():
+            stem = tmp / "traces" / _safe(label)
+            trace.save(stem)
+            for entry in result.data["implementations"]:
+                if entry["label"] == label:
+                    entry["trace"] = f"traces/{_safe(label)}.safetensors"
+        (tmp / "result.json").write_text(result.to_json())
+        if render:
+            report.render(result, tmp)
+
+    write_atomically(out, write)
+
+
+def _safe(label: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in label)

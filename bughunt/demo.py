@@ -1,0 +1,46 @@
+"""`bughunt demo`, the built-in main job: tiny seeded checkpoints of every family, each compared across every
+installed implementation (fp32 and bf16) against the float64 reference, written to reports/demo/."""
+
+from __future__ import annotations
+
+import html
+import time
+from pathlib import Path
+
+from bughunt.cli import format_summary
+from bughunt.compare import compare
+from bughunt.implementations import REGISTRY, available
+from bughunt.result import write_atomically
+from bughunt.tiny import TINY_FAMILIES, tiny_checkpoint
+
+
+def run_demo(out: Path, families: list[str] | None = None) -> list:
+    t0 = time.perf_counter()
+    impls = [name for name in REGISTRY if name != "reference" and available(name)]
+    results = []
+
+    def write(tmp: Path) -> None:
+        rows = []
+        for family in families or TINY_FAMILIES:
+            checkpoint = tiny_checkpoint(family)
+            choices = [f"{name}:{dt}" for name in impls for dt in ("fp32", "bf16")]
+            result = compare(checkpoint, choices + ["reference"], reference="reference", out=tmp / family)
+            results.append(result)
+            print(format_summary(result), flush=True)
+            for c in result.comparisons:
+                rows.append((family, c["candidate"], c["first_above_floor"] or "none", c["summary"]["max_rel_l2"]))
+            for e in result.data["implementations"]:
+                if e["status"] != "ok":
+                    rows.append((family, e["label"], "FAILED", None))
+        body = "".join(f"<tr><td><a href='{f}/report.html'>{f}</a></td><td>{html.escape(c)}</td><td>{html.escape(first)}</td>"
+                       f"<td>{'–' if m is None else format(m, '.2e')}</td></tr>" for f, c, first, m in rows)
+        (tmp / "index.html").write_text(
+            "<!doctype html><meta charset='utf-8'><title>bughunt demo</title><body style='font-family:sans-serif'>"
+            "<h1>bughunt demo</h1><p>Tiny seeded checkpoints; every installed implementation against the float64 reference.</p>"
+            "<table border=1 cellpadding=4><tr><th>family</th><th>implementation</th><th>first above floor</th><th>max rel L2</th></tr>"
+            f"{body}</table></body>")
+
+    write_atomically(out, write)
+    print(f"demo: {len(results)} families, implementations {', '.join(impls + ['reference'])}, "
+          f"{time.perf_counter() - t0:.1f}s; open {out}/index.html")
+    return results

@@ -1,0 +1,130 @@
+"""Plots and the self-contained HTML report, rendered from a Result alone (so any run can be re-rendered)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+from pathlib import Path
+
+from bughunt.result import Result
+from bughunt.trace import is_residual_point, point_order
+
+_COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#7f7f7f", "#bcbd22"]
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _short(point: str) -> str:
+    return point.replace("layer.", "L")
+
+
+def layer_figure(result: Result, title: str | None = None):
+    """x = residual-stream capture point (embed, layer.0..N-1, final_norm), y = log10 L2 of the difference to
+    the reference; one line per implementation; the noise floor drawn as a band from the floor to the
+    finding threshold (floor x factor)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(9, 4.8), dpi=110)
+    comps = result.comparisons
+    points = [p["point"] for p in comps[0]["points"] if is_residual_point(p["point"])] if comps else []
+    xs = list(range(len(points)))
+    factor = result.data["settings"]["floor_factor"]
+    for dtype, floor in result.data.get("noise_floor", {}).items():
+        lo, hi = [], []
+        for p in points:
+            f = floor["points"].get(p)
+            val = f["floor_rel_l2"] * f["ref_norm"] if f and f["ref_norm"] > 0 else float("nan")
+            lo.append(math.log10(val) if val > 0 else float("nan"))
+            hi.append(math.log10(val * factor) if val > 0 else float("nan"))
+        ax.fill_between(xs, lo, hi, color="0.6", alpha=0.25, step=None, label=f"{dtype} noise floor .. x{factor:g}")
+        ax.plot(xs, lo, color="0.45", lw=1, ls=":")
+    for i, c in enumerate(comps):
+        by = {p["point"]: p for p in c["points"]}
+        ys = [by[p]["log10_l2"] if by.get(p) and by[p].get("log10_l2") is not None else float("nan") for p in points]
+        color = _COLORS[i % len(_COLORS)]
+        ax.plot(xs, ys, marker="o", ms=3.5, lw=1.6, color=color, label=c["candidate"])
+        first = c.get("first_above_floor")
+        if first in points:
+            j = points.index(first)
+            ax.annotate("first above floor", (j, ys[j]), textcoords="offset points", xytext=(6, 10), fontsize=8, color=color,
+                        arrowprops={"arrowstyle": "->", "color": color, "lw": 0.8})
+    ax.set_xticks(xs)
+    ax.set_xticklabels([_short(p) for p in points], rotation=45 if len(points) > 14 else 0, fontsize=8)
+    ax.set_xlabel("capture point (residual stream)")
+    ax.set_ylabel(f"log10 L2 of difference to {result.data['settings']['reference']}")
+    ax.set_title(title or f"{result.data['checkpoint']['spec']['family']}: per-layer divergence")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    return fig
+
+
+def position_figure(result: Result):
+    """log10 L2 per position at the last decoder layer, one line per implementation."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(9, 3.2), dpi=110)
+    for i, c in enumerate(result.comparisons):
+        layers = [p for p in c["points"] if is_residual_point(p["point"]) and p["point"].startswith("layer.") and "per_position" in p]
+        if not layers:
+            continue
+        last = max(layers, key=lambda p: point_order(p["point"]))
+        ys = [v if v is not None else float("nan") for v in last["per_position"]["log10_l2"]]
+        ax.plot(range(len(ys)), ys, marker=".", lw=1.2, color=_COLORS[i % len(_COLORS)], label=f"{c['candidate']} ({last['point']})")
+    ax.set_xlabel("position")
+    ax.set_ylabel("log10 L2")
+    ax.set_title("divergence by position at the last layer")
+    ax.grid(alpha=0.3)
+    if result.comparisons:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def _encode(fig) -> tuple[bytes, str]:
+    png, svg = io.BytesIO(), io.StringIO()
+    fig.savefig(png, format="png")
+    fig.savefig(svg, format="svg")
+    _plt().close(fig)
+    return png.getvalue(), svg.getvalue()
+
+
+def render(result: Result, out: Path) -> dict[str, Path]:
+    """Write layers.png, layers.svg, positions.png and report.html into `out`."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    png, svg = _encode(layer_figure(result))
+    (out / "layers.png").write_bytes(png)
+    (out / "layers.svg").write_text(svg)
+    pos_png, _ = _encode(position_figure(result))
+    (out / "positions.png").write_bytes(pos_png)
+    html = render_html(result, {"layers": png, "positions": pos_png})
+    (out / "report.html").write_text(html)
+    return {"png": out / "layers.png", "svg": out / "layers.svg", "html": out / "report.html"}
+
+
+def _fmt(v, spec: str = ".2e") -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return format(v, spec)
+    return str(v)
+
+
+def render_html(result: Result, images: dict[str, bytes]) -> str:
+    import jinja2
+
+    env = jinja2.Environment(loader=jinja2.PackageLoader("bughunt", "templates"), autoescape=jinja2.select_autoescape(["html"]))
+    env.filters["fmt"] = _fmt
+    env.filters["short"] = _short
+    template = env.get_template("report.html")
+    b64 = {k: base64.b64encode(v).decode() for k, v in images.items()}
+    return template.render(r=result.data, images=b64, extra_sections=result.data.get("extra_sections", []))

@@ -1,0 +1,28 @@
+"""Shared fixtures: tiny seeded checkpoints, generated once per test session into a private cache."""
+
+import os
+import tempfile
+
+import numpy as np
+import pytest
+
+# A private cache per session, unless the caller chose one (CI and developers may reuse theirs).
+os.environ.setdefault("BUGHUNT_CACHE", tempfile.mkdtemp(prefix="bughunt-test-cache-"))
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from bughunt.tiny import TINY_FAMILIES, tiny_checkpoint  # noqa: E402
+
+TOKENS = np.array([[2, 17, 99, 5, 200, 31, 7, 8, 150, 42, 3, 250]], dtype=np.int64)
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """family -> path of its tiny checkpoint."""
+    return {family: tiny_checkpoint(family) for family in TINY_FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def tokens():
+    return TOKENS.copy()
