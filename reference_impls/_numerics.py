@@ -30,7 +30,7 @@ class Policy:
 
     dtype: str = "fp64"  # emulated model dtype: weights and each op's output are rounded to it
     gelu: str | None = None  # "exact" (erf, GELU paper eq. 1) | "tanh" (paper's approximation); None: the spec's activation
-    rope_dtype: str = "fp32"  # "fp32": inv_freq, positions and cos/sin in fp32, rounded to the model dtype at the end; "model": every step in the model dtype
+    rope_dtype: str = "fp32"  # "fp32": inv_freq, positions and cos/sin in fp32, rounded to the model dtype at the end; "model": inv_freq and positions rounded to the model dtype first
     rope_pairing: str = "half"  # "half": (x[i], x[i+d/2]) rotate together (GPT-NeoX/HF layout); "interleaved": (x[2i], x[2i+1]) (RoFormer paper)
     norm_dtype: str | None = None  # "fp32": normalise and scale in fp32; "mixed": normalise in fp32, round, scale in model dtype (Llama HF); "model": all in model dtype; None: family default
     embed_scale_dtype: str = "model"  # "model": sqrt(hidden) rounded to the model dtype before the multiply (55.4256 -> 55.5 in bf16); "fp32": kept in fp32
@@ -100,19 +100,23 @@ class Numerics:
         return self.r(y)
 
     def rope_cos_sin(self, positions: np.ndarray, theta: float, rot_dim: int, factor: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
-        """cos/sin tables [seq, rot_dim] (Su et al. 2021): inv_freq_j = theta^(-2j/d), angle = pos * inv_freq.
-        Linear scaling (position interpolation) divides inv_freq by `factor`."""
-        rd = self.r if self.policy.rope_dtype == "model" else self.r32
-        exponent = rd(np.arange(0, rot_dim, 2, dtype=np.float64) / rot_dim)
-        inv_freq = rd(1.0 / rd(theta**exponent))
+        """cos/sin tables [seq, rot_dim] (Su et al. 2021): inv_freq_j = theta^(-2j/d), angle = pos * inv_freq, computed
+        in fp32 and rounded to the model dtype at the end. Linear scaling (position interpolation) divides inv_freq by
+        `factor`. rope_dtype="model" rounds inv_freq and the positions to the model dtype first (what happens when the
+        inv_freq buffer is cast by model.to(bf16) and positions are made in bf16: 8191 -> 8192)."""
+        r32 = self.r32
+        inv_freq = r32(1.0 / r32(theta ** r32(np.arange(0, rot_dim, 2, dtype=np.float64) / rot_dim)))
         if factor != 1.0:
-            inv_freq = rd(inv_freq / factor)
-        angles = rd(rd(positions.astype(np.float64))[:, None] * inv_freq[None, :])
+            inv_freq = r32(inv_freq / factor)
+        pos = positions.astype(np.float64)
+        if self.policy.rope_dtype == "model":
+            inv_freq, pos = self.r(inv_freq), self.r(pos)
+        angles = r32(pos[:, None] * inv_freq[None, :])
         if self.policy.rope_pairing == "half":
             angles = np.concatenate([angles, angles], axis=-1)
         else:
             angles = np.repeat(angles, 2, axis=-1)
-        return self.r(rd(np.cos(angles))), self.r(rd(np.sin(angles)))
+        return self.r(r32(np.cos(angles))), self.r(r32(np.sin(angles)))
 
     def apply_rope(self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
         """Rotate the first cos.shape[-1] features of x [batch, heads, seq, head_dim]; the rest pass through."""

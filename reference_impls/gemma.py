@@ -37,7 +37,7 @@ def forward(weights: dict, spec, tokens: np.ndarray, policy: Policy) -> dict[str
         k = split_heads(n.linear(h, W[p + "self_attn.k_proj.weight"]), nkv, hd)
         v = split_heads(n.linear(h, W[p + "self_attn.v_proj.weight"]), nkv, hd)
         q, k = n.apply_rope(q, cos, sin), n.apply_rope(k, cos, sin)
-        a = n.attention(q, k, v, spec.query_scale, None, None)
+        a = n.attention(q, k, v, spec.query_scale, spec.attn_softcap, None)  # Gemma 1 has no cap; a toggle may set one
         a = n.linear(merge_heads(a), W[p + "self_attn.o_proj.weight"])
         out[f"layer.{i}.attn"] = a
         x = n.r(x + a)
@@ -51,5 +51,5 @@ def forward(weights: dict, spec, tokens: np.ndarray, policy: Policy) -> dict[str
 
     x = norm(x, W["model.norm.weight"])
     out["final_norm"] = x
-    out["logits"] = n.linear(x, W["lm_head.weight"])
+    out["logits"] = n.softcap(n.linear(x, W["lm_head.weight"]), spec.final_softcap)
     return out

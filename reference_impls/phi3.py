@@ -49,5 +49,5 @@ def forward(weights: dict, spec, tokens: np.ndarray, policy: Policy) -> dict[str
 
     x = norm(x, W["model.norm.weight"])
     out["final_norm"] = x
-    out["logits"] = n.linear(x, W["lm_head.weight"])
+    out["logits"] = n.softcap(n.linear(x, W["lm_head.weight"]), spec.final_softcap)
     return out

@@ -17,9 +17,11 @@ class Runner:
     families: tuple[str, ...] = ()
     dtypes: tuple[str, ...] = ()
     devices: tuple[str, ...] = ("cpu",)
+    # toggle name -> None if applied, or the reason it cannot be (see toggles.py for what each means)
+    toggle_support: dict[str, str | None] = {"bos": None}
 
     def __init__(self, checkpoint: Path, spec: Spec, dtype: str, device: str = "cpu", branches: bool = True,
-                 label: str | None = None, allow_pickle: bool = False):
+                 label: str | None = None, allow_pickle: bool = False, toggles: dict[str, str] | None = None):
         if spec.family not in self.families:
             raise BughuntError(f"implementation '{self.name}' does not support family '{spec.family}' (supports: {', '.join(self.families)}).")
         if dtype not in self.dtypes:
@@ -29,6 +31,16 @@ class Runner:
         self.checkpoint, self.spec, self.dtype, self.device = Path(checkpoint), spec, dtype, device
         self.branches, self.allow_pickle = branches, allow_pickle
         self.label = label or self.name
+        from bughunt.toggles import TOGGLES, changed, parse_toggles
+
+        self.toggles = parse_toggles(toggles or {}, spec)
+        for name in self.toggles:
+            if not TOGGLES[name].applies(spec):
+                raise BughuntError(f"toggle {name} does not apply to family {spec.family} (nothing in its config or architecture uses it).")
+        for name in changed(spec, self.toggles):
+            reason = self.toggle_support.get(name, "not implemented for this runner")
+            if reason is not None:
+                raise BughuntError(f"implementation '{self.name}' cannot apply toggle {name}={self.toggles[name]}: {reason}.")
         self.load_seconds = 0.0
         self.is_open = False
 
@@ -43,7 +55,9 @@ class Runner:
     def run(self, tokens: np.ndarray) -> Trace:
         if not self.is_open:
             raise RuntimeError("call open() before run()")
-        tokens = np.atleast_2d(np.asarray(tokens, dtype=np.int64))
+        from bughunt.toggles import apply_to_tokens
+
+        tokens = apply_to_tokens(np.atleast_2d(np.asarray(tokens, dtype=np.int64)), self.spec, self.toggles)
         if tokens.size == 0:
             raise BughuntError("no input tokens: pass at least one token id.")
         if tokens.min() < 0 or tokens.max() >= self.spec.vocab_size:
@@ -52,7 +66,8 @@ class Runner:
         arrays = self._run(tokens)
         seconds = time.perf_counter() - t
         meta = {"implementation": self.name, "dtype": self.dtype, "device": self.device, "versions": self.versions(),
-                "timings": {"load_s": self.load_seconds, "forward_s": seconds}, "tokens_shape": list(tokens.shape)}
+                "timings": {"load_s": self.load_seconds, "forward_s": seconds}, "tokens_shape": list(tokens.shape),
+                "toggles": dict(self.toggles)}
         return Trace(self.label, arrays, meta)
 
     def close(self) -> None:

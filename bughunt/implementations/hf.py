@@ -21,20 +21,45 @@ class HFRunner(Runner):
     families = ("gemma", "gemma2", "gemma3", "llama", "mistral", "phi3", "qwen2", "qwen3")
     dtypes = ("fp32", "bf16", "fp16", "fp64")
     devices = ("cpu", "cuda")
+    toggle_support = {
+        "bos": None,
+        "gelu": None,  # swap the MLP's activation module for transformers' own ACT2FN entry
+        "rope_dtype": None,  # wrap rotary_emb.forward: round its inv_freq buffer(s) and the positions to the model dtype
+        "rope_pairing": None,  # wrap apply_rotary_pos_emb: permute features so HF's rotate_half pairs (2i, 2i+1)
+        "embed_scale_dtype": None,  # forward hook on the scaled embedding: the fp32 scale applied before one rounding
+        "sliding_window": None,  # config.sliding_window
+        "attn_softcap": None,  # config.attn_logit_softcapping (families whose modeling code reads it)
+        "final_softcap": None,  # config.final_logit_softcapping (idem)
+        "query_scale": None,  # each attention module's `scaling` attribute
+        "rope_theta": None,  # config.rope_parameters[...]["rope_theta"]
+        "rms_eps": None,  # config.rms_norm_eps
+        "norm_dtype": "transformers' RMSNorm forward hard-codes its upcast (x.float()); changing where it rounds would mean "
+                      "re-implementing the norm, which runners never do",
+    }
 
     def __init__(self, *args, config_overrides: dict | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        softcaps = {"attn_softcap", "final_softcap"} & set(self.toggles)
+        if softcaps and self.spec.family not in ("gemma2", "gemma3"):
+            from bughunt.toggles import changed
+
+            if softcaps & set(changed(self.spec, self.toggles)):
+                raise BughuntError(f"implementation 'hf' cannot apply {', '.join(sorted(softcaps))} to {self.spec.family}: "
+                                   "its transformers modeling code has no soft-cap (only gemma2 and gemma3 read the fields).")
         self.config_overrides = dict(config_overrides or {})
         self.model = None
+        self._undo: list = []
 
     def _open(self) -> None:
         import torch
         import transformers
 
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
         if self.device == "cuda" and not torch.cuda.is_available():
             raise BughuntError("--device cuda was asked for, but torch sees no CUDA device here. Use --device cpu.")
         config = transformers.AutoConfig.from_pretrained(self.checkpoint)
-        for key, value in self.config_overrides.items():
+        for key, value in {**self._toggle_config(config), **self.config_overrides}.items():
             setattr(config, key, value)
         dtype = getattr(torch, TORCH_DTYPES[self.dtype])
         try:
@@ -45,6 +70,92 @@ class HFRunner(Runner):
         except (OSError, ValueError, RuntimeError) as e:
             raise BughuntError(f"transformers could not load {self.checkpoint}: {e}") from None
         self.model.to(self.device).eval()
+        self._apply_toggles()
+
+    # -- toggles ----------------------------------------------------------------------------------
+    def _toggle_config(self, config) -> dict:
+        """Toggles that are config values."""
+        import copy
+
+        t, out = self.toggles, {}
+        if "sliding_window" in t:
+            out["sliding_window"] = int(t["sliding_window"])
+        if "attn_softcap" in t and self.spec.family in ("gemma2", "gemma3"):
+            out["attn_logit_softcapping"] = None if t["attn_softcap"] == "off" else float(t["attn_softcap"])
+        if "final_softcap" in t and self.spec.family in ("gemma2", "gemma3"):
+            out["final_logit_softcapping"] = None if t["final_softcap"] == "off" else float(t["final_softcap"])
+        if "rms_eps" in t:
+            out["rms_norm_eps"] = float(t["rms_eps"])
+        if "rope_theta" in t:
+            rp = copy.deepcopy(getattr(config, "rope_parameters", None) or {})
+            nested = [v for v in rp.values() if isinstance(v, dict)]
+            for d in nested or [rp]:
+                d["rope_theta"] = float(t["rope_theta"])
+            out["rope_parameters"] = rp
+        return out
+
+    def _apply_toggles(self) -> None:
+        """Toggles applied by swapping a module attribute or wrapping a function; each records its undo."""
+        import sys
+
+        import torch
+        from transformers.activations import ACT2FN
+
+        from bughunt.toggles import _num
+
+        t, base = self.toggles, self.model.model
+        if "gelu" in t:
+            act = ACT2FN["gelu" if t["gelu"] == "exact" else "gelu_pytorch_tanh"]
+            for layer in base.layers:
+                attr = "act_fn" if hasattr(layer.mlp, "act_fn") else "activation_fn"
+                old = getattr(layer.mlp, attr)
+                setattr(layer.mlp, attr, act)
+                self._undo.append(lambda m=layer.mlp, a=attr, o=old: setattr(m, a, o))
+        if "query_scale" in t:
+            for layer in base.layers:
+                old = layer.self_attn.scaling
+                layer.self_attn.scaling = _num(t["query_scale"])
+                self._undo.append(lambda m=layer.self_attn, o=old: setattr(m, "scaling", o))
+        if t.get("rope_dtype") == "model":
+            rotary = base.rotary_emb
+            original = rotary.forward
+
+            def rope_in_model_dtype(x, position_ids, *args, **kwargs):
+                names = [n for n, _ in rotary.named_buffers() if n.endswith("inv_freq") and "original" not in n]
+                saved = {n: getattr(rotary, n) for n in names}
+                try:
+                    for n in names:
+                        setattr(rotary, n, saved[n].to(x.dtype).to(saved[n].dtype))
+                    rounded = position_ids.to(x.dtype).to(position_ids.dtype)
+                    return original(x, rounded, *args, **kwargs)
+                finally:
+                    for n in names:
+                        setattr(rotary, n, saved[n])
+
+            rotary.forward = rope_in_model_dtype
+            self._undo.append(lambda: delattr(rotary, "forward"))
+        if t.get("rope_pairing") == "interleaved":
+            module = sys.modules[type(base.layers[0].self_attn).__module__]
+            original_apply = module.apply_rotary_pos_emb
+
+            def interleaved(q, k, cos, sin, *args, **kwargs):
+                rot = cos.shape[-1]
+                perm = torch.cat([torch.arange(0, rot, 2), torch.arange(1, rot, 2), torch.arange(rot, q.shape[-1])]).to(q.device)
+                inverse = torch.argsort(perm)
+                q2, k2 = original_apply(q[..., perm], k[..., perm], cos, sin, *args, **kwargs)
+                return q2[..., inverse], k2[..., inverse]
+
+            module.apply_rotary_pos_emb = interleaved
+            self._undo.append(lambda: setattr(module, "apply_rotary_pos_emb", original_apply))
+        if t.get("embed_scale_dtype") == "fp32" and self.spec.embed_scale is not None:
+            embed = base.embed_tokens
+
+            def fp32_scale(module, args, output):
+                raw = torch.nn.functional.embedding(args[0], module.weight, module.padding_idx)
+                return (raw.float() * float(module.scalar_embed_scale)).to(output.dtype)
+
+            handle = embed.register_forward_hook(fp32_scale)
+            self._undo.append(handle.remove)
 
     def modules(self) -> dict[str, object]:
         """capture point -> (module, kind) where kind is 'pre' (input of) or 'out' (output of)."""
@@ -104,6 +215,8 @@ class HFRunner(Runner):
             return self.model(input_ids=torch.from_numpy(tokens).to(self.device), use_cache=False).logits.float().cpu().numpy()
 
     def _close(self) -> None:
+        while self._undo:
+            self._undo.pop()()
         self.model = None
         try:
             import torch

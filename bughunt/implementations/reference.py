@@ -15,14 +15,18 @@ class ReferenceRunner(Runner):
     families = ("gemma", "gemma2", "gemma3", "llama", "mistral", "phi3", "qwen2", "qwen3")
     dtypes = ("fp64", "fp32", "bf16", "fp16")
     devices = ("cpu", "cuda")  # numpy runs on the host whatever the device asked; the trace says so
+    toggle_support = {name: None for name in ("gelu", "rope_dtype", "rope_pairing", "norm_dtype", "embed_scale_dtype", "bos",
+                                              "sliding_window", "attn_softcap", "final_softcap", "query_scale", "rope_theta", "rms_eps")}
 
     def __init__(self, *args, policy=None, **kwargs):
         super().__init__(*args, **kwargs)
         from reference_impls import Policy
 
-        self.policy = policy or Policy(dtype=self.dtype)
-        if self.policy.dtype != self.dtype:
-            self.policy = Policy(**{**self.policy.__dict__, "dtype": self.dtype})
+        from bughunt.toggles import apply_to_spec
+
+        policy_fields = {k: v for k, v in self.toggles.items() if k in ("gelu", "rope_dtype", "rope_pairing", "norm_dtype", "embed_scale_dtype")}
+        self.policy = Policy(**{**(policy or Policy()).__dict__, **policy_fields, "dtype": self.dtype})
+        self.spec = apply_to_spec(self.spec, self.toggles)
         from bughunt.spec import SUPPORTED_ROPE_TYPES
 
         for kind, rope in self.spec.rope.items():

@@ -1,0 +1,171 @@
+"""The toggle registry: named numerics choices with finite values. The registry says what each means and
+what each family's config or paper implies; each implementation says how (and whether) it applies it.
+Names describe the choice, not a verdict."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from bughunt.errors import BughuntError
+from bughunt.spec import Rope, Spec
+
+
+@dataclass(frozen=True)
+class Toggle:
+    name: str
+    description: str
+    kind: str  # "choice" (fixed values), "int", "float" (a value; "off" allowed where stated)
+    values: tuple[str, ...] = ()
+    allow_off: bool = False
+    default: Callable[[Spec], str] = lambda spec: ""  # what the family's config/paper implies, as a string
+    suggestions: Callable[[Spec], tuple[str, ...]] = lambda spec: ()  # values worth trying in a search
+    applies: Callable[[Spec], bool] = lambda spec: True  # whether the toggle means anything for this family
+
+    def parse(self, raw: str, spec: Spec | None = None) -> str:
+        """Validate a value and return its canonical string."""
+        raw = str(raw).strip()
+        if self.kind == "choice":
+            if raw not in self.values:
+                raise BughuntError(f"toggle {self.name}={raw!r}: allowed values are {', '.join(self.values)}.")
+            return raw
+        if self.allow_off and raw == "off":
+            return "off"
+        try:
+            if self.kind == "int":
+                v = int(raw)
+                if v <= 0:
+                    raise ValueError
+                return str(v)
+            if raw.startswith("rsqrt:"):
+                v = float(raw[6:])
+                if v <= 0:
+                    raise ValueError
+                return raw
+            v = float(raw)
+            if not math.isfinite(v) or v <= 0:
+                raise ValueError
+            return repr(v)
+        except ValueError:
+            hint = "a positive integer" if self.kind == "int" else "a positive number" + (" or rsqrt:N" if self.name == "query_scale" else "")
+            raise BughuntError(f"toggle {self.name}={raw!r}: expected {hint}{' or off' if self.allow_off else ''}.") from None
+
+
+def _num(value: str) -> float:
+    return float(value[6:]) ** -0.5 if value.startswith("rsqrt:") else float(value)
+
+
+def _fmt(v: float) -> str:
+    return repr(float(v))
+
+
+def _gelu_default(spec: Spec) -> str:
+    return spec.activation.removeprefix("gelu_") if spec.activation.startswith("gelu") else ""
+
+
+def _norm_default(spec: Spec) -> str:
+    return "fp32" if spec.norm_form == "one_plus_w" else "mixed"
+
+
+TOGGLES: dict[str, Toggle] = {t.name: t for t in [
+    Toggle("gelu", "GELU form in the MLP: exact (erf) or the tanh approximation", "choice", ("exact", "tanh"),
+           default=_gelu_default, suggestions=lambda s: ("exact", "tanh"), applies=lambda s: s.activation.startswith("gelu")),
+    Toggle("rope_dtype", "RoPE inverse frequencies and positions in fp32, or in the model dtype (a buffer cast by model.to(bf16))",
+           "choice", ("fp32", "model"), default=lambda s: "fp32", suggestions=lambda s: ("fp32", "model")),
+    Toggle("rope_pairing", "which features RoPE rotates together: half (x[i], x[i+d/2]) or interleaved (x[2i], x[2i+1])",
+           "choice", ("half", "interleaved"), default=lambda s: "half", suggestions=lambda s: ("half", "interleaved")),
+    Toggle("norm_dtype", "RMSNorm precision: fp32 (normalise and scale, incl. Gemma's (1+w), in fp32), mixed (normalise in fp32, "
+           "scale in the model dtype), model (all in the model dtype)", "choice", ("fp32", "mixed", "model"),
+           default=_norm_default, suggestions=lambda s: ("fp32", "mixed", "model")),
+    Toggle("embed_scale_dtype", "the sqrt(hidden) embedding scale kept in fp32 or rounded to the model dtype first",
+           "choice", ("fp32", "model"), default=lambda s: "model", suggestions=lambda s: ("fp32", "model"),
+           applies=lambda s: s.embed_scale is not None),
+    Toggle("bos", "prepend BOS to the input ids (on) or strip it (off)", "choice", ("on", "off"),
+           default=lambda s: "on", suggestions=lambda s: ("on", "off"), applies=lambda s: s.bos_token_id is not None),
+    Toggle("sliding_window", "sliding-window size override: a query sees itself and window-1 earlier tokens", "int",
+           default=lambda s: str(s.sliding_window) if s.sliding_window else "",
+           suggestions=lambda s: tuple(str(w) for w in (s.sliding_window - 1, s.sliding_window, s.sliding_window + 1)) if s.sliding_window else (),
+           applies=lambda s: s.sliding_window is not None),
+    Toggle("attn_softcap", "attention logit soft-cap: cap * tanh(scores / cap), or off", "float", allow_off=True,
+           default=lambda s: _fmt(s.attn_softcap) if s.attn_softcap else "off",
+           suggestions=lambda s: ("off", _fmt(s.attn_softcap)) if s.attn_softcap else ("off",)),
+    Toggle("final_softcap", "final logit soft-cap, or off", "float", allow_off=True,
+           default=lambda s: _fmt(s.final_softcap) if s.final_softcap else "off",
+           suggestions=lambda s: ("off", _fmt(s.final_softcap)) if s.final_softcap else ("off",)),
+    Toggle("query_scale", "multiplier on q.k scores; rsqrt:N means N^-0.5 (head_dim, hidden/heads or query_pre_attn_scalar)", "float",
+           default=lambda s: _fmt(s.query_scale),
+           suggestions=lambda s: tuple(dict.fromkeys([_fmt(s.query_scale), f"rsqrt:{s.head_dim}", f"rsqrt:{s.hidden_size // s.num_heads}"]))),
+    Toggle("rope_theta", "RoPE base (theta) for every layer", "float", default=lambda s: _fmt(s.rope["full"].theta),
+           suggestions=lambda s: tuple(dict.fromkeys([_fmt(s.rope["full"].theta), "10000.0", "500000.0", "1000000.0"]))),
+    Toggle("rms_eps", "RMSNorm epsilon", "float", default=lambda s: _fmt(s.rms_eps),
+           suggestions=lambda s: tuple(dict.fromkeys([_fmt(s.rms_eps), "1e-06", "1e-05"]))),
+]}
+
+
+def parse_toggles(items: list[str] | dict[str, Any] | None, spec: Spec | None = None) -> dict[str, str]:
+    """['gelu=tanh', 'sliding_window=2047'] or {'gelu': 'tanh'} -> canonical {name: value}."""
+    if not items:
+        return {}
+    pairs = items.items() if isinstance(items, dict) else [_split(i) for i in items]
+    out: dict[str, str] = {}
+    for name, value in pairs:
+        if name not in TOGGLES:
+            raise BughuntError(f"unknown toggle '{name}'. Known toggles: {', '.join(TOGGLES)}.")
+        out[name] = TOGGLES[name].parse(value, spec)
+    return out
+
+
+def _split(item: str) -> tuple[str, str]:
+    name, sep, value = item.partition("=")
+    if not sep or not value:
+        raise BughuntError(f"toggle '{item}' must be NAME=VALUE, e.g. gelu=tanh or sliding_window=2047.")
+    return name.strip(), value.strip()
+
+
+def defaults(spec: Spec) -> dict[str, str]:
+    """What each toggle's value is when nothing is toggled, for this spec (only toggles that apply)."""
+    return {name: t.default(spec) for name, t in TOGGLES.items() if t.applies(spec)}
+
+
+def changed(spec: Spec, toggles: dict[str, str]) -> dict[str, str]:
+    """The subset of toggles whose value differs from the spec's default."""
+    base = defaults(spec)
+    return {k: v for k, v in toggles.items() if base.get(k) != v}
+
+
+def apply_to_spec(spec: Spec, toggles: dict[str, str]) -> Spec:
+    """Toggles that are config values, applied to a Spec (used by the reference)."""
+    changes: dict[str, Any] = {}
+    for name, value in toggles.items():
+        if name == "sliding_window":
+            changes["sliding_window"] = int(value)
+        elif name in ("attn_softcap", "final_softcap"):
+            changes[name] = None if value == "off" else float(value)
+        elif name == "query_scale":
+            changes["query_scale"] = _num(value)
+        elif name == "rms_eps":
+            changes["rms_eps"] = float(value)
+        elif name == "rope_theta":
+            changes["rope"] = {k: dataclasses.replace(r, theta=float(value)) for k, r in spec.rope.items()}
+    return spec.replace(**changes) if changes else spec
+
+
+def apply_to_tokens(tokens, spec: Spec, toggles: dict[str, str]):
+    """The bos toggle: prepend BOS to each row that lacks it (on) or strip a leading BOS (off)."""
+    import numpy as np
+
+    value = toggles.get("bos")
+    if value is None or spec.bos_token_id is None:
+        return tokens
+    bos = spec.bos_token_id
+    has = bool((tokens[:, 0] == bos).all())
+    if value == "on" and not has:
+        return np.concatenate([np.full((tokens.shape[0], 1), bos, dtype=tokens.dtype), tokens], axis=1)
+    if value == "off" and has and tokens.shape[1] > 1:
+        return tokens[:, 1:]
+    return tokens
+
+
+__all__ = ["TOGGLES", "Toggle", "parse_toggles", "defaults", "changed", "apply_to_spec", "apply_to_tokens", "Rope"]
