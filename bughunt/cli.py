@@ -60,6 +60,29 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from bughunt.sweep import sweep
+
+    out = Path(args.out) if args.out else Path("reports") / f"{Path(args.checkpoint).resolve().name}-sweep-{args.mode}"
+    result = sweep(args.checkpoint, impl=args.impl, reference=args.reference, dtype=args.dtype, device=args.device,
+                   toggles=args.toggle or [], mode=args.mode, side=args.side, candidate_toggles=args.candidate_toggle or [],
+                   reference_toggles=args.reference_toggle or [], tokens=_tokens(args), out=out, floor_factor=args.floor_factor)
+    sw = result.data["sweep"]
+    print(f"sweep {sw['mode']} ({sw['side']} side): {sw['candidate']} vs {sw['reference']}")
+    print(f"  {'configuration':<48} {'score':>7} {'first above floor':<18}")
+    configs = sorted(sw["configurations"], key=lambda c: c["score"])[:20] if sw["search"] else sw["configurations"]
+    for c in configs:
+        print(f"  {c['label']:<48} {c['score']:>7.3f} {c['first_above_floor'] or 'none':<18}")
+    if sw["search"]:
+        s = sw["search"]
+        print(f"  search: {s['method']}, {s['evaluated']} of {s['space_size']} settings evaluated")
+        for a in s["ablation"]:
+            print(f"  without {a['toggle']}={a['value']}: fit worse by {a['delta']:.2f} decades (first above floor: {a['first_above_floor_without']})")
+        print(f"DIAGNOSIS: {s['diagnosis']}")
+    print(f"wrote {out}/result.json, {out}/layers.png, {out}/report.html")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from bughunt.demo import run_demo
 
@@ -89,6 +112,28 @@ def cmd_render(args) -> int:
     return 0
 
 
+def cmd_ci(args) -> int:
+    from bughunt.ci import run_ci
+
+    run = run_ci(Path(args.matrix), Path(args.baseline), update_baseline=args.update_baseline,
+                 out=Path(args.out) if args.out else None)
+    return run.exit_code
+
+
+def cmd_lint(args) -> int:
+    from bughunt.lint import format_table, lint
+    from bughunt.tokenizer_parity import format_parity_dict
+
+    report = lint(Path(args.checkpoint), tokenizers=args.tokenizers)
+    print(format_table(report))
+    if report.tokenizer_parity is not None:
+        print(format_parity_dict(report.tokenizer_parity))
+    if args.json:
+        report.write_json(Path(args.json))
+        print(f"wrote {args.json}")
+    return report.exit_code
+
+
 def build_parser() -> argparse.ArgumentParser:
     from bughunt.implementations import DEVICES, DTYPES
 
@@ -111,6 +156,25 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--fail-on-finding", action="store_true", help="exit 1 when any implementation departs or fails")
     c.set_defaults(func=cmd_compare)
 
+    w = sub.add_parser("sweep", help="run one implementation under toggle settings; search for the ones that explain a divergence")
+    w.add_argument("checkpoint")
+    w.add_argument("--impl", default="hf", metavar="NAME[:DTYPE]", help="the candidate implementation (default hf)")
+    w.add_argument("--reference", default=None, help="reference implementation (default reference:<dtype>, the reference emulating the dtype)")
+    w.add_argument("--toggle", action="append", metavar="NAME[=VALUE]",
+                   help="toggle to sweep (repeatable); in search mode a bare NAME tries its suggested values, none given = all")
+    w.add_argument("--mode", default="one-at-a-time", choices=["one-at-a-time", "cumulative", "search"])
+    w.add_argument("--side", default="reference", choices=["reference", "candidate"],
+                   help="apply swept toggles to the reference (what does the candidate implement?) or to the candidate (which fix makes it match?)")
+    w.add_argument("--candidate-toggle", action="append", metavar="NAME=VALUE", help="fixed toggle on the candidate (e.g. a planted bug)")
+    w.add_argument("--reference-toggle", action="append", metavar="NAME=VALUE", help="fixed toggle on the reference")
+    w.add_argument("--dtype", default="fp32", choices=DTYPES)
+    w.add_argument("--device", default="cpu", choices=DEVICES)
+    w.add_argument("--tokens")
+    w.add_argument("--tokens-file")
+    w.add_argument("--out")
+    w.add_argument("--floor-factor", type=float, default=10.0)
+    w.set_defaults(func=cmd_sweep)
+
     d = sub.add_parser("demo", help="generate tiny checkpoints and compare every installed implementation on each")
     d.add_argument("--out", default="reports/demo")
     d.add_argument("--family", action="append", help="limit to these families (repeatable)")
@@ -126,6 +190,20 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("result", help="result.json or the directory holding it")
     r.add_argument("--out", help="where to write (default: beside result.json)")
     r.set_defaults(func=cmd_render)
+
+    lt = sub.add_parser("lint", help="static checks of a checkpoint's config, weights and tokenizer: exit 0 clean, 1 an error fired, 2 bad input")
+    lt.add_argument("checkpoint", help="Hugging Face-format checkpoint directory")
+    lt.add_argument("--json", metavar="FILE", help="also write the versioned lint document to FILE")
+    lt.add_argument("--tokenizers", action="store_true",
+                    help="also encode a corpus of tricky strings with every available tokenizer implementation and report disagreements")
+    lt.set_defaults(func=cmd_lint)
+
+    g = sub.add_parser("ci", help="run a TOML matrix of cells against stored baselines: exit 0 pass, 1 regression, 2 bad input")
+    g.add_argument("matrix", help="the matrix file (TOML; see examples/bughunt.toml)")
+    g.add_argument("--baseline", required=True, metavar="DIR", help="directory of baseline JSON, one file per cell")
+    g.add_argument("--update-baseline", action="store_true", help="record the baselines from this run (review and commit them)")
+    g.add_argument("--out", metavar="DIR", help="where to write junit.xml, summary.md, index.html and the reports (default reports/ci)")
+    g.set_defaults(func=cmd_ci)
     return p
 
 

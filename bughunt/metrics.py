@@ -96,6 +96,14 @@ def compare_arrays(cand: np.ndarray, ref: np.ndarray, point: str) -> dict:
     return out
 
 
+def _align(cand: np.ndarray, ref: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """When one input had an extra leading token (the bos toggle), compare the shared suffix of positions."""
+    if cand.ndim >= 2 and ref.ndim >= 2 and cand.shape[0] == ref.shape[0] and cand.shape[2:] == ref.shape[2:] and cand.shape[1] != ref.shape[1]:
+        n = min(cand.shape[1], ref.shape[1])
+        return cand[:, -n:], ref[:, -n:]
+    return cand, ref
+
+
 def compare_traces(candidate: Trace, reference: Trace) -> list[dict]:
-    """Metrics at every capture point both traces have, in forward order."""
-    return [compare_arrays(candidate.arrays[p], reference.arrays[p], p) for p in reference.points() if p in candidate.arrays]
+    """Metrics at every capture point both traces have, in forward order (suffix-aligned if lengths differ)."""
+    return [compare_arrays(*_align(candidate.arrays[p], reference.arrays[p]), p) for p in reference.points() if p in candidate.arrays]

@@ -127,4 +127,36 @@ def render_html(result: Result, images: dict[str, bytes]) -> str:
     env.filters["short"] = _short
     template = env.get_template("report.html")
     b64 = {k: base64.b64encode(v).decode() for k, v in images.items()}
-    return template.render(r=result.data, images=b64, extra_sections=result.data.get("extra_sections", []))
+    sections = list(result.data.get("extra_sections", []))
+    if result.data.get("sweep"):
+        sections.insert(0, {"title": "Sweep", "html": sweep_section(result)})
+    return template.render(r=result.data, images=b64, extra_sections=sections)
+
+
+def sweep_section(result: Result) -> str:
+    """The sweep's diagnosis, ablation and every configuration's per-layer curve (log10 L2 per residual point)."""
+    import html
+
+    sw = result.data["sweep"]
+    e = html.escape
+    parts = [f"<p>mode <b>{e(sw['mode'])}</b>, toggles applied to the <b>{e(sw['side'])}</b> side; candidate <b>{e(sw['candidate'])}</b>, "
+             f"reference <b>{e(sw['reference'])}</b>.</p>"]
+    s = sw.get("search")
+    if s:
+        parts.append(f"<div class='finding {'info' if s['at_floor'] else 'warning'}'><b>diagnosis</b>: {e(s['diagnosis'])}</div>")
+        parts.append(f"<p>search: {e(s['method'])}, {s['evaluated']} of {s['space_size']} settings evaluated; "
+                     f"fit {s['baseline_fit']:.2f} as is, {s['best_fit']:.2f} with the best settings (mean log10 of rel L2 / floor).</p>")
+        if s["ablation"]:
+            rows = "".join(f"<tr><td class='l'>{e(a['toggle'])}={e(a['value'])}</td><td>{a['delta']:.2f}</td>"
+                           f"<td class='l'>{e(a['first_above_floor_without'] or 'none')}</td></tr>" for a in s["ablation"])
+            parts.append("<table><tr><th class='l'>remove</th><th>fit worse by (decades)</th><th class='l'>first above floor without it</th></tr>"
+                         f"{rows}</table>")
+    points = list(next(iter(sw["configurations"]))["curve"]) if sw["configurations"] else []
+    head = "".join(f"<th>{e(_short(p))}</th>" for p in points)
+    rows = []
+    for c in sorted(sw["configurations"], key=lambda c: c["score"]):
+        cells = "".join(f"<td>{_fmt(c['curve'].get(p), '.2f')}</td>" for p in points)
+        rows.append(f"<tr><td class='l'>{e(c['label'])}</td><td>{c['score']:.3f}</td><td class='l'>{e(c['first_above_floor'] or 'none')}</td>{cells}</tr>")
+    parts.append("<details><summary>every configuration's per-layer curve (log10 L2)</summary><table><tr><th class='l'>toggles</th>"
+                 f"<th>score</th><th class='l'>first above floor</th>{head}</tr>{''.join(rows)}</table></details>")
+    return "".join(parts)

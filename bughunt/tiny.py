@@ -17,7 +17,7 @@ import numpy as np
 
 from bughunt.errors import BughuntError
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 TINY_FAMILIES = ("gemma", "gemma2", "gemma3", "llama", "mistral", "phi3", "qwen2", "qwen3")
 
 # Sizes shared by every family: small enough for a CPU test, with hidden=48 so sqrt(hidden)=6.928...
@@ -65,11 +65,15 @@ def tiny_config_dict(family: str) -> tuple[str, dict]:
 
 def _weight(rng: np.random.Generator, name: str, shape: tuple[int, ...], gemma: bool) -> np.ndarray:
     """Draw one weight. Scales are chosen so every layer moves the residual stream by O(1):
-    linear weights ~ N(0, 1/fan_in), embeddings ~ N(0, 1), norm scales spread around 1."""
+    linear weights ~ N(0, 1/fan_in), embeddings ~ N(0, 1) after any embedding scale (Gemma multiplies by
+    sqrt(hidden), so its table is drawn with std 1/sqrt(hidden), as real Gemma tables are small), norm scales
+    spread around 1. At these scales RMSNorm's epsilon (1e-6 vs 1e-5) is visible above the fp32 floor."""
     if name.endswith("norm.weight"):
         spread = rng.normal(0.0, 0.3, size=shape)
         return spread if gemma else 1.0 + spread  # Gemma stores w for a (1 + w) scale
-    if "embed_tokens" in name or name == "lm_head.weight":
+    if "embed_tokens" in name:
+        return rng.normal(0.0, 1.0 / np.sqrt(shape[-1]) if gemma else 1.0, size=shape)
+    if name == "lm_head.weight":
         return rng.normal(0.0, 1.0, size=shape)
     if name.endswith(".bias"):
         return rng.normal(0.0, 0.5, size=shape)

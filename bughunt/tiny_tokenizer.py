@@ -24,11 +24,11 @@ class TokenizerStyle:
     """How one family's tokenizer looks: special-token strings, the transformers class, BOS handling."""
 
     tokenizer_class: str  # what tokenizer_config.json names; AutoTokenizer rebuilds its pipeline from it
-    pipeline: str  # "gemma" (spaces -> "▁", no prefix) | "llama" (Metaspace, prefix "▁" on the first word)
+    pipeline: str  # "gemma" (spaces -> "▁", no prefix) | "llama" (Metaspace, "▁" before the first word) | "qwen" (byte-level)
     bos: str
     eos: str
     pad: str
-    unk: str
+    unk: str | None
     add_bos: bool
     extra_special: tuple[str, ...] = ()
     chat_template: str | None = None
@@ -50,8 +50,10 @@ _GEMMA = TokenizerStyle("GemmaTokenizer", "gemma", "<bos>", "<eos>", "<pad>", "<
 # 256-entry vocab cannot hold, so it silently drops unknown characters. The tiny Llama-style tokenizer
 # therefore names the generic TokenizersBackend (tokenizer.json loaded verbatim).
 _LLAMA = TokenizerStyle("TokenizersBackend", "llama", "<s>", "</s>", "<pad>", "<unk>", True)
-# Qwen does not add BOS; its real tokenizer is byte-level BPE, which cannot fit in 256 ids.
-_QWEN = TokenizerStyle("TokenizersBackend", "llama", "<|startoftext|>", "<|endoftext|>", "<|pad|>", "<unk>", False)
+# Qwen adds no BOS. For model_type qwen2, AutoTokenizer ignores tokenizer_class and rebuilds a byte-level
+# Qwen2Tokenizer, so the tiny Qwen tokenizer is byte-level with Qwen 2's pipeline (no unk token: characters
+# outside the tiny alphabet are dropped, as in that pipeline).
+_QWEN = TokenizerStyle("Qwen2Tokenizer", "qwen", "<|startoftext|>", "<|endoftext|>", "<|pad|>", None, False)
 
 STYLES = {"gemma": _GEMMA, "gemma2": _GEMMA, "gemma3": _GEMMA, "llama": _LLAMA, "mistral": _LLAMA, "phi3": _LLAMA,
           "qwen2": _QWEN, "qwen3": _QWEN}
@@ -61,7 +63,16 @@ def _pipeline(tok, style: TokenizerStyle) -> None:
     """Set normalizer, pre-tokenizer and decoder as transformers' class for the family builds them."""
     from tokenizers import decoders, normalizers, pre_tokenizers
 
-    if style.pipeline == "gemma":
+    if style.pipeline == "qwen":
+        from tokenizers import Regex
+        from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+        tok.normalizer = normalizers.NFC()
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        tok.decoder = decoders.ByteLevel()
+    elif style.pipeline == "gemma":
         tok.normalizer = normalizers.Replace(" ", "▁")
         tok.pre_tokenizer = pre_tokenizers.Split(pattern=" ", behavior="merged_with_previous", invert=False)
         tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
@@ -77,11 +88,17 @@ def _train(vocab_size: int, n_special: int, style: TokenizerStyle, corpus: Path)
     "▁" so no merge spans two words; the saved pipeline then gives the same pieces without splitting."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
-    tok = Tokenizer(models.BPE(unk_token=style.unk, fuse_unk=True, byte_fallback=True))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first" if style.pipeline == "llama" else "never",
-                                                 split=True)
+    if style.pipeline == "qwen":
+        tok = Tokenizer(models.BPE())
+        _pipeline(tok, style)
+        alphabet = []
+    else:
+        tok = Tokenizer(models.BPE(unk_token=style.unk, fuse_unk=True, byte_fallback=True))
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first" if style.pipeline == "llama" else "never",
+                                                     split=True)
+        alphabet = ["▁"]
     trainer = trainers.BpeTrainer(vocab_size=vocab_size - n_special, special_tokens=[], show_progress=False,
-                                  initial_alphabet=["▁"], min_frequency=1)
+                                  initial_alphabet=alphabet, min_frequency=1)
     lines = corpus.read_text(encoding="utf-8").splitlines()
     tok.train_from_iterator(lines, trainer=trainer)
     model = json.loads(tok.to_str())["model"]
@@ -90,8 +107,8 @@ def _train(vocab_size: int, n_special: int, style: TokenizerStyle, corpus: Path)
     return tokens, merges
 
 
-def write_tiny_tokenizer(out_dir: Path, vocab_size: int, bos_id: int | None, eos_id: int | None, pad_id: int | None,
-                         family: str, corpus: Path = CORPUS) -> Path:
+def write_tiny_tokenizer(out_dir: Path, vocab_size: int, bos_id: int | None, eos_id: int | list[int] | None,
+                         pad_id: int | None, family: str, corpus: Path = CORPUS) -> Path:
     """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json for a tiny model of `family`.
 
     Special tokens sit at the given ids; <unk> (and the family's extra specials) take the lowest free ids;
@@ -102,6 +119,8 @@ def write_tiny_tokenizer(out_dir: Path, vocab_size: int, bos_id: int | None, eos
         raise BughuntError(f"no tiny tokenizer style for family '{family}'. Choose one of: {', '.join(STYLES)}.")
     style = STYLES[family]
     out_dir = Path(out_dir)
+    if isinstance(eos_id, list):  # several stop ids: the first is the tokenizer's eos_token
+        eos_id = eos_id[0] if eos_id else None
     placed: dict[int, str] = {}
     for name, tid in (("pad", pad_id), ("eos", eos_id), ("bos", bos_id)):
         if tid is None:
@@ -111,16 +130,22 @@ def write_tiny_tokenizer(out_dir: Path, vocab_size: int, bos_id: int | None, eos
                                f"already used. Give distinct ids below vocab_size.")
         placed[tid] = getattr(style, name)
     free = (i for i in range(vocab_size) if i not in placed)
-    for s in (style.unk, *style.extra_special):
+    for s in ((style.unk,) if style.unk else ()) + style.extra_special:
         placed[next(free)] = s
     tokens, merges = _train(vocab_size, len(placed), style, corpus)
     if len(tokens) != vocab_size - len(placed):
-        raise BughuntError(f"tiny tokenizer: training on {corpus} gave {len(tokens)} tokens, needed "
-                           f"{vocab_size - len(placed)}. Use a larger corpus or a smaller vocab_size.")
+        hint = (f"the corpus alphabet alone needs more ids: use vocab_size >= {len(placed) + len(tokens)}"
+                if len(tokens) > vocab_size - len(placed) else "use a larger corpus or a smaller vocab_size")
+        raise BughuntError(f"tiny tokenizer: training on {corpus.name} gave {len(tokens)} tokens for "
+                           f"{vocab_size - len(placed)} free ids; {hint}.")
     ordinary = iter(tokens)
     vocab = {placed[i] if i in placed else next(ordinary): i for i in range(vocab_size)}
 
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=style.unk, fuse_unk=True, byte_fallback=True))
+    if style.pipeline == "qwen":
+        tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=None, fuse_unk=False, byte_fallback=False,
+                                   continuing_subword_prefix="", end_of_word_suffix=""))
+    else:
+        tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=style.unk, fuse_unk=True, byte_fallback=True))
     _pipeline(tok, style)
     tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in placed.values()])
     if style.add_bos and bos_id is not None:
@@ -130,13 +155,9 @@ def write_tiny_tokenizer(out_dir: Path, vocab_size: int, bos_id: int | None, eos
     out_dir.mkdir(parents=True, exist_ok=True)
     tok.save(str(out_dir / "tokenizer.json"))
 
-    specials = {"unk_token": style.unk}
-    if bos_id is not None:
-        specials["bos_token"] = style.bos
-    if eos_id is not None:
-        specials["eos_token"] = style.eos
-    if pad_id is not None:
-        specials["pad_token"] = style.pad
+    # Roles the model lacks are written as null: Qwen2Tokenizer would otherwise default pad/unk to its EOS.
+    specials = {"bos_token": style.bos if bos_id is not None else None, "eos_token": style.eos if eos_id is not None else None,
+                "pad_token": style.pad if pad_id is not None else None, "unk_token": style.unk}
     config = {"tokenizer_class": style.tokenizer_class, **specials, "add_bos_token": style.add_bos and bos_id is not None,
               "add_eos_token": False, "model_max_length": 4096, "clean_up_tokenization_spaces": False}
     if "<mask>" in style.extra_special:
@@ -147,5 +168,6 @@ def write_tiny_tokenizer(out_dir: Path, vocab_size: int, bos_id: int | None, eos
     if style.chat_template:
         config["chat_template"] = style.chat_template
     (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=1, ensure_ascii=False) + "\n")
-    (out_dir / "special_tokens_map.json").write_text(json.dumps(specials, indent=1) + "\n")
+    (out_dir / "special_tokens_map.json").write_text(
+        json.dumps({k: v for k, v in specials.items() if v is not None}, indent=1) + "\n")
     return out_dir

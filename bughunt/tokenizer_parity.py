@@ -161,9 +161,17 @@ def _encode(impl: TokenizerImpl, text: str) -> tuple[list[int] | None, str | Non
         return None, f"{type(e).__name__}: {e}"
 
 
+def _run(ids: list[int], tid: int | None) -> int:
+    """How many times `tid` repeats at the start of ids (BOS counts as a run: "<bos>" written as text adds one)."""
+    n = 0
+    while tid is not None and n < len(ids) and ids[n] == tid:
+        n += 1
+    return n
+
+
 def _strip(ids: list[int], bos: int | None, eos: int | None) -> list[int]:
-    start = 1 if ids and bos is not None and ids[0] == bos else 0
-    end = len(ids) - 1 if len(ids) > start and eos is not None and ids[-1] == eos else len(ids)
+    start = _run(ids, bos)
+    end = len(ids) - _run(ids[start:][::-1], eos)
     return ids[start:end]
 
 
@@ -188,8 +196,8 @@ def compare_tokenizers(impls: list[TokenizerImpl], strings: list[tuple[str, str]
                 entry["reference_error"], entry["candidate_error"] = ref_err, err
             else:
                 bos, eos = ref.bos_id, ref.eos_id
-                entry["bos_differs"] = (bool(ref_ids) and ref_ids[0] == bos) != (bool(ids) and ids[0] == bos)
-                entry["eos_differs"] = (bool(ref_ids) and ref_ids[-1] == eos) != (bool(ids) and ids[-1] == eos)
+                entry["bos_differs"] = _run(ref_ids, bos) != _run(ids, bos)
+                entry["eos_differs"] = _run(ref_ids[::-1], eos) != _run(ids[::-1], eos)
                 entry["body_differs"] = _strip(ref_ids, bos, eos) != _strip(ids, bos, eos)
                 entry["first_difference"] = next((k for k, (a, b) in enumerate(zip(ref_ids, ids)) if a != b),
                                                  min(len(ref_ids), len(ids)))
@@ -208,22 +216,27 @@ def tokenizer_parity(checkpoint: Path, strings: list[tuple[str, str]] | None = N
 
 def format_parity(report: ParityReport, limit: int = 10) -> str:
     """A short terminal summary: implementations, skips, and the first few disagreements."""
-    lines = [f"tokenizer parity · {report.strings} strings · reference {report.reference or '–'}"]
-    for i in report.implementations:
+    return format_parity_dict(report.to_dict(), limit)
+
+
+def format_parity_dict(report: dict, limit: int = 10) -> str:
+    """format_parity for the JSON form (as stored in the lint document)."""
+    lines = [f"tokenizer parity · {report['strings']} strings · reference {report['reference'] or '–'}"]
+    for i in report["implementations"]:
         lines.append(f"  ran      {i['name']:<14} {i['description']}")
-    for s in report.skipped:
+    for s in report["skipped"]:
         lines.append(f"  skipped  {s['name']:<14} {s['reason']}")
-    if len(report.implementations) < 2:
+    if len(report["implementations"]) < 2:
         lines.append("  fewer than two implementations ran: nothing to compare")
-    elif report.ok:
+    elif not report["disagreements"]:
         lines.append("  all implementations agree on every string")
-    for d in report.disagreements[:limit]:
+    for d in report["disagreements"][:limit]:
         what = "error" if "candidate_error" in d else ", ".join(
             k.replace("_differs", "") for k in ("bos_differs", "eos_differs", "body_differs") if d.get(k)) or "ids"
         lines.append(f"  DIFFERS  {d['name']:<24} {d['reference']} vs {d['candidate']} ({what}): "
                      f"{_short(d['reference_ids'])} vs {_short(d['candidate_ids'])}")
-    if len(report.disagreements) > limit:
-        lines.append(f"  ... and {len(report.disagreements) - limit} more (see the JSON output)")
+    if len(report["disagreements"]) > limit:
+        lines.append(f"  ... and {len(report['disagreements']) - limit} more (see the JSON output)")
     return "\n".join(lines)
 
 

@@ -1,0 +1,269 @@
+"""The `sweep` experiment: one implementation against a reference under many toggle settings.
+
+Modes: one-at-a-time (one line per toggle), cumulative (toggles applied in order, one line per prefix: the
+Gemma bug-hunt figure), and search (the settings that make the two agree best: exhaustive up to a few
+hundred combinations, greedy forward selection beyond; then a remove-one ablation and the residual against
+the noise floor, said in one sentence). Toggles go on the reference side (which numerics does the candidate
+actually implement?) or on the candidate side (which fixes make it match?)."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import itertools
+import math
+import shlex
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from bughunt.checkpoint import validate_weights
+from bughunt.compare import DEFAULT_FLOOR_FACTOR, default_tokens, judge, noise_floor, run_implementation, save, _summary
+from bughunt.errors import BughuntError
+from bughunt.implementations import DEVICES, DTYPES, ImplChoice, runner_class
+from bughunt.metrics import compare_traces
+from bughunt.result import SCHEMA_VERSION, Result, environment
+from bughunt.spec import load_spec
+from bughunt.toggles import TOGGLES, changed, defaults, parse_toggles
+from bughunt.trace import Trace, is_residual_point
+
+MODES = ("one-at-a-time", "cumulative", "search")
+SIDES = ("reference", "candidate")
+MAX_EXHAUSTIVE = 300
+MARGIN = 0.05  # decades of mean improvement a change must bring to count (guards against fitting rounding noise)
+
+
+def _label(toggles: dict[str, str]) -> str:
+    return "{" + ", ".join(f"{k}={v}" for k, v in toggles.items()) + "}" if toggles else "{}"
+
+
+def score(points: list[dict]) -> float:
+    """Mean over capture points of log10(max(rel_l2, floor) / floor): 0 when every point is at or below its
+    noise floor, growing with the divergence. NaN/Inf or a failed point counts as 10 decades."""
+    vals = []
+    for p in points:
+        if p.get("error") or p.get("nonfinite") or p.get("rel_l2") is None:
+            vals.append(10.0)
+        else:
+            vals.append(math.log10(max(p["rel_l2"], p["floor_rel_l2"]) / p["floor_rel_l2"]))
+    return float(np.mean(vals)) if vals else 10.0
+
+
+def fit(points: list[dict]) -> float:
+    """What the search minimises: mean log10 of rel_l2 relative to the floor, not saturated at the floor (so an
+    emulating reference that reproduces a bug exactly is preferred even inside the floor), bounded below at
+    1e-3 x floor so bit-exact agreement does not dominate."""
+    vals = []
+    for p in points:
+        if p.get("error") or p.get("nonfinite") or p.get("rel_l2") is None:
+            vals.append(10.0)
+        else:
+            vals.append(math.log10(max(p["rel_l2"], 1e-3 * p["floor_rel_l2"]) / p["floor_rel_l2"]))
+    return float(np.mean(vals)) if vals else 10.0
+
+
+def _parse_sweep_toggles(items: Sequence[str], spec, support: dict) -> list[tuple[str, str | None]]:
+    """'name=value' or a bare 'name' (search every suggested value)."""
+    out = []
+    for item in items:
+        name, sep, value = item.partition("=")
+        name = name.strip()
+        if name not in TOGGLES:
+            raise BughuntError(f"unknown toggle '{name}'. Known toggles: {', '.join(TOGGLES)}.")
+        if not TOGGLES[name].applies(spec):
+            raise BughuntError(f"toggle {name} does not apply to family {spec.family}.")
+        out.append((name, TOGGLES[name].parse(value, spec) if sep else None))
+    return out
+
+
+def sweep(checkpoint: str | Path, impl: str = "hf", reference: str | None = None, dtype: str = "fp32", device: str = "cpu",
+          toggles: Sequence[str] = (), mode: str = "one-at-a-time", side: str = "reference",
+          candidate_toggles: dict | Sequence[str] | None = None, reference_toggles: dict | Sequence[str] | None = None,
+          tokens=None, out: str | Path | None = None, floor_factor: float = DEFAULT_FLOOR_FACTOR,
+          max_exhaustive: int = MAX_EXHAUSTIVE, render: bool = True) -> Result:
+    """Run a toggle sweep; see the module docstring. `reference` defaults to the reference emulating `dtype`."""
+    checkpoint = Path(checkpoint)
+    if mode not in MODES:
+        raise BughuntError(f"unknown --mode '{mode}'. Use one of: {', '.join(MODES)}.")
+    if side not in SIDES:
+        raise BughuntError(f"unknown --side '{side}'. Use one of: {', '.join(SIDES)}.")
+    if dtype not in DTYPES or device not in DEVICES:
+        raise BughuntError(f"dtype must be one of {DTYPES} and device one of {DEVICES}.")
+    spec = load_spec(checkpoint)
+    validate_weights(checkpoint, spec)
+    tokens = default_tokens(spec) if tokens is None else np.atleast_2d(np.asarray(tokens, dtype=np.int64))
+    cand_choice = ImplChoice.parse(impl)
+    ref_choice = ImplChoice.parse(reference or f"reference:{dtype}")
+    cand_dtype = cand_choice.dtype or (dtype if cand_choice.name != "reference" else "fp64")
+    ref_dtype = ref_choice.dtype or ("fp64" if ref_choice.name == "reference" else dtype)
+    cand_fixed = parse_toggles(candidate_toggles, spec)
+    ref_fixed = parse_toggles(reference_toggles, spec)
+    varied_choice = ref_choice if side == "reference" else cand_choice
+    support = runner_class(varied_choice.name).toggle_support
+    items = _parse_sweep_toggles(toggles, spec, support)
+    for name, _ in items:
+        if support.get(name, "not implemented") is not None:
+            raise BughuntError(f"implementation '{varied_choice.name}' cannot apply toggle {name}: {support.get(name)}. "
+                               f"Sweep it on the other side (--side {'candidate' if side == 'reference' else 'reference'}).")
+    if mode != "search" and not items:
+        raise BughuntError(f"--mode {mode} needs at least one --toggle NAME=VALUE.")
+    if mode != "search" and any(v is None for _, v in items):
+        raise BughuntError(f"--mode {mode} needs a value for every toggle (NAME=VALUE); bare names are for --mode search.")
+
+    def run(choice: ImplChoice, run_dtype: str, tg: dict[str, str]) -> Trace:
+        return run_implementation(choice, checkpoint, spec, run_dtype, device, tokens, toggles=tg)
+
+    base = defaults(spec)
+    fixed_trace = run(ref_choice, ref_dtype, ref_fixed) if side == "candidate" else run(cand_choice, cand_dtype, cand_fixed)
+    floor = noise_floor(checkpoint, spec, cand_dtype, tokens)
+    cache: dict[tuple, dict] = {}
+
+    def evaluate(tg: dict[str, str]) -> dict:
+        key = tuple(sorted(changed(spec, tg).items()))
+        if key in cache:
+            return cache[key]
+        if side == "reference":
+            varied = run(ref_choice, ref_dtype, {**ref_fixed, **tg})
+            points = compare_traces(fixed_trace, varied)
+        else:
+            varied = run(cand_choice, cand_dtype, {**cand_fixed, **tg})
+            points = compare_traces(varied, fixed_trace)
+        points, first = judge(points, floor, floor_factor)
+        entry = {"toggles": dict(key), "label": _label(dict(key)), "score": score(points), "fit": fit(points), "first_above_floor": first,
+                 "points": points, "max_ratio_to_floor": max((p.get("ratio_to_floor") or 0.0) for p in points)}
+        cache[key] = entry
+        return entry
+
+    baseline = evaluate({})
+    configs: list[dict] = [baseline]
+    search_info = None
+    if mode == "one-at-a-time":
+        configs += [evaluate({n: v}) for n, v in items]
+    elif mode == "cumulative":
+        acc: dict[str, str] = {}
+        for n, v in items:
+            acc[n] = v
+            configs.append(evaluate(dict(acc)))
+    else:
+        who = cand_choice.label + (_label(cand_fixed) if cand_fixed else "")
+        search_info = _search(spec, items, support, evaluate, base, max_exhaustive, who, side)
+        search_info["evaluated"] = len(cache)
+        configs = [baseline] + [c for c in search_info.pop("plotted") if c is not baseline]
+
+    cand_label = cand_choice.label + (_label(cand_fixed) if cand_fixed else "")
+    ref_label = ref_choice.label + (_label(ref_fixed) if ref_fixed else "")
+    comparisons = []
+    for c in configs:
+        name = (f"{ref_label} + {c['label']}" if side == "reference" else f"{cand_label} + {c['label']}") if c["toggles"] else \
+            ("as is" if not (cand_fixed or ref_fixed) else "fixed toggles only")
+        comparisons.append({"candidate": name, "reference": ref_label, "dtype": cand_dtype, "points": c["points"],
+                            "first_above_floor": c["first_above_floor"], "summary": _summary(c["points"])})
+    findings = []
+    if search_info:
+        findings.append({"severity": "info" if search_info["at_floor"] else "warning", "kind": "diagnosis",
+                         "implementation": cand_label, "point": search_info["residual"]["first_above_floor"],
+                         "message": search_info["diagnosis"]})
+    all_configs = list(cache.values())
+    data = {
+        "schema": "bughunt.result", "schema_version": SCHEMA_VERSION, "kind": "sweep",
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": _command(checkpoint, cand_choice, ref_choice, dtype, device, toggles, mode, side, cand_fixed, ref_fixed, tokens),
+        "checkpoint": {"path": str(checkpoint), "spec": spec.to_dict()},
+        "inputs": {"tokens": tokens.tolist()},
+        "settings": {"dtype": dtype, "device": device, "reference": ref_label, "floor_factor": floor_factor, "branches": True},
+        "environment": environment(),
+        "implementations": [
+            {"label": cand_label, "name": cand_choice.name, "dtype": cand_dtype, "device": device, "status": "ok", "error": None,
+             "meta": fixed_trace.meta if side == "reference" else {}, "python": None},
+            {"label": ref_label, "name": ref_choice.name, "dtype": ref_dtype, "device": device, "status": "ok", "error": None,
+             "meta": fixed_trace.meta if side == "candidate" else {}, "python": None}],
+        "noise_floor": {cand_dtype: floor},
+        "comparisons": comparisons,
+        "findings": findings,
+        "sweep": {
+            "mode": mode, "side": side, "candidate": cand_label, "reference": ref_label,
+            "toggle_defaults": base,
+            "configurations": [{"label": c["label"], "toggles": c["toggles"], "score": c["score"], "fit": c["fit"],
+                                "first_above_floor": c["first_above_floor"], "max_ratio_to_floor": c["max_ratio_to_floor"],
+                                "curve": {p["point"]: p.get("log10_l2") for p in c["points"] if is_residual_point(p["point"])},
+                                "rel_l2": {p["point"]: p.get("rel_l2") for p in c["points"]}} for c in all_configs],
+            "search": search_info,
+        },
+    }
+    if search_info:
+        data["diagnosis"] = search_info["diagnosis"]
+    result = Result(data)
+    if out is not None:
+        save(result, Path(out), {}, render=render)
+    return result
+
+
+def _search(spec, items, support, evaluate, base: dict[str, str], max_exhaustive: int, who: str, side: str) -> dict:
+    """Find the toggle settings with the lowest score; ties go to fewer changed toggles (Occam)."""
+    names = list(dict.fromkeys(n for n, _ in items)) or [n for n, t in TOGGLES.items() if t.applies(spec) and support.get(n, "x") is None]
+    space: dict[str, list[str]] = {}
+    for n in names:
+        given = [v for m, v in items if m == n and v is not None]
+        bare = any(m == n and v is None for m, v in items) or not items
+        vals = [base.get(n, "")] + given + (list(TOGGLES[n].suggestions(spec)) if bare else [])
+        space[n] = [v for v in dict.fromkeys(vals) if v != ""]
+    size = math.prod(len(v) for v in space.values())
+    if size <= max_exhaustive:
+        method = "exhaustive"
+        evaluated = [evaluate(dict(zip(space, combo))) for combo in itertools.product(*space.values())]
+        top = min(c["fit"] for c in evaluated)
+        # Occam: among settings within MARGIN of the best fit, the fewest changed toggles, then the best fit.
+        best = min((c for c in evaluated if c["fit"] <= top + MARGIN), key=lambda c: (len(c["toggles"]), c["fit"]))
+    else:
+        method = "greedy forward selection"
+        current: dict[str, str] = {}
+        best = evaluate(current)
+        while True:
+            trials = [evaluate({**current, n: v}) for n, vals in space.items() for v in vals if current.get(n, base.get(n)) != v]
+            cand = min(trials, key=lambda c: c["fit"], default=None)
+            if cand is None or cand["fit"] > best["fit"] - MARGIN:
+                break
+            best, current = cand, dict(cand["toggles"])
+    ablation = []
+    for n in best["toggles"]:
+        without = {k: v for k, v in best["toggles"].items() if k != n}
+        w = evaluate(without)
+        ablation.append({"toggle": n, "value": best["toggles"][n], "score_without": w["score"], "delta": w["fit"] - best["fit"],
+                         "first_above_floor_without": w["first_above_floor"], "entry": w})
+    ablation.sort(key=lambda a: -a["delta"])
+    at_floor = best["first_above_floor"] is None
+    baseline = evaluate({})
+    settings = _label(best["toggles"])
+    if not best["toggles"] and at_floor:
+        sentence = f"implementation {who} agrees with the reference as it is: nothing above the noise floor, and no toggle setting does better"
+    elif not best["toggles"]:
+        sentence = (f"implementation {who}: no tried toggle setting explains the divergence; it first rises above the floor at "
+                    f"{baseline['first_above_floor']} (up to {baseline['max_ratio_to_floor']:.1f}x the floor)")
+    else:
+        sentence = (f"implementation {who} behaves like the reference with {settings}" if side == "reference" else
+                    f"implementation {who} matches the reference once {settings} is applied to it")
+        sentence += ("; with these settings every capture point is within the noise floor" if at_floor else
+                     f", but a residual remains: first above the floor at {best['first_above_floor']} "
+                     f"(up to {best['max_ratio_to_floor']:.1f}x the floor)")
+    return {
+        "method": method, "space": space, "space_size": size, "evaluated": None,
+        "best": best["toggles"], "best_score": best["score"], "best_fit": best["fit"], "baseline_score": baseline["score"],
+        "baseline_fit": baseline["fit"],
+        "ablation": [{k: v for k, v in a.items() if k != "entry"} for a in ablation],
+        "residual": {"first_above_floor": best["first_above_floor"], "max_ratio_to_floor": best["max_ratio_to_floor"]},
+        "at_floor": at_floor, "diagnosis": sentence,
+        "plotted": [baseline, best] + [a["entry"] for a in ablation],
+    }
+
+
+def _command(checkpoint, cand, ref, dtype, device, toggles, mode, side, cand_fixed, ref_fixed, tokens) -> str:
+    parts = ["bughunt", "sweep", str(checkpoint), "--impl", cand.label, "--reference", ref.label, "--dtype", dtype,
+             "--device", device, "--mode", mode, "--side", side]
+    for t in toggles:
+        parts += ["--toggle", t]
+    for k, v in cand_fixed.items():
+        parts += ["--candidate-toggle", f"{k}={v}"]
+    for k, v in ref_fixed.items():
+        parts += ["--reference-toggle", f"{k}={v}"]
+    parts += ["--tokens", ";".join(",".join(str(int(t)) for t in row) for row in tokens)]
+    return shlex.join(parts)

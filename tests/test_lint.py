@@ -1,0 +1,247 @@
+"""bughunt lint: every check fires on a tiny checkpoint planted with its defect and stays silent on a clean one;
+the CLI exit codes and the JSON/HTML outputs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bughunt.cli import main
+from bughunt.lint import CHECKS, RULES, extra_section, format_table, html_section, lint
+from bughunt.safetensors_io import read_header, read_safetensors, write_safetensors
+from bughunt.tiny import make_tiny_checkpoint, tiny_config_dict
+from bughunt.tiny_tokenizer import GEMMA_CHAT_TEMPLATE, write_tiny_tokenizer
+
+EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
+
+
+def _make(family: str, out: Path) -> Path:
+    make_tiny_checkpoint(family, out, seed=0)
+    _, kw = tiny_config_dict(family)
+    write_tiny_tokenizer(out, kw["vocab_size"], kw["bos_token_id"], kw["eos_token_id"], kw.get("pad_token_id"), family)
+    return out
+
+
+@pytest.fixture(scope="session")
+def clean_dirs(tmp_path_factory):
+    """One clean tiny checkpoint (with tokenizer) per family, built on first use."""
+    root = tmp_path_factory.mktemp("clean")
+    made: dict[str, Path] = {}
+
+    def get(family: str) -> Path:
+        if family not in made:
+            made[family] = _make(family, root / family)
+        return made[family]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def clean_lint(clean_dirs):
+    cache: dict[tuple[str, bool], object] = {}
+
+    def get(family: str, tokenizers: bool = False):
+        if (family, tokenizers) not in cache:
+            cache[(family, tokenizers)] = lint(clean_dirs(family), tokenizers=tokenizers)
+        return cache[(family, tokenizers)]
+
+    return get
+
+
+# ---- planting helpers -----------------------------------------------------------------------------
+
+
+def edit_json(path: Path, change) -> None:
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data, indent=1, ensure_ascii=False))
+
+
+def config(**fields):
+    return lambda d: edit_json(d / "config.json", lambda c: c.update(fields))
+
+
+def rope(params: dict):
+    return config(rope_parameters=params)
+
+
+def tok_config(**fields):
+    return lambda d: edit_json(d / "tokenizer_config.json", lambda c: c.update(fields))
+
+
+def edit_weights(change):
+    def plant(d: Path) -> None:
+        path = d / "model.safetensors"
+        meta = read_header(path).get("__metadata__")
+        tensors = {k: np.array(v) for k, v in read_safetensors(path).items()}
+        change(tensors)
+        write_safetensors(path, tensors, meta)
+    return plant
+
+
+def zero_rows(t):
+    t[EMBED][[5, 17]] = 0.0
+    t[EMBED][40] *= 1e-4
+
+
+def add_random_head(t):
+    t[HEAD] = np.random.default_rng(1).normal(size=t[EMBED].shape).astype(t[EMBED].dtype)
+
+
+def both(*plants):
+    def plant(d):
+        for p in plants:
+            p(d)
+    return plant
+
+
+def no_bos(d: Path) -> None:
+    tok_config(add_bos_token=False)(d)
+    edit_json(d / "tokenizer.json", lambda t: t.update(post_processor=None))
+
+
+def lowercase_normalizer(d: Path) -> None:
+    edit_json(d / "tokenizer.json", lambda t: t.update(
+        normalizer={"type": "Sequence", "normalizers": [{"type": "Lowercase"}, t["normalizer"]]}))
+
+
+# check id -> (family, plant). The clean case is the unmodified tiny checkpoint of the same family.
+PLANTED = {
+    "pad-equals-eos": ("gemma", config(pad_token_id=1)),
+    "sliding-window-off-by-one": ("mistral", config(sliding_window=2047)),
+    "sliding-window-exceeds-context": ("mistral", config(sliding_window=8192)),
+    "max-position-rounded": ("llama", config(max_position_embeddings=128000)),
+    "activation-fields-disagree": ("gemma2", config(hidden_act="gelu")),
+    "activation-silently-overridden": ("gemma", config(hidden_act="gelu")),
+    "untrained-embedding-rows": ("llama", edit_weights(zero_rows)),
+    "tied-but-lm-head-differs": ("qwen3", edit_weights(add_random_head)),
+    "tied-but-lm-head-stored": ("qwen3", edit_weights(lambda t: t.update({HEAD: t[EMBED].copy()}))),
+    "untied-but-lm-head-missing": ("qwen2", edit_weights(lambda t: t.pop(HEAD))),
+    "untied-but-lm-head-equals-embed": ("qwen2", edit_weights(lambda t: t.update({HEAD: t[EMBED].copy()}))),
+    "dtype-mismatch": ("llama", config(dtype="bfloat16")),
+    "rope-unknown-type": ("llama", rope({"rope_type": "ntk-by-parts", "rope_theta": 10000.0})),
+    "rope-missing-field": ("llama", rope({"rope_type": "linear", "rope_theta": 10000.0})),
+    "rope-longrope-factor-length": ("phi3", both(config(original_max_position_embeddings=2048), rope(
+        {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+         "short_factor": [1.0] * 4, "long_factor": [2.0] * 4}))),
+    "rope-original-max-not-below-max": ("llama", rope({"rope_type": "yarn", "factor": 2.0, "rope_theta": 10000.0,
+                                                       "original_max_position_embeddings": 4096})),
+    "transformers-rejects-config": ("llama", rope({"rope_type": "linear", "rope_theta": 10000.0})),
+    "tokenizer-unloadable": ("gemma", lambda d: (d / "tokenizer.json").write_text("{ this is not json")),
+    "tokenizer-no-bos": ("llama", no_bos),
+    "add-bos-token-disagrees": ("llama", tok_config(add_bos_token=False)),
+    "chat-template-double-bos": ("gemma", tok_config(chat_template="{{ bos_token }}" + GEMMA_CHAT_TEMPLATE)),
+    "chat-template-bos-retokenized": ("llama", tok_config(chat_template="{{ bos_token }}{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}")),
+    "chat-template-missing-bos": ("gemma", tok_config(chat_template=GEMMA_CHAT_TEMPLATE.removeprefix("{{ bos_token }}"))),
+    "special-token-missing": ("llama", config(eos_token_id=300)),
+    "special-token-mismatch": ("gemma", config(bos_token_id=3)),
+    "tokenizer-vocab-exceeds-model": ("llama", tok_config(extra_special_tokens=["<tool_call>", "</tool_call>"])),
+    "tokenizer-parity": ("gemma", lowercase_normalizer),
+}
+
+
+def test_every_check_has_a_planted_case():
+    ruled = {cid for _, ids in RULES for cid in ids} | {"tokenizer-parity"}
+    assert ruled == set(CHECKS) == set(PLANTED)
+    for c in CHECKS.values():
+        assert c.severity in ("error", "warning", "info") and c.explanation and c.fix
+
+
+@pytest.mark.parametrize("check_id", sorted(PLANTED))
+def test_check_fires_on_planted_defect_and_not_on_clean(check_id, clean_dirs, clean_lint, tmp_path):
+    family, plant = PLANTED[check_id]
+    tokenizers = check_id == "tokenizer-parity"
+    clean = clean_lint(family, tokenizers)
+    assert check_id not in clean.fired(), format_table(clean)
+
+    planted = tmp_path / family
+    shutil.copytree(clean_dirs(family), planted)
+    plant(planted)
+    report = lint(planted, tokenizers=tokenizers)
+    assert check_id in report.fired(), format_table(report)
+    f = next(f for f in report.findings if f.check == check_id)
+    assert f.severity == CHECKS[check_id].severity and f.message and f.fix
+    assert report.exit_code == (1 if any(x.severity == "error" for x in report.findings) else 0)
+    if CHECKS[check_id].severity == "error":
+        assert report.exit_code == 1
+
+
+def test_untrained_rows_are_listed_with_token_ids(clean_dirs, tmp_path):
+    d = tmp_path / "llama"
+    shutil.copytree(clean_dirs("llama"), d)
+    edit_weights(zero_rows)(d)
+    f = next(f for f in lint(d).findings if f.check == "untrained-embedding-rows")
+    assert f.details["token_ids"] == [5, 17, 40] and f.details["zero_rows"] == 2
+    assert f.details["tensor"] == EMBED and set(f.details["tokens"]) == {5, 17, 40}
+
+
+def test_clean_tiny_checkpoints_have_no_errors(clean_lint):
+    for family in ("gemma", "gemma3", "llama", "qwen2", "phi3"):
+        report = clean_lint(family)
+        assert report.exit_code == 0, format_table(report)
+        # Gemma's released template writes BOS and its tokenizer adds BOS: only the re-tokenising hazard remains.
+        assert report.fired() <= {"chat-template-bos-retokenized"}, format_table(report)
+
+
+def test_checks_that_cannot_apply_are_skipped_with_a_reason(tmp_path):
+    d = make_tiny_checkpoint("llama", tmp_path / "bare", seed=0)  # no tokenizer files, no sliding window
+    report = lint(d)
+    skipped = {c["id"]: c["reason"] for c in report.checks if c["status"] == "skipped"}
+    assert "tokenizer-no-bos" in skipped and "no tokenizer files" in skipped["tokenizer-no-bos"]
+    assert "sliding window" in skipped["sliding-window-off-by-one"]
+    assert report.exit_code == 0
+
+
+def test_json_document_and_html_section(clean_dirs, tmp_path):
+    d = tmp_path / "mistral"
+    shutil.copytree(clean_dirs("mistral"), d)
+    config(sliding_window=4095)(d)
+    report = lint(d)
+    out = tmp_path / "lint.json"
+    report.write_json(out)
+    doc = json.loads(out.read_text())
+    assert doc["schema"] == "bughunt.lint" and doc["version"] == 1
+    assert doc["summary"]["warning"] >= 1 and doc["summary"]["exit_code"] == 0
+    assert {c["id"] for c in doc["checks"]} == set(CHECKS) - {"tokenizer-parity"}
+    assert any(f["check"] == "sliding-window-off-by-one" and f["fix"] for f in doc["findings"])
+    frag = html_section(report)
+    assert "sliding-window-off-by-one" in frag and "<table>" in frag and "<script" not in frag
+    assert extra_section(report)["html"] == frag
+
+
+def test_html_section_renders_in_the_report_template(clean_lint):
+    import jinja2
+
+    env = jinja2.Environment(loader=jinja2.PackageLoader("bughunt", "templates"), autoescape=True)
+    tmpl = env.from_string("{% for s in extra_sections %}<h2>{{ s.title }}</h2>{{ s.html|safe }}{% endfor %}")
+    html = tmpl.render(extra_sections=[extra_section(clean_lint("gemma"))])
+    assert "<h2>Checkpoint lint</h2>" in html and "chat-template-bos-retokenized" in html
+
+
+def test_cli_exit_codes(clean_dirs, tmp_path, capsys):
+    assert main(["lint", str(clean_dirs("llama"))]) == 0
+    bad = tmp_path / "bad"
+    shutil.copytree(clean_dirs("llama"), bad)
+    rope({"rope_type": "linear", "rope_theta": 10000.0})(bad)
+    out = tmp_path / "out" / "lint.json"
+    assert main(["lint", str(bad), "--json", str(out)]) == 1
+    assert json.loads(out.read_text())["summary"]["exit_code"] == 1
+    assert "rope-missing-field" in capsys.readouterr().out
+    assert main(["lint", str(tmp_path / "nowhere")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_cli_tokenizers_flag_reports_parity(clean_dirs, tmp_path, capsys):
+    d = tmp_path / "gemma"
+    shutil.copytree(clean_dirs("gemma"), d)
+    lowercase_normalizer(d)
+    out = tmp_path / "lint.json"
+    assert main(["lint", str(d), "--tokenizers", "--json", str(out)]) == 1
+    text = capsys.readouterr().out
+    assert "tokenizer parity" in text and "keras-hub" in text
+    doc = json.loads(out.read_text())
+    assert doc["tokenizer_parity"]["disagreements"]

@@ -1,0 +1,205 @@
+"""Toggles: each one moves the trace, HF applies it exactly as the reference does, wrappers are undone, and
+`sweep --mode search` names planted bugs without false alarms."""
+
+import sys
+
+import numpy as np
+import pytest
+
+from bughunt.cli import main
+from bughunt.compare import noise_floor
+from bughunt.errors import BughuntError
+from bughunt.implementations.hf import HFRunner
+from bughunt.implementations.reference import ReferenceRunner
+from bughunt.metrics import compare_traces
+from bughunt.result import Result
+from bughunt.spec import load_spec
+from bughunt.sweep import sweep
+from bughunt.tiny import TINY_FAMILIES
+from bughunt.toggles import TOGGLES, defaults
+
+DTYPE_TOGGLES = ("rope_dtype", "norm_dtype", "embed_scale_dtype")  # only matter below fp32
+
+
+def other_value(name, spec):
+    default = defaults(spec)[name]
+    t = TOGGLES[name]
+    if t.kind == "choice":
+        return next(v for v in t.values if v != default)
+    if name == "sliding_window":
+        return str(spec.sliding_window - 1)
+    if name in ("attn_softcap", "final_softcap"):
+        return "off" if default != "off" else "5.0"
+    if name == "query_scale":
+        return f"rsqrt:{spec.head_dim * 4}"
+    if name == "rope_theta":
+        return "1000.0"
+    if name == "rms_eps":
+        return "1e-05"
+    raise AssertionError(name)
+
+
+CASES = [(f, n) for f in TINY_FAMILIES for n in TOGGLES]
+
+
+@pytest.fixture(scope="module")
+def floors(tiny, tokens):
+    return {f: noise_floor(tiny[f], load_spec(tiny[f]), "fp32", tokens) for f in TINY_FAMILIES}
+
+
+@pytest.mark.parametrize("family, name", CASES)
+def test_every_toggle_moves_the_trace_well_above_the_fp32_noise_floor(family, name, tiny, tokens, floors):
+    spec = load_spec(tiny[family])
+    if not TOGGLES[name].applies(spec):
+        pytest.skip(f"{name} does not apply to {family}")
+    value = other_value(name, spec)
+    dtype = "bf16" if name in DTYPE_TOGGLES else "fp32"
+    with ReferenceRunner(tiny[family], spec, dtype) as r:
+        base = r.run(tokens)
+    with ReferenceRunner(tiny[family], spec, dtype, toggles={name: value}) as r:
+        moved = r.run(tokens)
+    points = compare_traces(moved, base)
+    ratio = max(p["rel_l2"] / floors[family]["points"][p["point"]]["floor_rel_l2"] for p in points)
+    assert ratio > 10, f"{family} {name}={value} moves the trace only {ratio:.1f}x the fp32 floor"
+
+
+HF_CASES = [
+    ("gemma", "fp32", {"gelu": "exact"}), ("gemma2", "fp32", {"attn_softcap": "off"}), ("gemma2", "fp32", {"query_scale": "rsqrt:16"}),
+    ("gemma3", "fp32", {"sliding_window": "3"}), ("mistral", "fp32", {"sliding_window": "5"}), ("phi3", "fp32", {"sliding_window": "5"}),
+    ("llama", "fp32", {"rms_eps": "1e-5"}), ("llama", "fp32", {"rope_theta": "10000"}), ("gemma3", "fp32", {"rope_theta": "10000"}),
+    ("qwen2", "fp32", {"rope_pairing": "interleaved"}), ("phi3", "fp32", {"rope_pairing": "interleaved"}),
+    ("gemma", "fp32", {"bos": "off"}), ("gemma2", "fp32", {"final_softcap": "off", "gelu": "exact"}),
+    ("qwen3", "fp32", {"query_scale": "0.1"}),
+    ("gemma", "bf16", {"embed_scale_dtype": "fp32"}), ("llama", "bf16", {"rope_dtype": "model"}), ("gemma2", "bf16", {"rope_dtype": "model"}),
+]
+
+
+@pytest.mark.parametrize("family, dtype, toggles", HF_CASES, ids=[f"{f}-{d}-{'-'.join(t)}" for f, d, t in HF_CASES])
+def test_hf_applies_each_toggle_exactly_as_the_reference_does(family, dtype, toggles, tiny, tokens):
+    spec = load_spec(tiny[family])
+    with HFRunner(tiny[family], spec, dtype, toggles=toggles) as h:
+        hf = h.run(tokens)
+        again = h.run(tokens)
+    with ReferenceRunner(tiny[family], spec, dtype, toggles=toggles) as r:
+        ref = r.run(tokens)
+    with ReferenceRunner(tiny[family], spec, dtype) as r:
+        untoggled = r.run(tokens)
+    same = max(p["rel_l2"] for p in compare_traces(hf, ref))
+    moved = max(p["rel_l2"] for p in compare_traces(ref, untoggled))
+    assert same <= (1e-5 if dtype == "fp32" else 2e-3), same
+    assert moved > 10 * max(same, 1e-7)
+    for k in hf.arrays:  # the same toggles twice give identical traces
+        np.testing.assert_array_equal(hf.arrays[k], again.arrays[k])
+
+
+def test_hf_wrappers_are_undone_on_close(tiny, tokens):
+    spec = load_spec(tiny["llama"])
+    module = sys.modules["transformers.models.llama.modeling_llama"]
+    original = module.apply_rotary_pos_emb
+    with HFRunner(tiny["llama"], spec, "bf16", toggles={"rope_pairing": "interleaved", "rope_dtype": "model", "rms_eps": "1e-5"}) as h:
+        assert module.apply_rotary_pos_emb is not original
+        model = h.model
+        h.run(tokens)
+    assert module.apply_rotary_pos_emb is original
+    assert "forward" not in vars(model.model.rotary_emb)
+    with HFRunner(tiny["llama"], spec, "fp32") as plain, ReferenceRunner(tiny["llama"], spec, "fp64") as ref:
+        assert max(p["rel_l2"] for p in compare_traces(plain.run(tokens), ref.run(tokens))) < 1e-5
+
+
+@pytest.mark.parametrize("family, toggles, message", [
+    ("llama", {"norm_dtype": "model"}, "hard-codes its upcast"),
+    ("llama", {"attn_softcap": "30.0"}, "has no soft-cap"),
+    ("llama", {"sliding_window": "4"}, "does not apply"),
+    ("gemma", {"gelu": "sigmoid"}, "allowed values"),
+    ("gemma", {"nonsense": "1"}, "unknown toggle"),
+])
+def test_toggles_an_implementation_cannot_apply_are_clear_errors(family, toggles, message, tiny):
+    with pytest.raises(BughuntError, match=message):
+        HFRunner(tiny[family], load_spec(tiny[family]), "fp32", toggles=toggles)
+
+
+PLANTED = [
+    ("gemma", "fp32", {"gelu": "exact"}),
+    ("gemma2", "fp32", {"attn_softcap": "off"}),
+    ("gemma2", "fp32", {"query_scale": "rsqrt:16"}),
+    ("gemma2", "fp32", {"final_softcap": "off", "gelu": "exact"}),
+    ("gemma3", "fp32", {"sliding_window": "3"}),
+    ("mistral", "fp32", {"sliding_window": "5"}),
+    ("llama", "fp32", {"rms_eps": "1e-05"}),
+    ("llama", "fp32", {"rope_theta": "10000.0"}),
+    ("qwen2", "fp32", {"rope_pairing": "interleaved"}),
+    ("phi3", "fp32", {"rope_pairing": "interleaved", "rms_eps": "1e-05"}),
+    ("qwen3", "fp32", {"query_scale": "rsqrt:12"}),  # hidden/heads instead of head_dim
+    ("llama", "bf16", {"rope_dtype": "model"}),
+    ("gemma", "bf16", {"embed_scale_dtype": "fp32", "bos": "off"}),
+    ("gemma3", "bf16", {"rope_dtype": "model", "gelu": "exact"}),
+]
+
+
+@pytest.mark.parametrize("family, dtype, planted", PLANTED, ids=[f"{f}-{d}-{'-'.join(p)}" for f, d, p in PLANTED])
+def test_search_names_exactly_the_planted_toggles_and_the_residual_falls_to_the_floor(family, dtype, planted, tiny):
+    result = sweep(tiny[family], impl="hf", dtype=dtype, mode="search", candidate_toggles=planted)
+    s = result.data["sweep"]["search"]
+    assert s["best"] == planted
+    assert s["at_floor"] and s["residual"]["first_above_floor"] is None
+    assert result.first_above_floor("as is" if False else result.comparisons[0]["candidate"]) is not None or dtype == "bf16"
+    assert {a["toggle"] for a in s["ablation"]} == set(planted)
+    assert all(a["delta"] > 0.05 for a in s["ablation"])
+    assert "behaves like the reference with" in s["diagnosis"]
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_search_reports_nothing_when_nothing_is_planted(family, dtype, tiny):
+    s = sweep(tiny[family], impl="hf", dtype=dtype, mode="search").data["sweep"]["search"]
+    assert s["best"] == {} and s["at_floor"]
+    assert "agrees with the reference as it is" in s["diagnosis"]
+
+
+def test_search_on_the_candidate_side_names_the_fix(tiny):
+    # The candidate runs with the planted bug; the reference carries the same "bug" fixed. Sweeping the candidate
+    # side asks which fix makes HF match: the reference-side sliding window of 3 is matched by setting HF's to 3.
+    result = sweep(tiny["gemma2"], impl="hf", mode="search", side="candidate", reference_toggles={"sliding_window": "3"},
+                   toggles=["sliding_window", "gelu"])
+    s = result.data["sweep"]["search"]
+    assert s["best"] == {"sliding_window": "3"} and s["at_floor"]
+    assert "matches the reference once {sliding_window=3}" in s["diagnosis"]
+
+
+def test_sweep_cli_writes_every_configuration_and_the_diagnosis(tmp_path, tiny, capsys):
+    out = tmp_path / "sweep"
+    code = main(["sweep", str(tiny["gemma2"]), "--impl", "hf", "--candidate-toggle", "gelu=exact", "--mode", "search",
+                 "--toggle", "gelu", "--toggle", "attn_softcap", "--toggle", "rope_pairing", "--out", str(out)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "DIAGNOSIS: implementation hf{gelu=exact} behaves like the reference with {gelu=exact}" in printed
+    result = Result.load(out)
+    result.validate()
+    sw = result.data["sweep"]
+    assert sw["search"]["method"] == "exhaustive" and sw["search"]["space_size"] == 8 and sw["search"]["evaluated"] == 8
+    assert len(sw["configurations"]) == 8 and all(len(c["curve"]) == 6 for c in sw["configurations"])
+    html = (out / "report.html").read_text()
+    assert "behaves like the reference with {gelu=exact}" in html and "every configuration" in html
+
+
+def test_cumulative_mode_draws_one_line_per_prefix(tmp_path, tiny, capsys):
+    out = tmp_path / "cum"
+    code = main(["sweep", str(tiny["gemma"]), "--impl", "hf", "--reference", "reference", "--dtype", "bf16", "--mode", "cumulative",
+                 "--toggle", "gelu=exact", "--toggle", "rope_dtype=model", "--toggle", "embed_scale_dtype=fp32", "--out", str(out)])
+    assert code == 0
+    result = Result.load(out)
+    assert [c["candidate"] for c in result.comparisons] == [
+        "as is", "reference + {gelu=exact}", "reference + {gelu=exact, rope_dtype=model}",
+        "reference + {embed_scale_dtype=fp32, gelu=exact, rope_dtype=model}"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--toggle", "gelu=sigmoid"], "allowed values"),
+    (["--toggle", "warp=9"], "unknown toggle"),
+    (["--mode", "cumulative"], "needs at least one --toggle"),
+    (["--side", "candidate", "--mode", "search", "--toggle", "norm_dtype"], "cannot apply toggle norm_dtype"),
+])
+def test_bad_sweeps_exit_2(argv, message, tmp_path, tiny, capsys):
+    assert main(["sweep", str(tiny["gemma"]), "--out", str(tmp_path / "o")] + argv) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
