@@ -1,5 +1,6 @@
 """Tiny seeded checkpoints for tests and the demo: real HF-format directories (config.json + safetensors,
-written by transformers' save_pretrained) whose weight scales make numerics differences visible.
+written by transformers' save_pretrained, plus a small BPE tokenizer trained from shipped text) whose
+weight scales make numerics differences visible.
 
 Weights are drawn with numpy from a seed (not torch's RNG), so the same seed gives the same bytes
 whatever the torch version. Checkpoints are cached in the user cache directory.
@@ -17,7 +18,7 @@ import numpy as np
 
 from bughunt.errors import BughuntError
 
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 TINY_FAMILIES = ("gemma", "gemma2", "gemma3", "llama", "mistral", "phi3", "qwen2", "qwen3")
 
 # Sizes shared by every family: small enough for a CPU test, with hidden=48 so sqrt(hidden)=6.928...
@@ -115,6 +116,9 @@ def make_tiny_checkpoint(family: str, out: Path, seed: int = 0, config_overrides
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
+    from bughunt.tiny_tokenizer import write_tiny_tokenizer
+
+    write_tiny_tokenizer(out, config.vocab_size, config.bos_token_id, config.eos_token_id, config.pad_token_id, family)
     meta = {"family": family, "seed": seed, "generator_version": GENERATOR_VERSION, "overrides": config_overrides or {}}
     (out / "bughunt_tiny.json").write_text(json.dumps(meta, indent=1))
     return out
