@@ -1,5 +1,6 @@
 """`bughunt demo`, the built-in main job: tiny seeded checkpoints of every family, each compared across every
-installed implementation (fp32 and bf16) against the float64 reference, written to reports/demo/."""
+installed implementation (fp32 and bf16) against the float64 reference, plus one planted bug found by a toggle
+search, written to reports/demo/."""
 
 from __future__ import annotations
 
@@ -32,6 +33,15 @@ def run_demo(out: Path, families: list[str] | None = None) -> list:
             for e in result.data["implementations"]:
                 if e["status"] != "ok":
                     rows.append((family, e["label"], "FAILED", None))
+        if "gemma2" in (families or TINY_FAMILIES):
+            # A planted bug, found by name: HF gemma2 run with exact GELU (the Gemma 1 config mistake) against a
+            # reference that knows nothing about it; the search names the toggle and its ablation.
+            from bughunt.sweep import sweep
+
+            planted = sweep(tiny_checkpoint("gemma2"), impl="hf", mode="search", candidate_toggles={"gelu": "exact"},
+                            out=tmp / "planted-gemma2-gelu")
+            print(f"planted bug (hf gemma2 with gelu=exact): {planted.data['diagnosis']}", flush=True)
+            rows.append(("planted-gemma2-gelu", "hf{gelu=exact} search", planted.data["diagnosis"], None))
         body = "".join(f"<tr><td><a href='{f}/report.html'>{f}</a></td><td>{html.escape(c)}</td><td>{html.escape(first)}</td>"
                        f"<td>{'–' if m is None else format(m, '.2e')}</td></tr>" for f, c, first, m in rows)
         (tmp / "index.html").write_text(

@@ -132,3 +132,14 @@ class _nullcontext:
 
     def __exit__(self, *a):
         return False
+
+
+def test_demo_writes_reports_for_the_families_and_the_planted_bug(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--family", "llama", "--family", "gemma2"]) == 0
+    printed = capsys.readouterr().out
+    assert "behaves like the reference with {gelu=exact}" in printed
+    for sub in ("llama", "gemma2", "planted-gemma2-gelu"):
+        Result.load(out / sub).validate()
+        assert (out / sub / "report.html").exists()
+    assert "planted-gemma2-gelu" in (out / "index.html").read_text()
