@@ -774,7 +774,7 @@ def _ci_section(group: _Group, outcomes: list[CellOutcome]) -> dict:
     return {"title": "CI gate", "html": f"<table><tr><th class='l'>cell</th><th class='l'>status</th><th class='l'>verdict</th></tr>{rows}</table>"}
 
 
-def _run_group(group: _Group, matrix: Matrix, out: Path, log: Callable[[str], None]) -> list[CellOutcome]:
+def _run_group(group: _Group, matrix: Matrix, out: Path, log: Callable[[str], None], pool=None) -> list[CellOutcome]:
     from bughunt import report
     from bughunt.compare import compare
 
@@ -782,7 +782,7 @@ def _run_group(group: _Group, matrix: Matrix, out: Path, log: Callable[[str], No
     t0 = time.perf_counter()
     try:
         result = compare(group.path, labels, reference=group.entry.reference.label, dtype=group.cells[0].dtype,
-                         device=group.device, tokens=group.tokens, out=None, branches=matrix.branches, render=False)
+                         device=group.device, tokens=group.tokens, out=None, branches=matrix.branches, render=False, pool=pool)
     except BughuntError as e:
         return [CellOutcome(c, "error", error=f"the compare run failed: {e}", seconds=time.perf_counter() - t0) for c in group.cells]
     report_rel = f"reports/{group.name}/report.html"
@@ -830,8 +830,11 @@ def run_ci(matrix_path: str | Path, baseline_dir: str | Path, update_baseline: b
         + (" (recording baselines)" if update_baseline else f", baselines in {baseline_dir}"))
     out.mkdir(parents=True, exist_ok=True)
     outcomes: list[CellOutcome] = []
-    for group in groups:
-        outcomes += _run_group(group, matrix, out, log)
+    from bughunt.worker import WorkerPool
+
+    with WorkerPool() as pool:  # one worker per implementation and interpreter serves every cell
+        for group in groups:
+            outcomes += _run_group(group, matrix, out, log, pool)
 
     run = CiRun(matrix, baseline_dir, out, update_baseline, outcomes, 0.0)
     if update_baseline:

@@ -52,7 +52,8 @@ def cmd_compare(args) -> int:
     out = Path(args.out) if args.out else Path("reports") / f"{Path(args.checkpoint).resolve().name}-{args.dtype}"
     result = compare(args.checkpoint, implementations=args.impl or ["hf", "reference"], reference=args.reference,
                      dtype=args.dtype, device=args.device, tokens=_tokens(args), out=out, floor_factor=args.floor_factor,
-                     branches=not args.no_branches, allow_pickle=args.allow_pickle)
+                     branches=not args.no_branches, allow_pickle=args.allow_pickle, isolate=not args.in_process,
+                     timeout=args.timeout)
     print(format_summary(result))
     print(f"wrote {out}/result.json, {out}/layers.png, {out}/layers.svg, {out}/report.html")
     if args.fail_on_finding and any(f["severity"] in ("error", "warning") for f in result.findings):
@@ -154,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-branches", action="store_true", help="capture only the residual stream, not layer.{i}.attn/.mlp")
     c.add_argument("--allow-pickle", action="store_true", help="allow loading pickled (.bin) weights; runs code from the file")
     c.add_argument("--fail-on-finding", action="store_true", help="exit 1 when any implementation departs or fails")
+    c.add_argument("--in-process", action="store_true", help="run every implementation in this process instead of worker processes")
+    c.add_argument("--timeout", type=float, default=600.0, help="seconds an implementation's worker may take per run (default 600)")
     c.set_defaults(func=cmd_compare)
 
     w = sub.add_parser("sweep", help="run one implementation under toggle settings; search for the ones that explain a divergence")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import shlex
+import tempfile
 import traceback
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -137,8 +138,11 @@ def compare(checkpoint: str | Path, implementations: Sequence[str | ImplChoice] 
             reference: str = "reference", dtype: str = "fp32", device: str = "cpu",
             tokens: Sequence[int] | np.ndarray | None = None, out: str | Path | None = None,
             floor_factor: float = DEFAULT_FLOOR_FACTOR, branches: bool = True, allow_pickle: bool = False,
-            render: bool = True) -> Result:
-    """Compare implementations of one checkpoint layer by layer. Returns the Result; writes files when `out` is set."""
+            render: bool = True, isolate: bool = True, timeout: float | None = None, pool=None) -> Result:
+    """Compare implementations of one checkpoint layer by layer. Returns the Result; writes files when `out` is set.
+
+    With `isolate` (the default) every implementation except the in-process float64 reference runs in a worker
+    process (`pool`, a bughunt.worker.WorkerPool, may be shared across calls so libraries load once)."""
     checkpoint = Path(checkpoint)
     if dtype not in DTYPES:
         raise BughuntError(f"unknown dtype '{dtype}'. Use one of: {', '.join(DTYPES)}.")
@@ -155,21 +159,44 @@ def compare(checkpoint: str | Path, implementations: Sequence[str | ImplChoice] 
         raise BughuntError(f"token ids must lie in [0, {spec.vocab_size}) for this checkpoint (vocab_size); got [{tokens.min()}, {tokens.max()}].")
     choices, ref_choice = _choices(implementations, reference)
 
+    from bughunt.worker import WorkerFailure, WorkerPool
+
     traces: dict[str, Trace] = {}
     entries = []
-    for choice in choices:
-        impl_dtype = choice.dtype or ("fp64" if choice.name == "reference" else dtype)
-        entry = {"label": choice.label, "name": choice.name, "dtype": impl_dtype, "device": device, "python": choice.python,
-                 "status": "ok", "error": None, "meta": {}}
-        try:
-            trace = run_implementation(choice, checkpoint, spec, impl_dtype, device, tokens, branches, allow_pickle)
-            traces[choice.label] = trace
-            entry["meta"] = trace.meta
-        except BughuntError as e:
-            entry.update(status="failed", error=str(e))
-        except Exception as e:  # a crash inside a library is a failure of that implementation, not of the run
-            entry.update(status="failed", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc(limit=8))
-        entries.append(entry)
+    own_pool = pool is None and isolate
+    pool = pool or (WorkerPool() if isolate else None)
+    scratch = tempfile.TemporaryDirectory(prefix="bughunt-traces-")
+    try:
+        for choice in choices:
+            impl_dtype = choice.dtype or ("fp64" if choice.name == "reference" else dtype)
+            in_process = not isolate or (choice.name == "reference" and choice.python is None)
+            entry = {"label": choice.label, "name": choice.name, "dtype": impl_dtype, "device": device, "python": choice.python,
+                     "isolation": "in-process" if in_process else "worker", "status": "ok", "error": None, "meta": {}}
+            try:
+                if in_process:
+                    trace = run_implementation(choice, checkpoint, spec, impl_dtype, device, tokens, branches, allow_pickle)
+                else:
+                    stem = Path(scratch.name) / f"trace{len(entries)}"
+                    job = {"checkpoint": str(checkpoint.resolve()), "name": choice.name, "choice_dtype": choice.dtype,
+                           "dtype": impl_dtype, "device": device, "tokens": tokens.tolist(), "branches": branches,
+                           "allow_pickle": allow_pickle, "label": choice.label, "out_stem": str(stem)}
+                    pool.run(choice.name, choice.python, job, timeout)
+                    trace = Trace.load(stem)
+                traces[choice.label] = trace
+                entry["meta"] = trace.meta
+            except BughuntError as e:
+                entry.update(status="failed", error=str(e))
+            except WorkerFailure as e:
+                entry.update(status="failed", error=str(e))
+                if getattr(e, "traceback", None):
+                    entry["traceback"] = e.traceback
+            except Exception as e:  # a crash inside a library is a failure of that implementation, not of the run
+                entry.update(status="failed", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc(limit=8))
+            entries.append(entry)
+    finally:
+        scratch.cleanup()
+        if own_pool:
+            pool.close()
     ref_entry = next(e for e in entries if e["label"] == ref_choice.label)
     if ref_entry["status"] != "ok":
         raise BughuntError(f"the reference implementation {ref_choice.label} failed: {ref_entry['error']}")

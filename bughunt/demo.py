@@ -25,7 +25,7 @@ def run_demo(out: Path, families: list[str] | None = None) -> list:
         for family in families or TINY_FAMILIES:
             checkpoint = tiny_checkpoint(family)
             choices = [f"{name}:{dt}" for name in impls for dt in ("fp32", "bf16")]
-            result = compare(checkpoint, choices + ["reference"], reference="reference", out=tmp / family)
+            result = compare(checkpoint, choices + ["reference"], reference="reference", out=tmp / family, pool=pool)
             results.append(result)
             print(format_summary(result), flush=True)
             for c in result.comparisons:
@@ -50,7 +50,10 @@ def run_demo(out: Path, families: list[str] | None = None) -> list:
             "<table border=1 cellpadding=4><tr><th>family</th><th>implementation</th><th>first above floor</th><th>max rel L2</th></tr>"
             f"{body}</table></body>")
 
-    write_atomically(out, write)
+    from bughunt.worker import WorkerPool
+
+    with WorkerPool() as pool:  # one worker per implementation serves every family: libraries load once
+        write_atomically(out, write)
     print(f"demo: {len(results)} families, implementations {', '.join(impls + ['reference'])}, "
           f"{time.perf_counter() - t0:.1f}s; open {out}/index.html")
     return results

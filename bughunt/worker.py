@@ -1,0 +1,167 @@
+"""Worker processes: each implementation runs in its own process (optionally under another Python interpreter)
+and returns its trace through a file. A crash, a hang (past its timeout) or a missing library in a worker is a
+failure of that implementation, never of the run.
+
+Protocol: the parent writes one JSON job per line to the worker's stdin; the worker answers one JSON line on a
+private copy of its stdout (the worker's fd 1 is pointed at stderr, so library prints cannot corrupt it).
+One worker per (implementation, interpreter) serves many jobs, so torch or JAX is imported once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from pathlib import Path
+
+from bughunt.errors import BughuntError
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_TIMEOUT = 600.0
+
+
+class WorkerFailure(Exception):
+    """An implementation's worker crashed, hung, or reported an error."""
+
+
+class Worker:
+    def __init__(self, name: str, python: str | None = None, env: dict[str, str] | None = None):
+        self.name, self.python = name, python or sys.executable
+        self.stderr = tempfile.NamedTemporaryFile(prefix=f"bughunt-worker-{name}-", suffix=".log", delete=False)
+        child_env = {**os.environ, **(env or {})}
+        child_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), child_env.get("PYTHONPATH")]))
+        try:
+            self.proc = subprocess.Popen([self.python, "-m", "bughunt.worker"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                         stderr=self.stderr, env=child_env, text=True, bufsize=1)
+        except OSError as e:
+            raise WorkerFailure(f"could not start worker with interpreter {self.python}: {e}") from None
+        self.lines: queue.Queue = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.put(line)
+        self.lines.put(None)  # EOF: the worker exited
+
+    def stderr_tail(self, n: int = 1500) -> str:
+        try:
+            return Path(self.stderr.name).read_text(errors="replace")[-n:].strip()
+        except OSError:
+            return ""
+
+    def call(self, job: dict, timeout: float) -> dict:
+        try:
+            self.proc.stdin.write(json.dumps(job) + "\n")
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            pass  # the worker is gone; the read below reports how it exited
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                self.kill()
+                raise WorkerFailure(f"worker for {self.name} timed out after {timeout:g} s and was killed") from None
+            if line is None:
+                code = self.proc.wait()
+                raise WorkerFailure(f"worker for {self.name} ({self.python}) exited with code {code} before answering"
+                                    + (f"; its last output:\n{self.stderr_tail()}" if self.stderr_tail() else ""))
+            if line.startswith("{"):
+                return json.loads(line)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def kill(self) -> None:
+        if self.alive():
+            self.proc.kill()
+        self.proc.wait()
+
+    def close(self) -> None:
+        if self.alive():
+            try:
+                self.proc.stdin.close()
+                self.proc.wait(timeout=10)
+            except (OSError, subprocess.TimeoutExpired):
+                self.kill()
+        try:
+            os.unlink(self.stderr.name)
+        except OSError:
+            pass
+
+
+class WorkerPool:
+    """Workers keyed by (implementation, interpreter), started on first use, closed with the pool."""
+
+    def __init__(self, timeout: float = DEFAULT_TIMEOUT):
+        self.timeout = timeout
+        self.workers: dict[tuple[str, str | None], Worker] = {}
+
+    def run(self, name: str, python: str | None, job: dict, timeout: float | None = None) -> dict:
+        from bughunt.implementations import REGISTRY
+
+        key = (name, python)
+        worker = self.workers.get(key)
+        if worker is None or not worker.alive():
+            env = REGISTRY[name][2] if len(REGISTRY[name]) > 2 else {}
+            worker = self.workers[key] = Worker(name, python, env)
+        answer = worker.call(job, timeout or self.timeout)
+        if not answer.get("ok"):
+            failure = WorkerFailure(answer.get("error", "worker reported an unknown error"))
+            failure.traceback = answer.get("traceback")
+            raise failure
+        return answer
+
+    def close(self) -> None:
+        for w in self.workers.values():
+            w.close()
+        self.workers.clear()
+
+    def __enter__(self) -> "WorkerPool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def serve() -> None:
+    """The worker's main loop (python -m bughunt.worker)."""
+    protocol = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)  # anything a library prints goes to stderr, not into the protocol
+    sys.stdout = sys.stderr
+    import numpy as np
+
+    from bughunt.compare import run_implementation
+    from bughunt.implementations import ImplChoice
+    from bughunt.spec import load_spec
+
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        job = json.loads(line)
+        try:
+            checkpoint = Path(job["checkpoint"])
+            spec = load_spec(checkpoint)
+            choice = ImplChoice(job["name"], job.get("choice_dtype"), None)
+            trace = run_implementation(choice, checkpoint, spec, job["dtype"], job["device"], np.asarray(job["tokens"]),
+                                       job.get("branches", True), job.get("allow_pickle", False), toggles=job.get("toggles") or {})
+            trace.implementation = job["label"]
+            trace.meta["worker"] = {"python": sys.executable, "pid": os.getpid()}
+            trace.save(Path(job["out_stem"]))
+            answer = {"ok": True, "trace": job["out_stem"]}
+        except BughuntError as e:
+            answer = {"ok": False, "error": str(e)}
+        except Exception as e:  # noqa: BLE001 - reported to the parent as this implementation's failure
+            answer = {"ok": False, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(limit=8)}
+        protocol.write(json.dumps(answer) + "\n")
+        protocol.flush()
+
+
+if __name__ == "__main__":
+    serve()
