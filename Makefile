@@ -1,5 +1,7 @@
-# Two entry points on a fresh machine: `make demo` and `make test`. Each creates .venv, installs pinned
-# dependencies (torch 2.13.0 CPU wheel; no resolver backtracking), then runs.
+# Two entry points on a fresh machine: `make demo` and `make test`. Each creates .venv and installs pinned
+# dependencies (torch 2.13.0 CPU wheel; no resolver backtracking): the core from pyproject.toml, then the JAX
+# `gemma` and keras-hub stacks from requirements/*.txt with --no-deps (every transitive dependency is pinned
+# there; see DEVELOPERS.md for why gemma, kauldron and keras-hub must not resolve their own dependencies).
 PY ?= python3
 VENV ?= .venv
 PIP = $(VENV)/bin/pip
@@ -12,11 +14,15 @@ $(VENV)/.core: $(VENV)/bin/python pyproject.toml
 	$(PIP) install -q -e .
 	touch $@
 
-$(VENV)/.test: $(VENV)/.core
+$(VENV)/.stacks: $(VENV)/.core requirements/keras.txt requirements/jax.txt
+	$(PIP) install -q --no-deps -r requirements/keras.txt -r requirements/jax.txt
+	touch $@
+
+$(VENV)/.test: $(VENV)/.stacks
 	$(PIP) install -q -e '.[test]'
 	touch $@
 
-demo: $(VENV)/.core
+demo: $(VENV)/.stacks
 	$(VENV)/bin/bughunt demo
 
 test: $(VENV)/.test

@@ -5,8 +5,10 @@ produce a Result (plus, when asked, the files: result.json, plots, report.html, 
 from __future__ import annotations
 
 import datetime as _dt
+import os
 import shlex
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 import traceback
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -166,32 +168,50 @@ def compare(checkpoint: str | Path, implementations: Sequence[str | ImplChoice] 
     own_pool = pool is None and isolate
     pool = pool or (WorkerPool() if isolate else None)
     scratch = tempfile.TemporaryDirectory(prefix="bughunt-traces-")
+    def attempt(choice: ImplChoice, index: int) -> tuple[dict, Trace | None]:
+        impl_dtype = choice.dtype or ("fp64" if choice.name == "reference" else dtype)
+        in_process = not isolate or (choice.name == "reference" and choice.python is None)
+        entry = {"label": choice.label, "name": choice.name, "dtype": impl_dtype, "device": device, "python": choice.python,
+                 "isolation": "in-process" if in_process else "worker", "status": "ok", "error": None, "meta": {}}
+        trace = None
+        try:
+            if in_process:
+                trace = run_implementation(choice, checkpoint, spec, impl_dtype, device, tokens, branches, allow_pickle)
+            else:
+                stem = Path(scratch.name) / f"trace{index}"
+                job = {"checkpoint": str(checkpoint.resolve()), "name": choice.name, "choice_dtype": choice.dtype,
+                       "dtype": impl_dtype, "device": device, "tokens": tokens.tolist(), "branches": branches,
+                       "allow_pickle": allow_pickle, "label": choice.label, "out_stem": str(stem)}
+                pool.run(choice.name, choice.python, job, timeout)
+                trace = Trace.load(stem)
+            entry["meta"] = trace.meta
+        except BughuntError as e:
+            entry.update(status="failed", error=str(e))
+        except WorkerFailure as e:
+            entry.update(status="failed", error=str(e))
+            if getattr(e, "traceback", None):
+                entry["traceback"] = e.traceback
+        except Exception as e:  # a crash inside a library is a failure of that implementation, not of the run
+            entry.update(status="failed", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc(limit=8))
+        return entry, trace
+
     try:
-        for choice in choices:
-            impl_dtype = choice.dtype or ("fp64" if choice.name == "reference" else dtype)
-            in_process = not isolate or (choice.name == "reference" and choice.python is None)
-            entry = {"label": choice.label, "name": choice.name, "dtype": impl_dtype, "device": device, "python": choice.python,
-                     "isolation": "in-process" if in_process else "worker", "status": "ok", "error": None, "meta": {}}
-            try:
-                if in_process:
-                    trace = run_implementation(choice, checkpoint, spec, impl_dtype, device, tokens, branches, allow_pickle)
-                else:
-                    stem = Path(scratch.name) / f"trace{len(entries)}"
-                    job = {"checkpoint": str(checkpoint.resolve()), "name": choice.name, "choice_dtype": choice.dtype,
-                           "dtype": impl_dtype, "device": device, "tokens": tokens.tolist(), "branches": branches,
-                           "allow_pickle": allow_pickle, "label": choice.label, "out_stem": str(stem)}
-                    pool.run(choice.name, choice.python, job, timeout)
-                    trace = Trace.load(stem)
-                traces[choice.label] = trace
-                entry["meta"] = trace.meta
-            except BughuntError as e:
-                entry.update(status="failed", error=str(e))
-            except WorkerFailure as e:
-                entry.update(status="failed", error=str(e))
-                if getattr(e, "traceback", None):
-                    entry["traceback"] = e.traceback
-            except Exception as e:  # a crash inside a library is a failure of that implementation, not of the run
-                entry.update(status="failed", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc(limit=8))
+        # Jobs for one worker run in order; different workers (implementations, interpreters) run side by side.
+        groups: dict[tuple, list[tuple[int, ImplChoice]]] = {}
+        for i, choice in enumerate(choices):
+            groups.setdefault((choice.name, choice.python), []).append((i, choice))
+        results: dict[int, tuple[dict, Trace | None]] = {}
+
+        def run_group(items):
+            for i, choice in items:
+                results[i] = attempt(choice, i)
+
+        with ThreadPoolExecutor(max_workers=max(1, min(len(groups), os.cpu_count() or 1))) as executor:
+            list(executor.map(run_group, groups.values()))
+        for i in range(len(choices)):
+            entry, trace = results[i]
+            if trace is not None:
+                traces[entry["label"]] = trace
             entries.append(entry)
     finally:
         scratch.cleanup()

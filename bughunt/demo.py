@@ -10,9 +10,14 @@ from pathlib import Path
 
 from bughunt.cli import format_summary
 from bughunt.compare import compare
-from bughunt.implementations import REGISTRY, available
+from bughunt.implementations import REGISTRY, available, supports
 from bughunt.result import write_atomically
 from bughunt.tiny import TINY_FAMILIES, tiny_checkpoint
+
+
+# keras-hub's bf16 lines show only bf16 rounding on these models; fp32 is where its findings are. Keeps the demo
+# within a minute on 2 cores.
+DEMO_DTYPES = {"keras-jax": ("fp32",), "keras-torch": ("fp32",)}
 
 
 def run_demo(out: Path, families: list[str] | None = None) -> list:
@@ -24,7 +29,7 @@ def run_demo(out: Path, families: list[str] | None = None) -> list:
         rows = []
         for family in families or TINY_FAMILIES:
             checkpoint = tiny_checkpoint(family)
-            choices = [f"{name}:{dt}" for name in impls for dt in ("fp32", "bf16")]
+            choices = [f"{name}:{dt}" for name in impls if supports(name, family) for dt in DEMO_DTYPES.get(name, ("fp32", "bf16"))]
             result = compare(checkpoint, choices + ["reference"], reference="reference", out=tmp / family, pool=pool)
             results.append(result)
             print(format_summary(result), flush=True)

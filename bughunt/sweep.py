@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import itertools
+import tempfile
 import math
 import shlex
 from pathlib import Path
@@ -80,8 +81,18 @@ def sweep(checkpoint: str | Path, impl: str = "hf", reference: str | None = None
           toggles: Sequence[str] = (), mode: str = "one-at-a-time", side: str = "reference",
           candidate_toggles: dict | Sequence[str] | None = None, reference_toggles: dict | Sequence[str] | None = None,
           tokens=None, out: str | Path | None = None, floor_factor: float = DEFAULT_FLOOR_FACTOR,
-          max_exhaustive: int = MAX_EXHAUSTIVE, render: bool = True) -> Result:
-    """Run a toggle sweep; see the module docstring. `reference` defaults to the reference emulating `dtype`."""
+          max_exhaustive: int = MAX_EXHAUSTIVE, render: bool = True, isolate: bool = True, timeout: float | None = None) -> Result:
+    """Run a toggle sweep; see the module docstring. `reference` defaults to the reference emulating `dtype`.
+    Implementations other than the reference run in worker processes unless `isolate` is False."""
+    from bughunt.worker import WorkerPool
+
+    with WorkerPool() as pool, tempfile.TemporaryDirectory(prefix="bughunt-sweep-") as scratch:
+        return _sweep(checkpoint, impl, reference, dtype, device, toggles, mode, side, candidate_toggles, reference_toggles,
+                      tokens, out, floor_factor, max_exhaustive, render, pool if isolate else None, timeout, Path(scratch))
+
+
+def _sweep(checkpoint, impl, reference, dtype, device, toggles, mode, side, candidate_toggles, reference_toggles, tokens, out,
+           floor_factor, max_exhaustive, render, pool, timeout, scratch: Path) -> Result:
     checkpoint = Path(checkpoint)
     if mode not in MODES:
         raise BughuntError(f"unknown --mode '{mode}'. Use one of: {', '.join(MODES)}.")
@@ -111,7 +122,18 @@ def sweep(checkpoint: str | Path, impl: str = "hf", reference: str | None = None
         raise BughuntError(f"--mode {mode} needs a value for every toggle (NAME=VALUE); bare names are for --mode search.")
 
     def run(choice: ImplChoice, run_dtype: str, tg: dict[str, str]) -> Trace:
-        return run_implementation(choice, checkpoint, spec, run_dtype, device, tokens, toggles=tg)
+        if pool is None or (choice.name == "reference" and choice.python is None):
+            return run_implementation(choice, checkpoint, spec, run_dtype, device, tokens, toggles=tg)
+        from bughunt.worker import WorkerFailure
+
+        stem = scratch / f"trace{len(list(scratch.iterdir()))}"
+        job = {"checkpoint": str(checkpoint.resolve()), "name": choice.name, "choice_dtype": choice.dtype, "dtype": run_dtype,
+               "device": device, "tokens": tokens.tolist(), "branches": True, "label": choice.label, "out_stem": str(stem), "toggles": tg}
+        try:
+            pool.run(choice.name, choice.python, job, timeout)
+        except WorkerFailure as e:
+            raise BughuntError(f"{choice.label} failed during the sweep: {e}") from None
+        return Trace.load(stem)
 
     base = defaults(spec)
     fixed_trace = run(ref_choice, ref_dtype, ref_fixed) if side == "candidate" else run(cand_choice, cand_dtype, cand_fixed)

@@ -109,7 +109,7 @@ class WorkerPool:
         key = (name, python)
         worker = self.workers.get(key)
         if worker is None or not worker.alive():
-            env = REGISTRY[name][2] if len(REGISTRY[name]) > 2 else {}
+            env = REGISTRY[name][2]
             worker = self.workers[key] = Worker(name, python, env)
         answer = worker.call(job, timeout or self.timeout)
         if not answer.get("ok"):

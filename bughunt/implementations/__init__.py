@@ -13,10 +13,13 @@ from bughunt.errors import BughuntError
 DTYPES = ("fp64", "fp32", "bf16", "fp16")
 DEVICES = ("cpu", "cuda")
 
-# name -> (module:class, python modules that must be importable for it to be available)
-REGISTRY: dict[str, tuple[str, tuple[str, ...]]] = {
-    "reference": ("bughunt.implementations.reference:ReferenceRunner", ("numpy", "ml_dtypes")),
-    "hf": ("bughunt.implementations.hf:HFRunner", ("torch", "transformers")),
+# name -> (module:class, python modules that must be importable for it to be available, environment for its worker)
+REGISTRY: dict[str, tuple[str, tuple[str, ...], dict[str, str]]] = {
+    "reference": ("bughunt.implementations.reference:ReferenceRunner", ("numpy", "ml_dtypes"), {}),
+    "hf": ("bughunt.implementations.hf:HFRunner", ("torch", "transformers"), {}),
+    "deepmind": ("bughunt.implementations.deepmind:DeepMindRunner", ("jax", "flax", "gemma", "kauldron"), {}),
+    "keras-jax": ("bughunt.implementations.keras:KerasJaxRunner", ("keras", "keras_hub", "jax"), {"KERAS_BACKEND": "jax"}),
+    "keras-torch": ("bughunt.implementations.keras:KerasTorchRunner", ("keras", "keras_hub", "torch"), {"KERAS_BACKEND": "torch"}),
 }
 
 
@@ -60,3 +63,8 @@ def runner_class(name: str):
         raise BughuntError(f"implementation '{name}' needs {', '.join(missing)}, which is not installed. See the README's install section.")
     module, _, cls = REGISTRY[name][0].partition(":")
     return getattr(importlib.import_module(module), cls)
+
+
+def supports(name: str, family: str) -> bool:
+    """Whether an installed implementation runs this family (without loading its heavy library)."""
+    return available(name) and family in runner_class(name).families
