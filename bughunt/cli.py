@@ -84,6 +84,36 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def cmd_decode(args) -> int:
+    from bughunt.decode import decode_check
+
+    config = {}
+    for item in args.decode_config or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise BughuntError(f"--decode-config '{item}' must be KEY=VALUE, e.g. sliding_window=4095.")
+        try:
+            config[key] = int(value)
+        except ValueError:
+            try:
+                config[key] = float(value)
+            except ValueError:
+                config[key] = value
+    tokens = _tokens(args)
+    out = Path(args.out) if args.out else Path("reports") / f"{Path(args.checkpoint).resolve().name}-decode"
+    result = decode_check(args.checkpoint, impl=args.impl, reference=args.reference, dtype=args.dtype, device=args.device,
+                          tokens=tokens, prefill=args.prefill, decode_config=config, floor_factor=args.floor_factor, out=out)
+    d = result.data["decode"]
+    print(f"{d['candidate']}: {d['path']} decoding after a prefill of {d['prefill']}; first step departing from its own "
+          f"full pass: {d['self']['first_departing_step']}")
+    if "reference" in d:
+        print(f"  first step departing from {d['reference']['label']}: {d['reference']['first_departing_step']}")
+    for f in result.findings:
+        print(f"  {f['severity'].upper()}: {f['message']}")
+    print(f"wrote {out}/result.json, {out}/report.html")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from bughunt.demo import run_demo
 
@@ -177,6 +207,21 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--out")
     w.add_argument("--floor-factor", type=float, default=10.0)
     w.set_defaults(func=cmd_sweep)
+
+    k = sub.add_parser("decode", help="full forward pass vs incremental decoding (prefill, then one token at a time)")
+    k.add_argument("checkpoint")
+    k.add_argument("--impl", default="hf", metavar="NAME[:DTYPE][toggles]")
+    k.add_argument("--reference", default=None, help="also compare each decoding step against this implementation")
+    k.add_argument("--prefill", type=int, default=1, help="tokens processed in the first pass (default 1)")
+    k.add_argument("--decode-config", action="append", metavar="KEY=VALUE",
+                   help="config value changed for the one-token steps only (plants a decode-path bug)")
+    k.add_argument("--dtype", default="fp32", choices=DTYPES)
+    k.add_argument("--device", default="cpu", choices=DEVICES)
+    k.add_argument("--tokens")
+    k.add_argument("--tokens-file")
+    k.add_argument("--floor-factor", type=float, default=10.0)
+    k.add_argument("--out")
+    k.set_defaults(func=cmd_decode)
 
     d = sub.add_parser("demo", help="generate tiny checkpoints and compare every installed implementation on each")
     d.add_argument("--out", default="reports/demo")

@@ -105,6 +105,9 @@ def noise_floor(checkpoint: Path, spec: Spec, dtype: str, tokens: np.ndarray, fp
         ref_norm = float(np.linalg.norm(fp64.arrays[p]))
         rel = measured[p]["rel_l2"] or 0.0
         points[p] = {"rel_l2": rel, "l2": measured[p]["l2"] or 0.0, "floor_rel_l2": max(rel, u), "ref_norm": ref_norm}
+        per_pos = (measured[p].get("per_position") or {}).get("rel_l2")
+        if per_pos is not None:
+            points[p]["floor_rel_l2_per_position"] = [max(v or 0.0, u) for v in per_pos]
     return {"dtype": dtype, "unit_roundoff": u, "method": "reference emulating the family's rounding policy vs float64", "points": points}
 
 
@@ -120,6 +123,11 @@ def judge(points: list[dict], floor: dict, factor: float) -> tuple[list[dict], s
             p["floor_rel_l2"] = f["floor_rel_l2"]
             p["ratio_to_floor"] = rel / f["floor_rel_l2"]
             p["above_floor"] = bool(p.get("nonfinite")) or rel > factor * f["floor_rel_l2"]
+            per_floor, per_rel = f.get("floor_rel_l2_per_position"), (p.get("per_position") or {}).get("rel_l2")
+            if per_floor and per_rel and len(per_floor) >= len(per_rel):
+                per_floor = per_floor[len(per_floor) - len(per_rel):]  # suffix-aligned, as the metrics are
+                p["first_position_above_floor"] = next(
+                    (i for i, (v, fl) in enumerate(zip(per_rel, per_floor)) if v is None or v > factor * fl), None)
         if p["above_floor"] and first is None:
             first = p["point"]
     return points, first
@@ -176,12 +184,13 @@ def compare(checkpoint: str | Path, implementations: Sequence[str | ImplChoice] 
         trace = None
         try:
             if in_process:
-                trace = run_implementation(choice, checkpoint, spec, impl_dtype, device, tokens, branches, allow_pickle)
+                trace = run_implementation(choice, checkpoint, spec, impl_dtype, device, tokens, branches, allow_pickle,
+                                           toggles=choice.toggle_dict)
             else:
                 stem = Path(scratch.name) / f"trace{index}"
                 job = {"checkpoint": str(checkpoint.resolve()), "name": choice.name, "choice_dtype": choice.dtype,
                        "dtype": impl_dtype, "device": device, "tokens": tokens.tolist(), "branches": branches,
-                       "allow_pickle": allow_pickle, "label": choice.label, "out_stem": str(stem)}
+                       "allow_pickle": allow_pickle, "label": choice.label, "out_stem": str(stem), "toggles": choice.toggle_dict}
                 pool.run(choice.name, choice.python, job, timeout)
                 trace = Trace.load(stem)
             entry["meta"] = trace.meta

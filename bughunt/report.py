@@ -87,6 +87,27 @@ def position_figure(result: Result):
     return fig
 
 
+def heatmap_figure(result: Result, max_panels: int = 4):
+    """Layer x position heatmap of log10 L2 per position, one panel per implementation (the first few)."""
+    import numpy as np
+
+    plt = _plt()
+    comps = [c for c in result.comparisons if any("per_position" in p for p in c["points"])][:max_panels]
+    n = max(1, len(comps))
+    fig, axes = plt.subplots(n, 1, figsize=(9, 1.2 + 1.9 * n), dpi=110, squeeze=False)
+    for ax, c in zip(axes[:, 0], comps):
+        rows = [p for p in c["points"] if is_residual_point(p["point"]) and "per_position" in p]
+        grid = np.array([[v if v is not None else np.nan for v in p["per_position"]["log10_l2"]] for p in rows], dtype=float)
+        im = ax.imshow(grid, aspect="auto", interpolation="nearest", cmap="magma")
+        ax.set_yticks(range(len(rows)))
+        ax.set_yticklabels([_short(p["point"]) for p in rows], fontsize=7)
+        ax.set_title(f"{c['candidate']}: log10 L2 by capture point and position", fontsize=9)
+        fig.colorbar(im, ax=ax, fraction=0.03, pad=0.01)
+    axes[-1, 0].set_xlabel("position")
+    fig.tight_layout()
+    return fig
+
+
 def _encode(fig) -> tuple[bytes, str]:
     png, svg = io.BytesIO(), io.StringIO()
     fig.savefig(png, format="png")
@@ -104,7 +125,9 @@ def render(result: Result, out: Path) -> dict[str, Path]:
     (out / "layers.svg").write_text(svg)
     pos_png, _ = _encode(position_figure(result))
     (out / "positions.png").write_bytes(pos_png)
-    html = render_html(result, {"layers": png, "positions": pos_png})
+    heat_png, _ = _encode(heatmap_figure(result))
+    (out / "heatmap.png").write_bytes(heat_png)
+    html = render_html(result, {"layers": png, "positions": pos_png, "heatmap": heat_png})
     (out / "report.html").write_text(html)
     return {"png": out / "layers.png", "svg": out / "layers.svg", "html": out / "report.html"}
 

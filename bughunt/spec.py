@@ -36,7 +36,7 @@ _ACTIVATIONS = {
     "swish": "silu",
 }
 
-SUPPORTED_ROPE_TYPES = ("default", "linear")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3", "longrope")
 
 
 @dataclass(frozen=True)

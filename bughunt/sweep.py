@@ -181,6 +181,11 @@ def _sweep(checkpoint, impl, reference, dtype, device, toggles, mode, side, cand
         comparisons.append({"candidate": name, "reference": ref_label, "dtype": cand_dtype, "points": c["points"],
                             "first_above_floor": c["first_above_floor"], "summary": _summary(c["points"])})
     findings = []
+    if baseline["first_above_floor"]:
+        p = next(p for p in baseline["points"] if p["point"] == baseline["first_above_floor"])
+        ratio = f"{p['ratio_to_floor']:.1f}x the {cand_dtype} noise floor" if p.get("ratio_to_floor") is not None else "NaN/Inf"
+        findings.append({"severity": "warning", "kind": "divergence", "implementation": cand_label, "point": baseline["first_above_floor"],
+                         "message": f"{cand_label} departs from {ref_label} as is at {baseline['first_above_floor']} ({ratio})"})
     if search_info:
         findings.append({"severity": "info" if search_info["at_floor"] else "warning", "kind": "diagnosis",
                          "implementation": cand_label, "point": search_info["residual"]["first_above_floor"],
@@ -196,9 +201,11 @@ def _sweep(checkpoint, impl, reference, dtype, device, toggles, mode, side, cand
         "environment": environment(),
         "implementations": [
             {"label": cand_label, "name": cand_choice.name, "dtype": cand_dtype, "device": device, "status": "ok", "error": None,
-             "meta": fixed_trace.meta if side == "reference" else {}, "python": None},
+             "meta": fixed_trace.meta if side == "reference" else {}, "python": cand_choice.python,
+             "isolation": _isolation(cand_choice, pool)},
             {"label": ref_label, "name": ref_choice.name, "dtype": ref_dtype, "device": device, "status": "ok", "error": None,
-             "meta": fixed_trace.meta if side == "candidate" else {}, "python": None}],
+             "meta": fixed_trace.meta if side == "candidate" else {}, "python": ref_choice.python,
+             "isolation": _isolation(ref_choice, pool)}],
         "noise_floor": {cand_dtype: floor},
         "comparisons": comparisons,
         "findings": findings,
@@ -218,6 +225,10 @@ def _sweep(checkpoint, impl, reference, dtype, device, toggles, mode, side, cand
     if out is not None:
         save(result, Path(out), {}, render=render)
     return result
+
+
+def _isolation(choice: ImplChoice, pool) -> str:
+    return "in-process" if pool is None or (choice.name == "reference" and choice.python is None) else "worker"
 
 
 def _search(spec, items, support, evaluate, base: dict[str, str], max_exhaustive: int, who: str, side: str) -> dict:

@@ -101,6 +101,15 @@ TOGGLES: dict[str, Toggle] = {t.name: t for t in [
            suggestions=lambda s: tuple(dict.fromkeys([_fmt(s.rope["full"].theta), "10000.0", "500000.0", "1000000.0"]))),
     Toggle("rms_eps", "RMSNorm epsilon", "float", default=lambda s: _fmt(s.rms_eps),
            suggestions=lambda s: tuple(dict.fromkeys([_fmt(s.rms_eps), "1e-06", "1e-05"]))),
+    Toggle("rope_positions", "RoPE positions alone in the model dtype (bf16 rounds 257 to 256, 8191 to 8192) or kept exact",
+           "choice", ("fp32", "model"), default=lambda s: "fp32", suggestions=lambda s: ("fp32", "model")),
+    Toggle("longrope_switch", "the first input length that uses longrope's long factors: orig, orig+1 (length > "
+           "original_max_position_embeddings, Phi-3's code) or orig+2 (one token late)", "choice", ("orig", "orig+1", "orig+2"),
+           default=lambda s: "orig+1", suggestions=lambda s: ("orig", "orig+1", "orig+2"),
+           applies=lambda s: any(r.type == "longrope" for r in s.rope.values())),
+    Toggle("rope_theta_source", "RoPE theta read from the config, or a hard-coded 10000 (a port that ignores the field)",
+           "choice", ("config", "default"), default=lambda s: "config", suggestions=lambda s: ("config", "default"),
+           applies=lambda s: any(r.theta != 10000.0 for r in s.rope.values())),
 ]}
 
 
@@ -149,6 +158,8 @@ def apply_to_spec(spec: Spec, toggles: dict[str, str]) -> Spec:
             changes["rms_eps"] = float(value)
         elif name == "rope_theta":
             changes["rope"] = {k: dataclasses.replace(r, theta=float(value)) for k, r in spec.rope.items()}
+        elif name == "rope_theta_source" and value == "default":
+            changes["rope"] = {k: dataclasses.replace(r, theta=10000.0) for k, r in spec.rope.items()}
     return spec.replace(**changes) if changes else spec
 
 

@@ -34,11 +34,14 @@ class Policy:
     rope_pairing: str = "half"  # "half": (x[i], x[i+d/2]) rotate together (GPT-NeoX/HF layout); "interleaved": (x[2i], x[2i+1]) (RoFormer paper)
     norm_dtype: str | None = None  # "fp32": normalise and scale in fp32; "mixed": normalise in fp32, round, scale in model dtype (Llama HF); "model": all in model dtype; None: family default
     embed_scale_dtype: str = "model"  # "model": sqrt(hidden) rounded to the model dtype before the multiply (55.4256 -> 55.5 in bf16); "fp32": kept in fp32
+    rope_positions: str = "fp32"  # "model": positions alone rounded to the model dtype before the angle (bf16: 8191 -> 8192)
+    longrope_switch: str = "orig+1"  # the first input length that uses longrope's long factors: "orig", "orig+1" (Phi-3's code: length > original_max), "orig+2" (one token late)
 
     def __post_init__(self) -> None:
         for name, allowed in (("dtype", tuple(DTYPES)), ("gelu", GELU + (None,)), ("rope_dtype", ROPE_DTYPE),
                               ("rope_pairing", ROPE_PAIRING), ("norm_dtype", NORM_DTYPE + (None,)),
-                              ("embed_scale_dtype", EMBED_SCALE_DTYPE)):
+                              ("embed_scale_dtype", EMBED_SCALE_DTYPE), ("rope_positions", ("fp32", "model")),
+                              ("longrope_switch", ("orig", "orig+1", "orig+2"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"Policy.{name}={getattr(self, name)!r}; allowed: {allowed}")
 
@@ -99,24 +102,98 @@ class Numerics:
             raise ValueError(f"unknown activation {kind}")
         return self.r(y)
 
-    def rope_cos_sin(self, positions: np.ndarray, theta: float, rot_dim: int, factor: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
-        """cos/sin tables [seq, rot_dim] (Su et al. 2021): inv_freq_j = theta^(-2j/d), angle = pos * inv_freq, computed
-        in fp32 and rounded to the model dtype at the end. Linear scaling (position interpolation) divides inv_freq by
-        `factor`. rope_dtype="model" rounds inv_freq and the positions to the model dtype first (what happens when the
-        inv_freq buffer is cast by model.to(bf16) and positions are made in bf16: 8191 -> 8192)."""
+    def rope_inv_freq(self, rope, rot_dim: int, seq_len: int, max_pos: int, original_max: int | None) -> tuple[np.ndarray, float]:
+        """Inverse frequencies [rot_dim/2] and the attention factor that multiplies cos and sin, per RoPE scaling type:
+        - default (Su et al. 2021): theta^(-2i/d);
+        - linear, position interpolation (Chen et al. 2023): divided by factor;
+        - dynamic NTK (bloc97 2023; as configs use it, the trained length is max_position_embeddings): the base grows
+          to theta * (factor * L / L_train - (factor - 1))^(d / (d - 2)) once the input length L exceeds L_train;
+        - yarn (Peng et al. 2023): per-dimension blend of interpolation (1/factor) and extrapolation, ramped between
+          the dimensions that rotate beta_fast and beta_slow times over the original length; attention factor
+          0.1 ln(factor) + 1 unless the config gives one;
+        - llama3 (Llama 3.1 release): wavelengths longer than L_orig / low_freq_factor divided by factor, shorter than
+          L_orig / high_freq_factor kept, a smooth blend in between;
+        - longrope (Phi-3 report, LongRoPE, Ding et al. 2024): per-dimension rescale factors, short_factor until the
+          input length exceeds original_max_position_embeddings, long_factor from then on; attention factor
+          sqrt(1 + ln(max_pos / L_orig) / ln(L_orig))."""
         r32 = self.r32
-        inv_freq = r32(1.0 / r32(theta ** r32(np.arange(0, rot_dim, 2, dtype=np.float64) / rot_dim)))
-        if factor != 1.0:
-            inv_freq = r32(inv_freq / factor)
+        theta, kind, extra = rope.theta, rope.type, rope.extra
+        exponent = r32(np.arange(0, rot_dim, 2, dtype=np.float64) / rot_dim)
+        orig = int(extra.get("original_max_position_embeddings") or original_max or max_pos)
+        if kind == "dynamic":
+            length = max(seq_len, max_pos)
+            theta = theta * ((rope.factor * length / max_pos) - (rope.factor - 1)) ** (rot_dim / (rot_dim - 2))
+        inv = r32(1.0 / r32(theta ** exponent))
+        attention = 1.0
+        if kind == "linear":
+            inv = r32(inv / rope.factor)
+        elif kind == "yarn":
+            factor = rope.factor
+            beta_fast, beta_slow = extra.get("beta_fast") or 32, extra.get("beta_slow") or 1
+
+            def dim_of(rotations):  # the dimension that rotates `rotations` times over the original length
+                return rot_dim * math.log(orig / (rotations * 2 * math.pi)) / (2 * math.log(rope.theta))
+
+            low, high = dim_of(beta_fast), dim_of(beta_slow)
+            if extra.get("truncate", True):
+                low, high = math.floor(low), math.ceil(high)
+            low, high = max(low, 0), min(high, rot_dim - 1)
+            if low == high:
+                high += 0.001
+            ramp = np.clip((np.arange(rot_dim // 2, dtype=np.float64) - low) / (high - low), 0, 1)
+            extrapolate = 1 - ramp
+            inv = r32(r32(inv / factor) * (1 - extrapolate) + inv * extrapolate)
+            if extra.get("attention_factor") is not None:
+                attention = float(extra["attention_factor"])
+            else:
+                mscale = lambda sc, m=1.0: 1.0 if sc <= 1 else 0.1 * m * math.log(sc) + 1.0  # noqa: E731
+                if extra.get("mscale") and extra.get("mscale_all_dim"):
+                    attention = mscale(factor, extra["mscale"]) / mscale(factor, extra["mscale_all_dim"])
+                else:
+                    attention = mscale(factor)
+        elif kind == "llama3":
+            low_ff, high_ff = extra.get("low_freq_factor", 1.0), extra.get("high_freq_factor", 4.0)
+            wavelen = 2 * math.pi / inv
+            scaled = np.where(wavelen > orig / low_ff, inv / rope.factor, inv)
+            smooth = (orig / wavelen - low_ff) / (high_ff - low_ff)
+            blended = (1 - smooth) * scaled / rope.factor + smooth * scaled
+            medium = ~(wavelen < orig / high_ff) & ~(wavelen > orig / low_ff)
+            inv = r32(np.where(medium, blended, scaled))
+        elif kind == "longrope":
+            first_long = orig + {"orig": 0, "orig+1": 1, "orig+2": 2}[self.policy.longrope_switch]
+            long = seq_len >= first_long
+            ext = np.asarray(extra["long_factor"] if long else extra["short_factor"], dtype=np.float64)
+            inv = r32(1.0 / r32(ext * r32(theta ** exponent)))
+            factor = extra.get("factor") or max_pos / orig
+            attention = float(extra["attention_factor"]) if extra.get("attention_factor") is not None else \
+                (1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(orig)))
+        elif kind not in ("default", "dynamic"):
+            raise NotImplementedError(f"rope_type {kind}")
+        return inv, attention
+
+    def rope_cos_sin(self, positions: np.ndarray, rope, rot_dim: int, spec) -> tuple[np.ndarray, np.ndarray]:
+        """cos/sin tables [seq, rot_dim]: angle = pos * inv_freq, computed in fp32, scaled by the attention factor,
+        rounded to the model dtype at the end. rope_dtype="model" rounds inv_freq and the positions to the model
+        dtype first (what happens when the inv_freq buffer is cast by model.to(bf16) and positions are made in
+        bf16: 8191 -> 8192); rope_positions="model" rounds only the positions."""
+        r32 = self.r32
+        seq_len = int(positions.max()) + 1
+        inv_freq, attention = self.rope_inv_freq(rope, rot_dim, seq_len, spec.max_position_embeddings,
+                                                 spec.original_max_position_embeddings)
         pos = positions.astype(np.float64)
         if self.policy.rope_dtype == "model":
             inv_freq, pos = self.r(inv_freq), self.r(pos)
+        if self.policy.rope_positions == "model":
+            pos = self.r(pos)
         angles = r32(pos[:, None] * inv_freq[None, :])
         if self.policy.rope_pairing == "half":
             angles = np.concatenate([angles, angles], axis=-1)
         else:
             angles = np.repeat(angles, 2, axis=-1)
-        return self.r(r32(np.cos(angles))), self.r(r32(np.sin(angles)))
+        cos, sin = r32(np.cos(angles)), r32(np.sin(angles))
+        if attention != 1.0:
+            cos, sin = r32(cos * attention), r32(sin * attention)
+        return self.r(cos), self.r(sin)
 
     def apply_rope(self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
         """Rotate the first cos.shape[-1] features of x [batch, heads, seq, head_dim]; the rest pass through."""

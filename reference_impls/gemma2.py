@@ -27,7 +27,7 @@ def forward(weights: dict, spec, tokens: np.ndarray, policy: Policy) -> dict[str
 
     rope = spec.rope["full"]
     rot = int(hd * rope.partial_rotary_factor)
-    cos, sin = n.rope_cos_sin(np.arange(s), rope.theta, rot, rope.factor)
+    cos, sin = n.rope_cos_sin(np.arange(s), rope, rot, spec)
 
     for i in range(spec.num_layers):
         p = f"model.layers.{i}."

@@ -26,7 +26,7 @@ def forward(weights: dict, spec, tokens: np.ndarray, policy: Policy) -> dict[str
 
     tables = {}
     for kind, rope in spec.rope.items():  # one RoPE table per layer type: local and global bases differ
-        tables[kind] = n.rope_cos_sin(np.arange(s), rope.theta, int(hd * rope.partial_rotary_factor), rope.factor)
+        tables[kind] = n.rope_cos_sin(np.arange(s), rope, int(hd * rope.partial_rotary_factor), spec)
 
     for i in range(spec.num_layers):
         p = f"model.layers.{i}."

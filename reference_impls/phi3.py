@@ -24,7 +24,7 @@ def forward(weights: dict, spec, tokens: np.ndarray, policy: Policy) -> dict[str
     out["embed"] = x
 
     rope = spec.rope["full"]
-    cos, sin = n.rope_cos_sin(np.arange(s), rope.theta, int(hd * rope.partial_rotary_factor), rope.factor)
+    cos, sin = n.rope_cos_sin(np.arange(s), rope, int(hd * rope.partial_rotary_factor), spec)
 
     for i in range(spec.num_layers):
         p = f"model.layers.{i}."

@@ -18,7 +18,8 @@ from bughunt.sweep import sweep
 from bughunt.tiny import TINY_FAMILIES
 from bughunt.toggles import TOGGLES, defaults
 
-DTYPE_TOGGLES = ("rope_dtype", "norm_dtype", "embed_scale_dtype")  # only matter below fp32
+DTYPE_TOGGLES = ("rope_dtype", "norm_dtype", "embed_scale_dtype", "rope_positions")  # only matter below fp32
+LONG = ("rope_positions",)  # only matter past position 256, where bf16 stops representing every integer
 
 
 def other_value(name, spec):
@@ -36,6 +37,10 @@ def other_value(name, spec):
         return "1000.0"
     if name == "rms_eps":
         return "1e-05"
+    if name == "rope_positions":
+        return "model"
+    if name == "rope_theta_source":
+        return "default"
     raise AssertionError(name)
 
 
@@ -61,12 +66,14 @@ def test_every_toggle_moves_the_trace_well_above_the_fp32_noise_floor(family, na
     spec = load_spec(tiny[family])
     value = other_value(name, spec)
     dtype = "bf16" if name in DTYPE_TOGGLES else "fp32"
+    ids = np.random.default_rng(0).integers(3, 256, size=(1, 300)) if name in LONG else tokens
     with ReferenceRunner(tiny[family], spec, dtype) as r:
-        base = r.run(tokens)
+        base = r.run(ids)
     with ReferenceRunner(tiny[family], spec, dtype, toggles={name: value}) as r:
-        moved = r.run(tokens)
+        moved = r.run(ids)
     points = compare_traces(moved, base)
-    ratio = max(p["rel_l2"] / floors[family]["points"][p["point"]]["floor_rel_l2"] for p in points)
+    floor = floors[family]["points"] if name not in LONG else {p: {"floor_rel_l2": 2.0**-24} for p in base.arrays}
+    ratio = max(p["rel_l2"] / floor[p["point"]]["floor_rel_l2"] for p in points)
     assert ratio > 10, f"{family} {name}={value} moves the trace only {ratio:.1f}x the fp32 floor"
 
 
@@ -76,7 +83,7 @@ HF_CASES = [
     ("llama", "fp32", {"rms_eps": "1e-5"}), ("llama", "fp32", {"rope_theta": "10000"}), ("gemma3", "fp32", {"rope_theta": "10000"}),
     ("qwen2", "fp32", {"rope_pairing": "interleaved"}), ("phi3", "fp32", {"rope_pairing": "interleaved"}),
     ("gemma", "fp32", {"bos": "off"}), ("gemma2", "fp32", {"final_softcap": "off", "gelu": "exact"}),
-    ("qwen3", "fp32", {"query_scale": "0.1"}),
+    ("qwen3", "fp32", {"query_scale": "0.1"}), ("llama", "fp32", {"rope_theta_source": "default"}),
     ("gemma", "bf16", {"embed_scale_dtype": "fp32"}), ("llama", "bf16", {"rope_dtype": "model"}), ("gemma2", "bf16", {"rope_dtype": "model"}),
 ]
 

@@ -39,15 +39,29 @@ class ImplChoice:
             s += "[" + ",".join(f"{k}={v}" for k, v in self.toggles) + "]"
         return s + (f"@{self.python}" if self.python else "")
 
+    @property
+    def toggle_dict(self) -> dict[str, str]:
+        return dict(self.toggles)
+
     @classmethod
     def parse(cls, text: str) -> "ImplChoice":
+        import re
+
         rest, _, python = text.partition("@")
-        name, _, dtype = rest.partition(":")
+        m = re.fullmatch(r"([A-Za-z0-9_-]+)(?::([A-Za-z0-9]+))?(?:\[([^\]]*)\])?", rest.strip())
+        if not m:
+            raise BughuntError(f"cannot read implementation '{text}'. Write NAME[:DTYPE][toggle=value,...][@PYTHON], e.g. hf:bf16[gelu=exact].")
+        name, dtype, toggles = m.group(1), m.group(2) or "", m.group(3)
+        pairs: tuple[tuple[str, str], ...] = ()
+        if toggles:
+            from bughunt.toggles import parse_toggles
+
+            pairs = tuple(parse_toggles([t.strip() for t in toggles.split(",") if t.strip()]).items())
         if name not in REGISTRY:
             raise BughuntError(f"unknown implementation '{name}' in '{text}'. Known: {', '.join(sorted(REGISTRY))}.")
         if dtype and dtype not in DTYPES:
             raise BughuntError(f"unknown dtype '{dtype}' in '{text}'. Use one of: {', '.join(DTYPES)}.")
-        return cls(name=name, dtype=dtype or None, python=python or None)
+        return cls(name=name, dtype=dtype or None, python=python or None, toggles=pairs)
 
 
 def available(name: str) -> bool:

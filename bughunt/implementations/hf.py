@@ -33,6 +33,11 @@ class HFRunner(Runner):
         "query_scale": None,  # each attention module's `scaling` attribute
         "rope_theta": None,  # config.rope_parameters[...]["rope_theta"]
         "rms_eps": None,  # config.rms_norm_eps
+        "rope_positions": None,  # wrap rotary_emb.forward: round the positions to the model dtype
+        "rope_theta_source": None,  # config.rope_parameters[...]["rope_theta"] = 10000
+        "longrope_switch": "transformers decides inside its longrope_frequency_update (length > original_max); moving "
+                           "the switch would mean editing that function, and changing original_max also changes the "
+                           "attention factor",
         "norm_dtype": "transformers' RMSNorm forward hard-codes its upcast (x.float()); changing where it rounds would mean "
                       "re-implementing the norm, which runners never do",
     }
@@ -86,11 +91,12 @@ class HFRunner(Runner):
             out["final_logit_softcapping"] = None if t["final_softcap"] == "off" else float(t["final_softcap"])
         if "rms_eps" in t:
             out["rms_norm_eps"] = float(t["rms_eps"])
-        if "rope_theta" in t:
+        theta = t.get("rope_theta") or ("10000.0" if t.get("rope_theta_source") == "default" else None)
+        if theta is not None:
             rp = copy.deepcopy(getattr(config, "rope_parameters", None) or {})
             nested = [v for v in rp.values() if isinstance(v, dict)]
             for d in nested or [rp]:
-                d["rope_theta"] = float(t["rope_theta"])
+                d["rope_theta"] = float(theta)
             out["rope_parameters"] = rp
         return out
 
@@ -116,12 +122,13 @@ class HFRunner(Runner):
                 old = layer.self_attn.scaling
                 layer.self_attn.scaling = _num(t["query_scale"])
                 self._undo.append(lambda m=layer.self_attn, o=old: setattr(m, "scaling", o))
-        if t.get("rope_dtype") == "model":
+        if t.get("rope_dtype") == "model" or t.get("rope_positions") == "model":
             rotary = base.rotary_emb
             original = rotary.forward
+            round_freqs = t.get("rope_dtype") == "model"
 
             def rope_in_model_dtype(x, position_ids, *args, **kwargs):
-                names = [n for n, _ in rotary.named_buffers() if n.endswith("inv_freq") and "original" not in n]
+                names = [n for n, _ in rotary.named_buffers() if n.endswith("inv_freq") and "original" not in n] if round_freqs else []
                 saved = {n: getattr(rotary, n) for n in names}
                 try:
                     for n in names:
@@ -206,6 +213,29 @@ class HFRunner(Runner):
                 h.remove()
         return {k: v.to(torch.float32).cpu().numpy() if v.dtype != torch.float64 else v.cpu().numpy()
                 for k, v in captured.items()}
+
+    def incremental_logits(self, tokens: np.ndarray, prefill: int, decode_config: dict | None = None) -> np.ndarray:
+        """Logits [batch, seq, vocab] from the KV-cache path: prefill tokens[:, :prefill] in one pass, then one token at
+        a time. `decode_config` changes config values for the one-token steps only (a decode-path bug, e.g. a sliding
+        window off by one that only the decoding mask uses); it is restored afterwards."""
+        import torch
+
+        ids = torch.from_numpy(np.asarray(tokens, dtype=np.int64)).to(self.device)
+        saved = {k: getattr(self.model.config, k) for k in (decode_config or {})}
+        try:
+            with torch.no_grad():
+                out = self.model(input_ids=ids[:, :prefill], use_cache=True)
+                cache, logits = out.past_key_values, [out.logits.float()]
+                for key, value in (decode_config or {}).items():
+                    setattr(self.model.config, key, value)
+                for t in range(prefill, ids.shape[1]):
+                    out = self.model(input_ids=ids[:, t:t + 1], past_key_values=cache, use_cache=True)
+                    cache = out.past_key_values
+                    logits.append(out.logits.float())
+        finally:
+            for key, value in saved.items():
+                setattr(self.model.config, key, value)
+        return torch.cat(logits, dim=1).cpu().numpy()
 
     def forward_plain(self, tokens: np.ndarray) -> np.ndarray:
         """A forward pass with no hooks at all (for the capture-overhead benchmark and the hook tests)."""

@@ -16,7 +16,8 @@ class ReferenceRunner(Runner):
     dtypes = ("fp64", "fp32", "bf16", "fp16")
     devices = ("cpu", "cuda")  # numpy runs on the host whatever the device asked; the trace says so
     toggle_support = {name: None for name in ("gelu", "rope_dtype", "rope_pairing", "norm_dtype", "embed_scale_dtype", "bos",
-                                              "sliding_window", "attn_softcap", "final_softcap", "query_scale", "rope_theta", "rms_eps")}
+                                              "sliding_window", "attn_softcap", "final_softcap", "query_scale", "rope_theta", "rms_eps",
+                                              "rope_positions", "longrope_switch", "rope_theta_source")}
 
     def __init__(self, *args, policy=None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -24,7 +25,8 @@ class ReferenceRunner(Runner):
 
         from bughunt.toggles import apply_to_spec
 
-        policy_fields = {k: v for k, v in self.toggles.items() if k in ("gelu", "rope_dtype", "rope_pairing", "norm_dtype", "embed_scale_dtype")}
+        policy_fields = {k: v for k, v in self.toggles.items() if k in ("gelu", "rope_dtype", "rope_pairing", "norm_dtype", "embed_scale_dtype",
+                                                                             "rope_positions", "longrope_switch")}
         self.policy = Policy(**{**(policy or Policy()).__dict__, **policy_fields, "dtype": self.dtype})
         self.spec = apply_to_spec(self.spec, self.toggles)
         from bughunt.spec import SUPPORTED_ROPE_TYPES

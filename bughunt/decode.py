@@ -1,0 +1,119 @@
+"""The `decode` experiment: does incremental decoding (prefill, then one token at a time through the KV cache)
+give the logits a full forward pass gives? And does it agree, step by step, with a reference decoding the same
+tokens? Reports the first step that departs. Implementations without a KV cache path decode by recomputing each
+prefix (exactly what a cache must reproduce)."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import shlex
+from pathlib import Path
+
+import numpy as np
+
+from bughunt.checkpoint import validate_weights
+from bughunt.compare import DEFAULT_FLOOR_FACTOR, default_tokens, noise_floor, run_implementation, save
+from bughunt.errors import BughuntError
+from bughunt.implementations import ImplChoice, runner_class
+from bughunt.metrics import UNIT_ROUNDOFF
+from bughunt.result import SCHEMA_VERSION, Result, environment
+from bughunt.spec import load_spec
+
+
+def _rel_per_step(a: np.ndarray, b: np.ndarray) -> list[float]:
+    d = (a.astype(np.float64) - b.astype(np.float64))[0]
+    ref = b.astype(np.float64)[0]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return [float(v) for v in np.linalg.norm(d, axis=-1) / np.linalg.norm(ref, axis=-1)]
+
+
+def incremental(choice: ImplChoice, checkpoint: Path, spec, dtype: str, device: str, tokens: np.ndarray, prefill: int,
+                decode_config: dict | None) -> tuple[np.ndarray, np.ndarray, str]:
+    """(full-pass logits, incremental logits, how the incremental path was taken)."""
+    cls = runner_class(choice.name)
+    with cls(checkpoint, spec, dtype, device, branches=False, label=choice.label, toggles=choice.toggle_dict) as runner:
+        full = runner.run(tokens).arrays["logits"]
+        if hasattr(runner, "incremental_logits"):
+            return full, runner.incremental_logits(tokens, prefill, decode_config), "kv-cache"
+        if decode_config:
+            raise BughuntError(f"{choice.label} has no KV-cache path, so a decode-only config change means nothing for it.")
+        rows = [runner.run(tokens[:, :prefill]).arrays["logits"]]
+        rows += [runner.run(tokens[:, :t + 1]).arrays["logits"][:, -1:] for t in range(prefill, tokens.shape[1])]
+        return full, np.concatenate(rows, axis=1), "prefix recomputation"
+
+
+def decode_check(checkpoint: str | Path, impl: str = "hf", reference: str | None = None, dtype: str = "fp32", device: str = "cpu",
+                 tokens=None, prefill: int = 1, decode_config: dict | None = None, floor_factor: float = DEFAULT_FLOOR_FACTOR,
+                 out: str | Path | None = None) -> Result:
+    checkpoint = Path(checkpoint)
+    spec = load_spec(checkpoint)
+    validate_weights(checkpoint, spec)
+    tokens = default_tokens(spec, 32) if tokens is None else np.atleast_2d(np.asarray(tokens, dtype=np.int64))
+    if tokens.shape[0] != 1:
+        raise BughuntError("decode checks one sequence at a time: give a single row of tokens.")
+    if not 1 <= prefill < tokens.shape[1]:
+        raise BughuntError(f"--prefill must be between 1 and {tokens.shape[1] - 1} (the number of tokens minus one).")
+    cand = ImplChoice.parse(impl)
+    cand_dtype = cand.dtype or dtype
+    full, inc, how = incremental(cand, checkpoint, spec, cand_dtype, device, tokens, prefill, decode_config)
+    floor = noise_floor(checkpoint, spec, cand_dtype, tokens)["points"]["logits"]
+    per_pos_floor = floor.get("floor_rel_l2_per_position") or [floor["floor_rel_l2"]] * tokens.shape[1]
+    u = UNIT_ROUNDOFF[cand_dtype]
+
+    def judge(rel: list[float]) -> int | None:
+        return next((t for t in range(prefill, len(rel)) if not rel[t] <= floor_factor * max(per_pos_floor[t], u)), None)
+
+    self_rel = _rel_per_step(inc, full)
+    data_decode = {"candidate": cand.label, "prefill": prefill, "path": how, "decode_config": decode_config or {},
+                   "steps": list(range(tokens.shape[1])), "self": {"rel_l2": self_rel, "first_departing_step": judge(self_rel)}}
+    findings = []
+    if data_decode["self"]["first_departing_step"] is not None:
+        t = data_decode["self"]["first_departing_step"]
+        findings.append({"severity": "warning", "kind": "decode", "implementation": cand.label, "point": "logits",
+                         "message": f"{cand.label}: incremental decoding departs from its own full forward pass at step {t} "
+                                    f"(position {t}; relative L2 {self_rel[t]:.2e})"})
+    if reference:
+        ref = ImplChoice.parse(reference)
+        _, ref_inc, ref_how = incremental(ref, checkpoint, spec, ref.dtype or cand_dtype, device, tokens, prefill, None)
+        cross = _rel_per_step(inc, ref_inc)
+        data_decode["reference"] = {"label": ref.label, "path": ref_how, "rel_l2": cross, "first_departing_step": judge(cross)}
+        t = data_decode["reference"]["first_departing_step"]
+        if t is not None:
+            findings.append({"severity": "warning", "kind": "decode", "implementation": cand.label, "point": "logits",
+                             "message": f"{cand.label}: decoding departs from {ref.label} at step {t} (relative L2 {cross[t]:.2e})"})
+    data = {
+        "schema": "bughunt.result", "schema_version": SCHEMA_VERSION, "kind": "decode",
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": shlex.join(["bughunt", "decode", str(checkpoint), "--impl", cand.label, "--dtype", dtype, "--prefill", str(prefill)]
+                              + (["--reference", reference] if reference else [])
+                              + [a for k, v in (decode_config or {}).items() for a in ("--decode-config", f"{k}={v}")]
+                              + ["--tokens", ",".join(str(int(t)) for t in tokens[0])]),
+        "checkpoint": {"path": str(checkpoint), "spec": spec.to_dict()},
+        "inputs": {"tokens": tokens.tolist()},
+        "settings": {"dtype": dtype, "device": device, "reference": reference or cand.label, "floor_factor": floor_factor},
+        "environment": environment(),
+        "implementations": [{"label": cand.label, "name": cand.name, "dtype": cand_dtype, "device": device, "status": "ok",
+                             "error": None, "meta": {}}],
+        "noise_floor": {}, "comparisons": [], "findings": findings, "decode": data_decode,
+    }
+    result = Result(data)
+    if out is not None:
+        data["extra_sections"] = [{"title": "Decode consistency", "html": _section(data_decode, floor_factor)}]
+        save(result, Path(out), {}, render=True)
+    return result
+
+
+def _section(d: dict, factor: float) -> str:
+    import html
+
+    rows = []
+    for t in d["steps"][d["prefill"]:]:
+        cross = d.get("reference", {}).get("rel_l2")
+        rows.append(f"<tr><td>{t}</td><td>{d['self']['rel_l2'][t]:.2e}</td>" + (f"<td>{cross[t]:.2e}</td>" if cross else "") + "</tr>")
+    ref = d.get("reference")
+    head = "<th>step</th><th>incremental vs own full pass (rel L2)</th>" + (f"<th>vs {html.escape(ref['label'])} ({ref['path']})</th>" if ref else "")
+    return (f"<p>{html.escape(d['candidate'])} decodes through its {d['path']} path after a prefill of {d['prefill']} tokens"
+            f"{' with decode-only config ' + html.escape(str(d['decode_config'])) if d['decode_config'] else ''}. "
+            f"First departing step: own full pass <b>{d['self']['first_departing_step']}</b>"
+            + (f", reference <b>{ref['first_departing_step']}</b>" if ref else "") + f" (above {factor:g}x the logits floor).</p>"
+            f"<table><tr>{head}</tr>{''.join(rows)}</table>")
