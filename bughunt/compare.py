@@ -88,6 +88,21 @@ def run_implementation(choice: ImplChoice, checkpoint: Path, spec: Spec, dtype: 
         return runner.run(tokens)
 
 
+def run_choice(choice: ImplChoice, checkpoint: Path, spec: Spec, dtype: str, device: str, tokens: np.ndarray, pool=None,
+               stem: Path | None = None, branches: bool = True, allow_pickle: bool = False, timeout: float | None = None,
+               toggles: dict | None = None) -> Trace:
+    """Run one implementation: in this process when `pool` is None or it is the plain in-process reference, otherwise
+    as a job for its worker (the trace comes back through the file `stem`)."""
+    toggles = {**choice.toggle_dict, **(toggles or {})}
+    if pool is None or (choice.name == "reference" and choice.python is None):
+        return run_implementation(choice, checkpoint, spec, dtype, device, tokens, branches, allow_pickle, toggles=toggles)
+    job = {"checkpoint": str(Path(checkpoint).resolve()), "name": choice.name, "choice_dtype": choice.dtype, "dtype": dtype,
+           "device": device, "tokens": np.asarray(tokens).tolist(), "branches": branches, "allow_pickle": allow_pickle,
+           "label": choice.label, "out_stem": str(stem), "toggles": toggles}
+    pool.run(choice.name, choice.python, job, timeout)
+    return Trace.load(stem)
+
+
 def noise_floor(checkpoint: Path, spec: Spec, dtype: str, tokens: np.ndarray, fp64: Trace | None = None,
                 allow_pickle: bool = False) -> dict:
     """The divergence a correct implementation at `dtype` shows against float64: the reference emulating the
@@ -183,16 +198,8 @@ def compare(checkpoint: str | Path, implementations: Sequence[str | ImplChoice] 
                  "isolation": "in-process" if in_process else "worker", "status": "ok", "error": None, "meta": {}}
         trace = None
         try:
-            if in_process:
-                trace = run_implementation(choice, checkpoint, spec, impl_dtype, device, tokens, branches, allow_pickle,
-                                           toggles=choice.toggle_dict)
-            else:
-                stem = Path(scratch.name) / f"trace{index}"
-                job = {"checkpoint": str(checkpoint.resolve()), "name": choice.name, "choice_dtype": choice.dtype,
-                       "dtype": impl_dtype, "device": device, "tokens": tokens.tolist(), "branches": branches,
-                       "allow_pickle": allow_pickle, "label": choice.label, "out_stem": str(stem), "toggles": choice.toggle_dict}
-                pool.run(choice.name, choice.python, job, timeout)
-                trace = Trace.load(stem)
+            trace = run_choice(choice, checkpoint, spec, impl_dtype, device, tokens, None if in_process else pool,
+                               Path(scratch.name) / f"trace{index}", branches, allow_pickle, timeout)
             entry["meta"] = trace.meta
         except BughuntError as e:
             entry.update(status="failed", error=str(e))

@@ -19,7 +19,7 @@ from typing import Sequence
 import numpy as np
 
 from bughunt.checkpoint import validate_weights
-from bughunt.compare import DEFAULT_FLOOR_FACTOR, default_tokens, judge, noise_floor, run_implementation, save, _summary
+from bughunt.compare import DEFAULT_FLOOR_FACTOR, _summary, default_tokens, judge, noise_floor, run_choice, save
 from bughunt.errors import BughuntError
 from bughunt.implementations import DEVICES, DTYPES, ImplChoice, runner_class
 from bughunt.metrics import compare_traces
@@ -122,18 +122,13 @@ def _sweep(checkpoint, impl, reference, dtype, device, toggles, mode, side, cand
         raise BughuntError(f"--mode {mode} needs a value for every toggle (NAME=VALUE); bare names are for --mode search.")
 
     def run(choice: ImplChoice, run_dtype: str, tg: dict[str, str]) -> Trace:
-        if pool is None or (choice.name == "reference" and choice.python is None):
-            return run_implementation(choice, checkpoint, spec, run_dtype, device, tokens, toggles=tg)
         from bughunt.worker import WorkerFailure
 
-        stem = scratch / f"trace{len(list(scratch.iterdir()))}"
-        job = {"checkpoint": str(checkpoint.resolve()), "name": choice.name, "choice_dtype": choice.dtype, "dtype": run_dtype,
-               "device": device, "tokens": tokens.tolist(), "branches": True, "label": choice.label, "out_stem": str(stem), "toggles": tg}
         try:
-            pool.run(choice.name, choice.python, job, timeout)
+            return run_choice(choice, checkpoint, spec, run_dtype, device, tokens, pool,
+                              scratch / f"trace{len(list(scratch.iterdir()))}", timeout=timeout, toggles=tg)
         except WorkerFailure as e:
             raise BughuntError(f"{choice.label} failed during the sweep: {e}") from None
-        return Trace.load(stem)
 
     base = defaults(spec)
     fixed_trace = run(ref_choice, ref_dtype, ref_fixed) if side == "candidate" else run(cand_choice, cand_dtype, cand_fixed)
