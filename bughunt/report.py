@@ -61,7 +61,8 @@ def layer_figure(result: Result, title: str | None = None):
     ax.set_ylabel(f"log10 L2 of difference to {result.data['settings']['reference']}")
     ax.set_title(title or f"{result.data['checkpoint']['spec']['family']}: per-layer divergence")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     return fig
 

@@ -73,7 +73,8 @@ class Numerics:
     # -- building blocks --------------------------------------------------------------------
     def linear(self, x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None) -> np.ndarray:
         """y = x W^T (+ b): products accumulate at high precision, the output is rounded once (as a fused GEMM does)."""
-        return self.r(x @ w.T if b is None else x @ w.T + b)
+        with np.errstate(invalid="ignore", over="ignore"):  # inf from an emulated overflow propagates as it would
+            return self.r(x @ w.T if b is None else x @ w.T + b)
 
     def rms_norm(self, x: np.ndarray, w: np.ndarray, eps: float, form: str, norm_dtype: str) -> np.ndarray:
         """RMSNorm (Zhang & Sennrich 2019): x / sqrt(mean(x^2) + eps) * scale, scale = w or (1 + w) (Gemma)."""
