@@ -117,20 +117,52 @@ def _encode(fig) -> tuple[bytes, str]:
     return png.getvalue(), svg.getvalue()
 
 
+def decode_figure(result: Result):
+    """Relative L2 of the logits at each decoding step: incremental vs the implementation's own full pass, and vs
+    the reference's decoding when there is one; the first departing step marked."""
+    plt = _plt()
+    d = result.data["decode"]
+    fig, ax = plt.subplots(figsize=(9, 3.4), dpi=110)
+    steps = d["steps"][d["prefill"]:]
+    series = [("incremental vs own full pass", d["self"]), (f"vs {d['reference']['label']}", d["reference"])] if "reference" in d \
+        else [("incremental vs own full pass", d["self"])]
+    for i, (label, s) in enumerate(series):
+        ys = [s["rel_l2"][t] if s["rel_l2"][t] and s["rel_l2"][t] > 0 else float("nan") for t in steps]
+        ax.semilogy(steps, ys, marker="o", ms=3, color=_COLORS[i], label=label)
+        if s["first_departing_step"] is not None:
+            ax.axvline(s["first_departing_step"], color=_COLORS[i], ls=":", lw=1)
+    ax.set_xlabel("decoding step (position)")
+    ax.set_ylabel("relative L2 of logits")
+    ax.set_title(f"{d['candidate']}: {d['path']} decoding after a prefill of {d['prefill']}")
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 def render(result: Result, out: Path) -> dict[str, Path]:
-    """Write layers.png, layers.svg, positions.png and report.html into `out`."""
+    """Write the plots (layers.png/.svg, positions.png, heatmap.png for comparisons; decode.png for decode runs)
+    and report.html into `out`."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    png, svg = _encode(layer_figure(result))
-    (out / "layers.png").write_bytes(png)
-    (out / "layers.svg").write_text(svg)
-    pos_png, _ = _encode(position_figure(result))
-    (out / "positions.png").write_bytes(pos_png)
-    heat_png, _ = _encode(heatmap_figure(result))
-    (out / "heatmap.png").write_bytes(heat_png)
-    html = render_html(result, {"layers": png, "positions": pos_png, "heatmap": heat_png})
-    (out / "report.html").write_text(html)
-    return {"png": out / "layers.png", "svg": out / "layers.svg", "html": out / "report.html"}
+    images: dict[str, bytes] = {}
+    written = {"html": out / "report.html"}
+    if result.comparisons:
+        png, svg = _encode(layer_figure(result))
+        (out / "layers.png").write_bytes(png)
+        (out / "layers.svg").write_text(svg)
+        images["layers"] = png
+        written.update(png=out / "layers.png", svg=out / "layers.svg")
+        images["positions"], _ = _encode(position_figure(result))
+        (out / "positions.png").write_bytes(images["positions"])
+        images["heatmap"], _ = _encode(heatmap_figure(result))
+        (out / "heatmap.png").write_bytes(images["heatmap"])
+    if result.data.get("decode"):
+        images["decode"], _ = _encode(decode_figure(result))
+        (out / "decode.png").write_bytes(images["decode"])
+    (out / "report.html").write_text(render_html(result, images))
+    return written
 
 
 def _fmt(v, spec: str = ".2e") -> str:
