@@ -190,20 +190,21 @@ def _string_list(v: Any, where: str, example: str) -> list[str]:
     return [_string(x, f"{where}[{i}]") for i, x in enumerate(v)]
 
 
-def _dtypes(v: Any, where: str) -> tuple[str, ...]:
-    out = _string_list(v, where, '["fp32", "bf16"]')
+def _known(v: Any, where: str, allowed: tuple[str, ...], what: str, example: str) -> tuple[str, ...]:
+    """A non-empty list of names from `allowed`, de-duplicated in order."""
+    out = _string_list(v, where, example)
     for i, d in enumerate(out):
-        if d not in DTYPES:
-            raise BughuntError(f"{where}[{i}]: '{d}' is not a dtype. Use one of: {', '.join(DTYPES)}.")
+        if d not in allowed:
+            raise BughuntError(f"{where}[{i}]: '{d}' is not a {what}. Use one of: {', '.join(allowed)}.")
     return tuple(dict.fromkeys(out))
+
+
+def _dtypes(v: Any, where: str) -> tuple[str, ...]:
+    return _known(v, where, DTYPES, "dtype", '["fp32", "bf16"]')
 
 
 def _devices(v: Any, where: str) -> tuple[str, ...]:
-    out = _string_list(v, where, '["cpu"]')
-    for i, d in enumerate(out):
-        if d not in DEVICES:
-            raise BughuntError(f"{where}[{i}]: '{d}' is not a device. Use one of: {', '.join(DEVICES)}.")
-    return tuple(dict.fromkeys(out))
+    return _known(v, where, DEVICES, "device", '["cpu"]')
 
 
 def _implementations(v: Any, where: str) -> tuple[ImplChoice, ...]:

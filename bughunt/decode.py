@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from bughunt.checkpoint import validate_weights
-from bughunt.compare import DEFAULT_FLOOR_FACTOR, default_tokens, noise_floor, run_implementation, save
+from bughunt.compare import DEFAULT_FLOOR_FACTOR, default_tokens, noise_floor, save
 from bughunt.errors import BughuntError
 from bughunt.implementations import ImplChoice, runner_class
 from bughunt.metrics import UNIT_ROUNDOFF

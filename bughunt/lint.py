@@ -20,7 +20,6 @@ from typing import Any, Callable
 
 import numpy as np
 
-from bughunt.errors import BughuntError
 from bughunt.spec import _ACTIVATIONS, Spec, load_config, spec_from_config
 
 SCHEMA_VERSION = 1

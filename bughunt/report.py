@@ -109,12 +109,17 @@ def heatmap_figure(result: Result, max_panels: int = 4):
     return fig
 
 
-def _encode(fig) -> tuple[bytes, str]:
-    png, svg = io.BytesIO(), io.StringIO()
+def _encode(fig, svg: bool = False) -> tuple[bytes, str | None]:
+    """PNG bytes, and the SVG text only when asked (only the per-layer plot is written as SVG)."""
+    png = io.BytesIO()
     fig.savefig(png, format="png")
-    fig.savefig(svg, format="svg")
+    text = None
+    if svg:
+        buf = io.StringIO()
+        fig.savefig(buf, format="svg")
+        text = buf.getvalue()
     _plt().close(fig)
-    return png.getvalue(), svg.getvalue()
+    return png.getvalue(), text
 
 
 def decode_figure(result: Result):
@@ -149,7 +154,7 @@ def render(result: Result, out: Path) -> dict[str, Path]:
     images: dict[str, bytes] = {}
     written = {"html": out / "report.html"}
     if result.comparisons:
-        png, svg = _encode(layer_figure(result))
+        png, svg = _encode(layer_figure(result), svg=True)
         (out / "layers.png").write_bytes(png)
         (out / "layers.svg").write_text(svg)
         images["layers"] = png

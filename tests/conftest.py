@@ -17,6 +17,18 @@ from bughunt.tiny import TINY_FAMILIES, tiny_checkpoint  # noqa: E402
 TOKENS = np.array([[2, 17, 99, 5, 200, 31, 7, 8, 150, 42, 3, 250]], dtype=np.int64)
 
 
+def per_family(root, build):
+    """family -> directory, built by build(family, root / family) on first use, then reused."""
+    made = {}
+
+    def get(family):
+        if family not in made:
+            made[family] = build(family, root / family)
+        return made[family]
+
+    return get
+
+
 @pytest.fixture(scope="session")
 def tiny():
     """family -> path of its tiny checkpoint."""

@@ -4,7 +4,6 @@ Markdown summary and HTML reports; baselines that are byte-identical across runs
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import xml.etree.ElementTree as ET

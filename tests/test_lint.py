@@ -9,35 +9,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import per_family
 
 from bughunt.cli import main
 from bughunt.lint import CHECKS, RULES, extra_section, format_table, html_section, lint
 from bughunt.safetensors_io import read_header, read_safetensors, write_safetensors
-from bughunt.tiny import make_tiny_checkpoint, tiny_config_dict
-from bughunt.tiny_tokenizer import GEMMA_CHAT_TEMPLATE, write_tiny_tokenizer
+from bughunt.tiny import make_tiny_checkpoint
+from bughunt.tiny_tokenizer import GEMMA_CHAT_TEMPLATE
 
 EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
 
 
-def _make(family: str, out: Path) -> Path:
-    make_tiny_checkpoint(family, out, seed=0)
-    _, kw = tiny_config_dict(family)
-    write_tiny_tokenizer(out, kw["vocab_size"], kw["bos_token_id"], kw["eos_token_id"], kw.get("pad_token_id"), family)
-    return out
-
-
 @pytest.fixture(scope="session")
 def clean_dirs(tmp_path_factory):
-    """One clean tiny checkpoint (with tokenizer) per family, built on first use."""
-    root = tmp_path_factory.mktemp("clean")
-    made: dict[str, Path] = {}
-
-    def get(family: str) -> Path:
-        if family not in made:
-            made[family] = _make(family, root / family)
-        return made[family]
-
-    return get
+    """One clean tiny checkpoint (weights and tokenizer, as make_tiny_checkpoint writes them) per family, built on first use."""
+    return per_family(tmp_path_factory.mktemp("clean"), lambda family, out: make_tiny_checkpoint(family, out, seed=0))
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import per_family
 
 from bughunt.errors import BughuntError
 from bughunt.tiny import TINY_FAMILIES, tiny_config_dict
@@ -27,15 +28,7 @@ def _write(family: str, out: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def tok_dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tok")
-    made: dict[str, Path] = {}
-
-    def get(family: str) -> Path:
-        if family not in made:
-            made[family] = _write(family, root / family)
-        return made[family]
-
-    return get
+    return per_family(tmp_path_factory.mktemp("tok"), _write)
 
 
 def edit_json(path: Path, change) -> None:
