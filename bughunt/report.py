@@ -10,6 +10,7 @@ from pathlib import Path
 from bughunt.result import Result
 from bughunt.trace import is_residual_point, point_order
 
+_BAND_COLORS = {"fp32": "#9ecae1", "bf16": "#fdae6b", "fp16": "#a1d99b", "fp64": "#bdbdbd"}
 _COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#7f7f7f", "#bcbd22"]
 
 
@@ -43,8 +44,9 @@ def layer_figure(result: Result, title: str | None = None):
             val = f["floor_rel_l2"] * f["ref_norm"] if f and f["ref_norm"] > 0 else float("nan")
             lo.append(math.log10(val) if val > 0 else float("nan"))
             hi.append(math.log10(val * factor) if val > 0 else float("nan"))
-        ax.fill_between(xs, lo, hi, color="0.6", alpha=0.25, step=None, label=f"{dtype} noise floor .. x{factor:g}")
-        ax.plot(xs, lo, color="0.45", lw=1, ls=":")
+        band = _BAND_COLORS.get(dtype, "#bdbdbd")
+        ax.fill_between(xs, lo, hi, color=band, alpha=0.35, step=None, label=f"{dtype} noise floor .. x{factor:g}")
+        ax.plot(xs, lo, color=band, lw=1, ls=":")
     for i, c in enumerate(comps):
         by = {p["point"]: p for p in c["points"]}
         ys = [by[p]["log10_l2"] if by.get(p) and by[p].get("log10_l2") is not None else float("nan") for p in points]
