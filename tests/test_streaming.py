@@ -184,3 +184,23 @@ def test_sharded_weights_are_mapped_across_files(tiny, tmp_path):
         np.testing.assert_array_equal(a[p], b[p])
     write_safetensors(tmp_path / "copy.safetensors", load_weights(tmp_path / "sharded"))  # memmaps stream out too
     assert set(map_safetensors(tmp_path / "copy.safetensors")) >= set(load_weights(tiny["qwen2"])) - {"lm_head.weight"}
+
+
+@pytest.mark.parametrize("family", ["gemma2", "phi3"])
+def test_passes_run_side_by_side_equal_the_same_passes_run_alone(family, tiny, tokens, tmp_path):
+    """forward_many shares each layer's converted weights between passes; nothing else may change."""
+    from bughunt.implementations.reference import run_together
+
+    spec = load_spec(tiny[family])
+    settings = [("fp64", {}), ("bf16", {}), ("fp16", {}), ("bf16", {"gelu": "exact"} if family == "gemma2" else {"rope_theta": "5000"})]
+    runners = [ReferenceRunner(tiny[family], spec, d, toggles=t, label=f"{d}{t}") for d, t in settings]
+    for r in runners:
+        r.open()
+    together = run_together(runners, tokens, [tmp_path / f"t{i}" for i in range(len(runners))])
+    for r, trace in zip(runners, together):
+        alone = r.run(tokens)
+        assert trace.meta["timings"]["together_with"] == len(runners)
+        for p in alone.points():
+            np.testing.assert_array_equal(trace.arrays[p], alone.arrays[p], err_msg=f"{r.label} {p}")
+        r.close()
+    assert not np.array_equal(together[0].arrays["logits"], together[1].arrays["logits"])  # the passes really differ

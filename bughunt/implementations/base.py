@@ -58,6 +58,20 @@ class Runner:
     def run(self, tokens: np.ndarray, stem: Path | None = None) -> Trace:
         """One forward pass. With `stem`, each capture point is written to `<stem>.safetensors` as it is captured and
         the returned trace is memory-mapped from there; without, the trace is held in memory."""
+        tokens, out = self.prepare(tokens, stem)
+        t = time.perf_counter()
+        try:
+            arrays = self._run(tokens, out)
+            for name, array in (arrays or {}).items():  # runners that return their points instead of streaming them
+                if name not in out:
+                    out[name] = array
+        except BaseException:
+            out.abort()
+            raise
+        return self.finish(out, tokens, time.perf_counter() - t)
+
+    def prepare(self, tokens: np.ndarray, stem: Path | None) -> tuple[np.ndarray, TraceWriter]:
+        """The ids this runner feeds (after its toggles, e.g. bos) and the writer its capture points go to."""
         if not self.is_open:
             raise RuntimeError("call open() before run()")
         from bughunt.toggles import apply_to_tokens
@@ -69,19 +83,11 @@ class Runner:
             raise BughuntError(f"token ids must lie in [0, {self.spec.vocab_size}) for this checkpoint; got range [{tokens.min()}, {tokens.max()}].")
         expected = 3 + self.spec.num_layers * 3
         keep = None if self.branches else (lambda p: not p.endswith((".attn", ".mlp")))
-        out = TraceWriter(stem, expected, self.trace_dtype, keep)
-        t = time.perf_counter()
-        try:
-            arrays = self._run(tokens, out)
-            for name, array in (arrays or {}).items():  # runners that return their points instead of streaming them
-                if name not in out:
-                    out[name] = array
-        except BaseException:
-            out.abort()
-            raise
-        seconds = time.perf_counter() - t
+        return tokens, TraceWriter(stem, expected, self.trace_dtype, keep)
+
+    def finish(self, out: TraceWriter, tokens: np.ndarray, seconds: float, **timings: float) -> Trace:
         meta = {"implementation": self.name, "dtype": self.dtype, "device": self.device, "versions": self.versions(),
-                "timings": {"load_s": self.load_seconds, "forward_s": seconds}, "tokens_shape": list(tokens.shape),
+                "timings": {"load_s": self.load_seconds, "forward_s": seconds, **timings}, "tokens_shape": list(tokens.shape),
                 "toggles": dict(self.toggles)}
         return out.finish(self.label, meta)
 
