@@ -134,6 +134,10 @@ def noise_floor(checkpoint: Path, spec: Spec, dtype: str, tokens: np.ndarray, fp
     With `scratch`, the reference traces stream to files there instead of memory."""
     stem = (lambda name: Path(scratch) / name) if scratch is not None else (lambda name: None)
     timings = {}
+    if fp64 is None and scratch is not None and dtype != "fp64":  # both passes in one read of the model
+        fp64, floors = run_reference_with_floors(ImplChoice("reference", "fp64"), checkpoint, spec, "cpu", tokens, [dtype],
+                                                 Path(scratch), allow_pickle=allow_pickle)
+        emulated = floors[dtype]
     if fp64 is None:
         fp64 = run_implementation(ImplChoice("reference", "fp64"), checkpoint, spec, "fp64", "cpu", tokens,
                                   allow_pickle=allow_pickle, stem=stem("floor-fp64"))
