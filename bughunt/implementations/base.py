@@ -31,18 +31,39 @@ class Runner:
         self.checkpoint, self.spec, self.dtype, self.device = Path(checkpoint), spec, dtype, device
         self.branches, self.allow_pickle = branches, allow_pickle
         self.label = label or self.name
-        from bughunt.toggles import TOGGLES, changed, parse_toggles
-
-        self.toggles = parse_toggles(toggles or {}, spec)
-        for name in self.toggles:
-            if not TOGGLES[name].applies(spec):
-                raise BughuntError(f"toggle {name} does not apply to family {spec.family} (nothing in its config or architecture uses it).")
-        for name in changed(spec, self.toggles):
-            reason = self.toggle_support.get(name, "not implemented for this runner")
-            if reason is not None:
-                raise BughuntError(f"implementation '{self.name}' cannot apply toggle {name}={self.toggles[name]}: {reason}.")
+        self.toggles = self._parse_toggles(toggles)
         self.load_seconds = 0.0
         self.is_open = False
+
+    # toggles an open runner can switch without loading again (the rest change how the model is built)
+    live_toggles: frozenset[str] = frozenset({"bos"})
+
+    def _parse_toggles(self, toggles: dict[str, str] | None) -> dict[str, str]:
+        from bughunt.toggles import TOGGLES, changed, parse_toggles
+
+        parsed = parse_toggles(toggles or {}, self.spec)
+        for name in parsed:
+            if not TOGGLES[name].applies(self.spec):
+                raise BughuntError(f"toggle {name} does not apply to family {self.spec.family} (nothing in its config or architecture uses it).")
+        for name in changed(self.spec, parsed):
+            reason = self.toggle_support.get(name, "not implemented for this runner")
+            if reason is not None:
+                raise BughuntError(f"implementation '{self.name}' cannot apply toggle {name}={parsed[name]}: {reason}.")
+        return parsed
+
+    def retoggle(self, toggles: dict[str, str] | None) -> bool:
+        """Switch an open runner to other toggle values without loading again. Returns False (and changes nothing)
+        when a toggle that is not live differs: the caller must open a new runner."""
+        new = self._parse_toggles(toggles)
+        moved = {k for k in set(new) | set(self.toggles) if new.get(k) != self.toggles.get(k)}
+        if not moved <= self.live_toggles:
+            return False
+        self._switch_toggles(new)
+        self.toggles = new
+        return True
+
+    def _switch_toggles(self, new: dict[str, str]) -> None:
+        """Undo the live toggles applied to the open model and apply `new` (bos needs nothing: it acts on the ids)."""
 
     # -- life cycle ---------------------------------------------------------------------------
     def open(self) -> "Runner":
