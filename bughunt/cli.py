@@ -31,6 +31,10 @@ def format_summary(result) -> str:
     for f in d["findings"]:
         if f["severity"] != "info":
             lines.append(f"  {f['severity'].upper()}: {f['message']}")
+    if d.get("schedule"):
+        sch = d["schedule"]
+        lines.append(f"  memory plan: {'side by side' if sch['side_by_side'] else 'one after another'} within {sch['budget_gb']} GB "
+                     f"({sch['budget_source']}); estimated peaks " + ", ".join(f"{e['label']} ~{e['peak_gb']} GB" for e in sch["estimates"]))
     return "\n".join(lines)
 
 
