@@ -18,6 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
+from bughunt import progress
 from bughunt.checkpoint import validate_weights
 from bughunt.compare import DEFAULT_FLOOR_FACTOR, _summary, default_tokens, judge, noise_floor, run_choice, save
 from bughunt.errors import BughuntError
@@ -86,13 +87,14 @@ def sweep(checkpoint: str | Path, impl: str = "hf", reference: str | None = None
     Implementations other than the reference run in worker processes unless `isolate` is False."""
     from bughunt.worker import WorkerPool
 
-    with WorkerPool() as pool, tempfile.TemporaryDirectory(prefix="bughunt-sweep-") as scratch:
+    with WorkerPool() as pool, tempfile.TemporaryDirectory(prefix="bughunt-sweep-") as scratch, \
+            progress.task(f"sweep {impl}", unit="setting") as bar:
         return _sweep(checkpoint, impl, reference, dtype, device, toggles, mode, side, candidate_toggles, reference_toggles,
-                      tokens, out, floor_factor, max_exhaustive, render, pool if isolate else None, timeout, Path(scratch))
+                      tokens, out, floor_factor, max_exhaustive, render, pool if isolate else None, timeout, Path(scratch), bar)
 
 
 def _sweep(checkpoint, impl, reference, dtype, device, toggles, mode, side, candidate_toggles, reference_toggles, tokens, out,
-           floor_factor, max_exhaustive, render, pool, timeout, scratch: Path) -> Result:
+           floor_factor, max_exhaustive, render, pool, timeout, scratch: Path, bar=progress.OFF) -> Result:
     checkpoint = Path(checkpoint)
     if mode not in MODES:
         raise BughuntError(f"unknown --mode '{mode}'. Use one of: {', '.join(MODES)}.")
@@ -131,9 +133,12 @@ def _sweep(checkpoint, impl, reference, dtype, device, toggles, mode, side, cand
             raise BughuntError(f"{choice.label} failed during the sweep: {e}") from None
 
     base = defaults(spec)
+    bar.update(stage=f"running {(ref_choice if side == 'candidate' else cand_choice).label}")
     fixed_trace = run(ref_choice, ref_dtype, ref_fixed) if side == "candidate" else run(cand_choice, cand_dtype, cand_fixed)
+    bar.update(stage="noise floor")
     floor = noise_floor(checkpoint, spec, cand_dtype, tokens)
     cache: dict[tuple, dict] = {}
+    bar.update(stage="search setting" if mode == "search" else "setting", total=None if mode == "search" else 1 + len(items))
 
     def evaluate(tg: dict[str, str]) -> dict:
         key = tuple(sorted(changed(spec, tg).items()))
@@ -149,6 +154,7 @@ def _sweep(checkpoint, impl, reference, dtype, device, toggles, mode, side, cand
         entry = {"toggles": dict(key), "label": _label(dict(key)), "score": score(points), "fit": fit(points), "first_above_floor": first,
                  "points": points, "max_ratio_to_floor": max((p.get("ratio_to_floor") or 0.0) for p in points)}
         cache[key] = entry
+        bar.advance()
         return entry
 
     baseline = evaluate({})
@@ -163,7 +169,7 @@ def _sweep(checkpoint, impl, reference, dtype, device, toggles, mode, side, cand
             configs.append(evaluate(dict(acc)))
     else:
         who = cand_choice.label + (_label(cand_fixed) if cand_fixed else "")
-        search_info = _search(spec, items, support, evaluate, base, max_exhaustive, who, side)
+        search_info = _search(spec, items, support, evaluate, base, max_exhaustive, who, side, bar)
         search_info["evaluated"] = len(cache)
         configs = [baseline] + [c for c in search_info.pop("plotted") if c is not baseline]
 
@@ -226,7 +232,8 @@ def _isolation(choice: ImplChoice, pool) -> str:
     return "in-process" if pool is None or (choice.name == "reference" and choice.python is None) else "worker"
 
 
-def _search(spec, items, support, evaluate, base: dict[str, str], max_exhaustive: int, who: str, side: str) -> dict:
+def _search(spec, items, support, evaluate, base: dict[str, str], max_exhaustive: int, who: str, side: str,
+            bar=progress.OFF) -> dict:
     """Find the toggle settings with the lowest score; ties go to fewer changed toggles (Occam)."""
     names = list(dict.fromkeys(n for n, _ in items)) or [n for n, t in TOGGLES.items() if t.applies(spec) and support.get(n, "x") is None]
     space: dict[str, list[str]] = {}
@@ -238,6 +245,7 @@ def _search(spec, items, support, evaluate, base: dict[str, str], max_exhaustive
     size = math.prod(len(v) for v in space.values())
     if size <= max_exhaustive:
         method = "exhaustive"
+        bar.update(total=size)  # every combination is one setting, the one already run among them
         evaluated = [evaluate(dict(zip(space, combo))) for combo in itertools.product(*space.values())]
         top = min(c["fit"] for c in evaluated)
         # Occam: among settings within MARGIN of the best fit, the fewest changed toggles, then the best fit.
