@@ -191,8 +191,8 @@ def read_shard(directory: Path) -> ShardDocument:
 
 def _same_run(docs: list[tuple[Path, ShardDocument]]) -> None:
     (d0, first) = docs[0]
-    labels = {"source": "matrix file", "sha256": "matrix file's contents", "baseline_dir": "baseline directory",
-              "update_baseline": "--update-baseline setting", "groups": "cells", "thresholds": "thresholds"}
+    labels = {"source": "matrix files", "sha256": "matrix files' contents", "baseline_dir": "baseline directories",
+              "update_baseline": "--update-baseline settings", "groups": "cells", "thresholds": "thresholds"}
     for d, doc in docs[1:]:
         if doc.shard.count != first.shard.count:
             raise BughuntError(f"{d0} is shard {first.shard.index} of {first.shard.count} but {d} is shard {doc.shard.index} of "
