@@ -16,7 +16,7 @@ Text printed while lines are live would land in the middle of them; print throug
 (or any print-like function), which takes the lines down while it writes and draws them again after.
 
 `task(name, total=None, unit="step")`: `total=None` when the count is not known yet (the line shows a count and
-a rate, no ETA); `update(total=...)` sets it once known. `update(done=k)` sets the count to k.
+a rate, no ETA); `update(total=...)` sets it once known. `update(done=k)` sets the count to k; `done=0` also restarts the clock, so the rate and ETA describe the new count.
 
 When lines are shown, decided once per task when it starts:
 - `BUGHUNT_PROGRESS=1` shows them whatever stderr is (for tests), `BUGHUNT_PROGRESS=0` never;
@@ -31,6 +31,7 @@ A finished task's line is erased, so the terminal ends with the command's own ou
 from __future__ import annotations
 
 import functools
+import io
 import os
 import sys
 import threading
@@ -54,6 +55,16 @@ def enabled(stream: IO[str] | None = None) -> bool:
         return False
 
 
+_UNCOUNTED = "{desc}: {n_fmt} {unit} [{elapsed}, {rate_fmt}]"  # the line while the total is not known
+
+
+def _columns(stream: IO[str]) -> int | None:
+    try:
+        return os.get_terminal_size(stream.fileno()).columns
+    except (AttributeError, ValueError, OSError, io.UnsupportedOperation):  # not a terminal, or no file descriptor
+        return None
+
+
 class Task:
     """One live line: a name, the current stage, a bar of `total` units with an ETA. Use as a context manager."""
 
@@ -67,13 +78,18 @@ class Task:
         with _live_lock:
             _live += 1
         with self._lock:
-            self._bar = tqdm(total=total, unit=f" {unit}", desc=name, file=stream, leave=False, dynamic_ncols=True, mininterval=0.2)
+            sized = _columns(stream) != 0  # a terminal of 0 columns (a pty nobody sized) would show an empty line
+            self._bar = tqdm(total=total, unit=unit, desc=name, bar_format=None if total else _UNCOUNTED, file=stream, leave=False, dynamic_ncols=sized,
+                             ncols=None if sized else 100, nrows=None if sized else 20, mininterval=0.2)
 
     def update(self, stage: str | None = None, total: int | None = None, done: int | None = None) -> None:
         with self._lock:
             if total is not None:
                 self._bar.total = total
-            if done is not None:
+                self._bar.bar_format = None if total else _UNCOUNTED
+            if done == 0:
+                self._bar.reset(total=self._bar.total)  # a new count: its rate and ETA start now
+            elif done is not None:
                 self._bar.n = done
             if stage is not None:
                 self._bar.set_description_str(f"{self._name} {stage}", refresh=False)

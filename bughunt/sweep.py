@@ -138,7 +138,7 @@ def _sweep(checkpoint, impl, reference, dtype, device, toggles, mode, side, cand
     bar.update(stage="noise floor")
     floor = noise_floor(checkpoint, spec, cand_dtype, tokens)
     cache: dict[tuple, dict] = {}
-    bar.update(stage="search setting" if mode == "search" else "setting", total=None if mode == "search" else 1 + len(items))
+    bar.update(stage="search setting" if mode == "search" else "setting", total=None if mode == "search" else 1 + len(items), done=0)
 
     def evaluate(tg: dict[str, str]) -> dict:
         key = tuple(sorted(changed(spec, tg).items()))
