@@ -21,9 +21,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture
 def terminal():
-    """A real terminal (the secondary side of a pseudo-terminal) to draw on."""
+    """A real terminal (the secondary side of a pseudo-terminal, 0 columns wide until someone sizes it) to draw on;
+    `stream.screen()` reads what was drawn."""
     primary, secondary = os.openpty()
     stream = os.fdopen(secondary, "w")
+    stream.screen = lambda: os.read(primary, 65536).decode()
     yield stream
     stream.close()
     os.close(primary)
@@ -42,6 +44,19 @@ def test_shown_on_a_terminal_outside_ci_only(monkeypatch, terminal):
     monkeypatch.setenv("BUGHUNT_PROGRESS", "1")
     monkeypatch.setenv("CI", "true")
     assert progress.enabled(io.StringIO())
+
+
+def test_a_terminal_shows_the_line_even_before_it_is_sized(monkeypatch, terminal):
+    monkeypatch.delenv("BUGHUNT_PROGRESS", raising=False)
+    monkeypatch.delenv("CI", raising=False)
+    with progress.task("hf:bf16", total=4, unit="layer", stream=terminal) as t:
+        t.update(stage="loading")
+        terminal.flush()
+        assert "hf:bf16 loading:   0%" in terminal.screen()
+        t.advance(3)
+        t.update(stage="forward", done=0)  # a new count from zero
+        terminal.flush()
+        assert "hf:bf16 forward:   0%" in terminal.screen()
 
 
 def test_off_is_one_shared_do_nothing_task_and_never_imports_tqdm():
