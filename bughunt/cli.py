@@ -156,9 +156,20 @@ def cmd_render(args) -> int:
 def cmd_ci(args) -> int:
     from bughunt.ci import run_ci
 
+    if args.shard is not None:
+        from bughunt.ci_shard import parse_shard, run_shard
+
+        return run_shard(Path(args.matrix), Path(args.baseline), parse_shard(args.shard), update_baseline=args.update_baseline,
+                         out=Path(args.out) if args.out else None).exit_code
     run = run_ci(Path(args.matrix), Path(args.baseline), update_baseline=args.update_baseline,
                  out=Path(args.out) if args.out else None)
     return run.exit_code
+
+
+def cmd_ci_merge(args) -> int:
+    from bughunt.ci_shard import merge
+
+    return merge([Path(d) for d in args.shards], out=Path(args.out) if args.out else None).exit_code
 
 
 def cmd_lint(args) -> int:
@@ -261,13 +272,37 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also encode a corpus of tricky strings with every available tokenizer implementation and report disagreements")
     lt.set_defaults(func=cmd_lint)
 
-    g = sub.add_parser("ci", help="run a TOML matrix of cells against stored baselines: exit 0 pass, 1 regression, 2 bad input")
-    g.add_argument("matrix", help="the matrix file (TOML; see examples/bughunt.toml)")
+    g = sub.add_parser("ci", help="run a TOML matrix of cells against stored baselines: exit 0 pass, 1 regression, 2 bad input",
+                       usage="bughunt ci MATRIX --baseline DIR [--update-baseline] [--shard K/N] [--out DIR]\n"
+                             "       bughunt ci merge DIR... [--out DIR]",
+                       epilog=CI_MERGE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g.add_argument("matrix", help="the matrix file (TOML; see examples/bughunt.toml); a file named merge is written ./merge")
     g.add_argument("--baseline", required=True, metavar="DIR", help="directory of baseline JSON, one file per cell")
     g.add_argument("--update-baseline", action="store_true", help="record the baselines from this run (review and commit them)")
+    g.add_argument("--shard", metavar="K/N", help="run only shard K of N (K from 1): whole checkpoint-device groups, about 1/N "
+                   "of the cells; also writes shard.json for `bughunt ci merge`")
     g.add_argument("--out", metavar="DIR", help="where to write junit.xml, summary.md, index.html and the reports (default reports/ci)")
     g.set_defaults(func=cmd_ci)
     return p
+
+
+CI_MERGE_HELP = """\
+sharding over a CI job matrix:
+  bughunt ci MATRIX --baseline DIR --shard K/N --out shard-K   (one job per K = 1..N)
+  bughunt ci merge shard-1 ... shard-N --out DIR               (one job after them)
+  merge checks the directories are the N shards of one run and writes the summary.md, junit.xml and
+  index.html (reports copied beside it) the unsharded run writes, and its exit code: 0 pass, 1 regression,
+  2 bad input (shards of different matrices, missing or repeated shards, a malformed shard.json)."""
+
+
+def build_ci_merge_parser() -> argparse.ArgumentParser:
+    m = argparse.ArgumentParser(prog="bughunt ci merge", description="Combine the --out directories of the N shards of one "
+                                "`bughunt ci MATRIX --shard K/N` run into one summary, JUnit file, HTML index and exit code "
+                                "(0 pass, 1 regression, 2 bad input). A matrix file named merge is run as `bughunt ci ./merge`.")
+    m.add_argument("shards", nargs="+", metavar="DIR", help="each shard's --out directory (holding its shard.json), in any order")
+    m.add_argument("--out", metavar="DIR", help="where to write junit.xml, summary.md, index.html and the reports (default reports/ci)")
+    m.set_defaults(func=cmd_ci_merge)
+    return m
 
 
 def quiet_libraries() -> None:
@@ -279,8 +314,15 @@ def quiet_libraries() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     quiet_libraries()
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:2] == ["ci", "merge"]:  # `bughunt ci merge DIR...`; a matrix file named merge is `bughunt ci ./merge`
+        if "--baseline" in argv or "--shard" in argv:
+            print("bughunt: error: `bughunt ci merge` combines shard directories and takes no --baseline or --shard. "
+                  "To run a matrix file named merge, write `bughunt ci ./merge --baseline DIR`.", file=sys.stderr)
+            return 2
+        args = build_ci_merge_parser().parse_args(argv[2:])
+    else:
+        args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except BughuntError as e:

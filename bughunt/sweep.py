@@ -18,6 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
+from bughunt import progress
 from bughunt.checkpoint import validate_weights
 from bughunt.compare import DEFAULT_FLOOR_FACTOR, _summary, default_tokens, judge, noise_floor, run_choice, save
 from bughunt.errors import BughuntError
@@ -86,13 +87,14 @@ def sweep(checkpoint: str | Path, impl: str = "hf", reference: str | None = None
     Implementations other than the reference run in worker processes unless `isolate` is False."""
     from bughunt.worker import WorkerPool
 
-    with WorkerPool() as pool, tempfile.TemporaryDirectory(prefix="bughunt-sweep-") as scratch:
+    with WorkerPool() as pool, tempfile.TemporaryDirectory(prefix="bughunt-sweep-") as scratch, \
+            progress.task(f"sweep {impl}", unit="setting") as bar:
         return _sweep(checkpoint, impl, reference, dtype, device, toggles, mode, side, candidate_toggles, reference_toggles,
-                      tokens, out, floor_factor, max_exhaustive, render, pool if isolate else None, timeout, Path(scratch))
+                      tokens, out, floor_factor, max_exhaustive, render, pool if isolate else None, timeout, Path(scratch), bar)
 
 
 def _sweep(checkpoint, impl, reference, dtype, device, toggles, mode, side, candidate_toggles, reference_toggles, tokens, out,
-           floor_factor, max_exhaustive, render, pool, timeout, scratch: Path) -> Result:
+           floor_factor, max_exhaustive, render, pool, timeout, scratch: Path, bar=progress.OFF) -> Result:
     checkpoint = Path(checkpoint)
     if mode not in MODES:
         raise BughuntError(f"unknown --mode '{mode}'. Use one of: {', '.join(MODES)}.")
@@ -134,11 +136,14 @@ def _sweep(checkpoint, impl, reference, dtype, device, toggles, mode, side, cand
             raise BughuntError(f"{choice.label} failed during the sweep: {e}") from None
 
     base = defaults(spec)
+    bar.update(stage=f"running {(ref_choice if side == 'candidate' else cand_choice).label}")
     fixed_trace = run(ref_choice, ref_dtype, ref_fixed) if side == "candidate" else run(cand_choice, cand_dtype, cand_fixed)
     floor_dir = scratch / "floor"
     floor_dir.mkdir()
+    bar.update(stage="noise floor")
     floor = noise_floor(checkpoint, spec, cand_dtype, tokens, scratch=floor_dir)
     cache: dict[tuple, dict] = {}
+    bar.update(stage="search setting" if mode == "search" else "setting", total=None if mode == "search" else 1 + len(items), done=0)
     varied_choice, varied_dtype, varied_fixed = (ref_choice, ref_dtype, ref_fixed) if side == "reference" else \
         (cand_choice, cand_dtype, cand_fixed)
     # An in-process reference evaluates a batch of settings in one read of the model (reference_impls.forward_many).
@@ -165,6 +170,7 @@ def _sweep(checkpoint, impl, reference, dtype, device, toggles, mode, side, cand
                 traces = [run(varied_choice, varied_dtype, {**varied_fixed, **dict(k)}) for k in chunk]
             for k, varied in zip(chunk, traces):
                 cache[k] = judged(k, varied)
+                bar.advance()
         return [cache[k] for k in keys]
 
     def evaluate(tg: dict[str, str]) -> dict:
@@ -179,7 +185,11 @@ def _sweep(checkpoint, impl, reference, dtype, device, toggles, mode, side, cand
         configs += evaluate_many([dict(items[:k + 1]) for k in range(len(items))])
     else:
         who = cand_choice.label + (_label(cand_fixed) if cand_fixed else "")
+<<<<<<< HEAD
         search_info = _search(spec, items, support, evaluate_many, base, max_exhaustive, who, side)
+=======
+        search_info = _search(spec, items, support, evaluate, base, max_exhaustive, who, side, bar)
+>>>>>>> cishard
         search_info["evaluated"] = len(cache)
         configs = [baseline] + [c for c in search_info.pop("plotted") if c is not baseline]
 
@@ -242,6 +252,7 @@ def _isolation(choice: ImplChoice, pool) -> str:
     return "in-process" if pool is None or (choice.name == "reference" and choice.python is None) else "worker"
 
 
+<<<<<<< HEAD
 def _batch_size(spec, tokens: np.ndarray) -> int:
     """How many reference passes may step side by side: their float64 activations (the shared layer's weights are
     counted once) within a quarter of available memory, at most 16."""
@@ -280,6 +291,11 @@ def _discard(trace: Trace) -> None:
 def _search(spec, items, support, evaluate_many, base: dict[str, str], max_exhaustive: int, who: str, side: str) -> dict:
     """Find the toggle settings with the lowest score; ties go to fewer changed toggles (Occam). `evaluate_many`
     judges a list of settings at once (so an in-process reference can run them side by side)."""
+=======
+def _search(spec, items, support, evaluate, base: dict[str, str], max_exhaustive: int, who: str, side: str,
+            bar=progress.OFF) -> dict:
+    """Find the toggle settings with the lowest score; ties go to fewer changed toggles (Occam)."""
+>>>>>>> cishard
     names = list(dict.fromkeys(n for n, _ in items)) or [n for n, t in TOGGLES.items() if t.applies(spec) and support.get(n, "x") is None]
     space: dict[str, list[str]] = {}
     for n in names:
@@ -290,7 +306,12 @@ def _search(spec, items, support, evaluate_many, base: dict[str, str], max_exhau
     size = math.prod(len(v) for v in space.values())
     if size <= max_exhaustive:
         method = "exhaustive"
+<<<<<<< HEAD
         evaluated = evaluate_many([dict(zip(space, combo)) for combo in itertools.product(*space.values())])
+=======
+        bar.update(total=size)  # every combination is one setting, the one already run among them
+        evaluated = [evaluate(dict(zip(space, combo))) for combo in itertools.product(*space.values())]
+>>>>>>> cishard
         top = min(c["fit"] for c in evaluated)
         # Occam: among settings within MARGIN of the best fit, the fewest changed toggles, then the best fit.
         best = min((c for c in evaluated if c["fit"] <= top + MARGIN), key=lambda c: (len(c["toggles"]), c["fit"]))
