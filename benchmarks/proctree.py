@@ -10,7 +10,7 @@ import signal
 import subprocess
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import psutil
@@ -28,9 +28,9 @@ class Measurement:
     peak_rss_bytes: int  # max over time of the RSS summed over the live tree
     peak_anon_bytes: int  # the same for RSS minus file-backed and shared pages (mmap'd weights are not counted)
     peak_processes: int
+    load_average: tuple[float, float] = (0.0, 0.0)  # the machine's 1-minute load at start and at end (shared machines)
     stdout: str = ""
     stderr_tail: str = ""
-    extra: dict = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -80,6 +80,7 @@ def measure(command: list[str], env: dict[str, str] | None = None, cwd: str | Pa
     """Run `command` to completion (or until a guard stops it) and return its Measurement. stdout is kept whole,
     stderr's last 2000 characters."""
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        load_start = os.getloadavg()[0]
         start = time.perf_counter()
         popen = subprocess.Popen(command, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
                                  start_new_session=True)
@@ -124,4 +125,5 @@ def measure(command: list[str], env: dict[str, str] | None = None, cwd: str | Pa
         status, message = "killed", f"killed by signal {signal.Signals(-code).name}"
     else:
         status, message = "failed", f"exit {code}"
-    return Measurement(list(map(str, command)), status, message, code, wall, peak_rss, peak_anon, peak_count, stdout, stderr_tail)
+    return Measurement(list(map(str, command)), status, message, code, wall, peak_rss, peak_anon, peak_count,
+                       (load_start, os.getloadavg()[0]), stdout, stderr_tail)

@@ -157,6 +157,11 @@ def _gb(d: dict) -> str:
     return f"{d['peak_rss_gb']:.2f} GB"
 
 
+def _load(d: dict) -> str:
+    start, end = d["load_average"]
+    return f"; load {start:.1f}->{end:.1f}"
+
+
 def _rate(r: dict | None) -> str:
     if not r or "gflops" not in r:
         return "n/a"
@@ -174,7 +179,7 @@ def table_rows(shape: str, figures: dict) -> list[tuple[str, ...]]:
     if bare:
         inside = bare.get("inside") or {}
         detail = f"load {inside['load_s']:.1f} s, forward {inside['forward_s']:.2f} s" if inside else bare.get("stderr_tail", "")[-80:]
-        rows.append((shape, "bare HF forward", bare["message"], _gb(bare), f"{bare['wall_s']:.1f} s", "", detail))
+        rows.append((shape, "bare HF forward", bare["message"], _gb(bare), f"{bare['wall_s']:.1f} s", "", detail + _load(bare)))
     if cmp_:
         ratio = ""
         if bare and bare["status"] == "ok" and cmp_["status"] == "ok":
@@ -182,7 +187,7 @@ def table_rows(shape: str, figures: dict) -> list[tuple[str, ...]]:
         ref = cmp_.get("reference") or {}
         hf = ref.get("hf_timings") or {}
         detail = f"hf forward {hf['forward_s']:.2f} s" if hf else cmp_.get("stderr_tail", "")[-80:]
-        rows.append((shape, "compare hf+reference", cmp_["message"], _gb(cmp_), f"{cmp_['wall_s']:.1f} s", ratio, detail))
+        rows.append((shape, "compare hf+reference", cmp_["message"], _gb(cmp_), f"{cmp_['wall_s']:.1f} s", ratio, detail + _load(cmp_)))
         if ref:
             rows.append((shape, "  reference fp64 pass", "", "", "", "", _rate(ref.get("fp64"))))
             rows.append((shape, "  reference emulated", "", "", "", "", _rate(ref.get("emulated"))))
@@ -190,7 +195,7 @@ def table_rows(shape: str, figures: dict) -> list[tuple[str, ...]]:
         ratio = f"{sw['wall_s'] / cmp_['wall_s']:.2f}x compare" if cmp_ and cmp_["status"] == "ok" and sw["status"] == "ok" else ""
         detail = (f"[{sw['planted_bug']}] {sw.get('evaluated')} of {sw.get('space_size')} settings ({sw.get('method')}): "
                   f"{sw.get('diagnosis')}" if sw["status"] == "ok" else f"[{sw['planted_bug']}] " + sw.get("stderr_tail", "")[-80:])
-        rows.append((shape, "sweep search", sw["message"], _gb(sw), f"{sw['wall_s']:.1f} s", ratio, detail))
+        rows.append((shape, "sweep search", sw["message"], _gb(sw), f"{sw['wall_s']:.1f} s", ratio, detail + _load(sw)))
     return rows
 
 
@@ -262,7 +267,8 @@ def main(argv: list[str] | None = None) -> int:
         report = {"schema": "bughunt.benchmark.scale", "version": 1,
                   "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                   "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
-                  "machine": {"cpus": os.cpu_count(), "memory_gb": _memory_gb(), "gemm_fp64_gflops": gemm},
+                  "machine": {"cpus": os.cpu_count(), "memory_gb": _memory_gb(), "gemm_fp64_gflops": gemm,
+                              "load_average_1m": os.getloadavg()[0]},
                   "settings": {"tokens": args.tokens, "dtype": args.dtype, "seed": args.seed, "dir": str(args.dir),
                                "max_rss_gb": args.max_rss_gb, "min_available_gb": args.min_available_gb},
                   "shapes": {}}
@@ -275,7 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     except BughuntError as e:
         print(f"scale.py: error: {e}", file=sys.stderr)
         return 2
-    print(f"numpy float64 GEMM: {gemm:.1f} GFLOP/s; {args.tokens} tokens at {args.dtype}; peak RSS summed over each process tree")
+    print(f"numpy float64 GEMM: {gemm:.1f} GFLOP/s; {args.tokens} tokens at {args.dtype}; peak RSS summed over each process tree; "
+          f"load average {report['machine']['load_average_1m']:.1f} on {os.cpu_count()} CPUs at the start")
     print(format_table(rows))
     if args.json:
         tmp = args.json.with_name(args.json.name + ".tmp")

@@ -117,13 +117,13 @@ def _scale(name: str, shape: tuple[int, ...], spec: Spec) -> tuple[float, float]
     return 0.0, 1.0 / np.sqrt(shape[-1])
 
 
-def tensor_chunks(name: str, shape: tuple[int, ...], spec: Spec, seed: int):
-    """The bf16 bytes of one weight, row block by row block (about CHUNK_ELEMENTS at a time). Each weight has its
+def tensor_chunks(name: str, shape: tuple[int, ...], spec: Spec, seed: int, chunk_elements: int = CHUNK_ELEMENTS):
+    """The bf16 bytes of one weight, row block by row block (about `chunk_elements` at a time). Each weight has its
     own generator seeded from (seed, name), so a weight's bytes do not depend on which others are written."""
     rng = np.random.default_rng(np.random.SeedSequence([seed, zlib.crc32(name.encode())]))
     mean, std = _scale(name, shape, spec)
     rows, row_len = (shape[0], int(np.prod(shape[1:], dtype=np.int64))) if len(shape) > 1 else (1, shape[0])
-    step = max(1, CHUNK_ELEMENTS // row_len)
+    step = max(1, chunk_elements // row_len)
     for start in range(0, rows, step):
         block = rng.standard_normal((min(step, rows - start), row_len), dtype=np.float32)
         block *= np.float32(std)
