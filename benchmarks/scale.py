@@ -259,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.tokens < 1:
             raise BughuntError(f"--tokens must be at least 1, got {args.tokens}.")
+        if args.dir.exists() and not args.dir.is_dir():
+            raise BughuntError(f"--dir {args.dir} is a file; pass a directory for the checkpoints (it is created if missing).")
         if args.dir.resolve().is_relative_to(ROOT):
             raise BughuntError(f"--dir {args.dir} lies inside the repository; checkpoints of gigabytes belong elsewhere "
                                "(the default is the user cache).")

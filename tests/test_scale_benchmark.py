@@ -227,6 +227,21 @@ def test_planted_bug_changes_each_family():
     assert scale.planted_bug(SHAPES["gemma-2b"].spec) == "gelu=exact"  # its theta is already 10000
 
 
+def test_reference_rates_are_read_from_a_real_compare_result(tokens):
+    import bughunt
+
+    checkpoint = bughunt.tiny_checkpoint("llama")
+    result = bughunt.compare(checkpoint, ["reference:bf16", "reference"], dtype="bf16", tokens=tokens, render=False)
+    spec = load_spec(checkpoint)
+    rates = scale.reference_rates(result.data, spec, 1, tokens.shape[1], gemm=50.0)
+    seconds = next(e for e in result.data["implementations"] if e["label"] == "reference")["meta"]["timings"]["forward_s"]
+    assert rates["fp64"]["forward_s"] == seconds
+    assert rates["fp64"]["gflops"] == pytest.approx(forward_flops(spec, 1, tokens.shape[1])["total"] / seconds / 1e9)
+    assert rates["fp64"]["fraction_of_gemm"] == pytest.approx(rates["fp64"]["gflops"] / 50.0)
+    floor_timings = result.data["noise_floor"]["bf16"].get("timings")
+    assert (rates["emulated"] is None) == (floor_timings is None)  # read when compare records them
+
+
 def test_bare_forward_is_measured_as_a_process_tree(tmp_path):
     info = ensure_checkpoint(micro(), tmp_path)
     args = scale.build_parser().parse_args(["--max-rss-gb", "4"])
@@ -249,8 +264,11 @@ def test_script_writes_then_reuses_and_records_figures(tmp_path, capsys):
 @pytest.mark.parametrize("argv, words", [
     (["--dir", str(ROOT / "ck")], "inside the repository"),
     (["--tokens", "0"], "--tokens must be at least 1"),
+    (["--dir", "{tmp}/file"], "is a file"),
 ])
-def test_script_bad_input_exits_2_with_one_message(argv, words, capsys):
-    assert scale.main(argv + ["--only", "write"]) == 2
+def test_script_bad_input_exits_2_with_one_message(argv, words, capsys, tmp_path):
+    (tmp_path / "file").write_text("")
+    assert scale.main([a.format(tmp=tmp_path) for a in argv] + ["--only", "write"]) == 2
     err = capsys.readouterr().err
     assert words in err and "Traceback" not in err
+    assert not (ROOT / "ck").exists()
