@@ -228,10 +228,11 @@ def test_planted_bug_changes_each_family():
 
 
 def test_reference_rates_are_read_from_a_real_compare_result(tokens):
-    import bughunt
+    from bughunt.compare import compare
+    from bughunt.tiny import tiny_checkpoint
 
-    checkpoint = bughunt.tiny_checkpoint("llama")
-    result = bughunt.compare(checkpoint, ["reference:bf16", "reference"], dtype="bf16", tokens=tokens, render=False)
+    checkpoint = tiny_checkpoint("llama")
+    result = compare(checkpoint, ["reference:bf16", "reference"], dtype="bf16", tokens=tokens, render=False)
     spec = load_spec(checkpoint)
     rates = scale.reference_rates(result.data, spec, 1, tokens.shape[1], gemm=50.0)
     seconds = next(e for e in result.data["implementations"] if e["label"] == "reference")["meta"]["timings"]["forward_s"]
