@@ -106,23 +106,33 @@ def measure_bare(ckpt: Path, ids: str, args) -> dict:
     return out
 
 
+def _rate(seconds: float | None, flops: int, gemm: float) -> dict | None:
+    if not seconds:
+        return None
+    rate = flops / seconds / 1e9
+    return {"forward_s": seconds, "gflops": rate, "fraction_of_gemm": rate / gemm}
+
+
 def reference_rates(result: dict, spec: Spec, batch: int, seq: int, gemm: float) -> dict:
-    """The reference's forward seconds from result.json (float64 pass: the reference implementation's trace
-    timings; emulated pass: noise_floor[dtype].timings.forward_s, when recorded) as GFLOP/s and % of GEMM."""
+    """The reference's achieved GFLOP/s and fraction of the GEMM rate, from result.json: the float64 pass from the
+    reference implementation's trace timings (`forward_s`), the emulated-dtype pass from
+    noise_floor[dtype].timings.emulated_forward_s (None when not recorded). When the passes ran side by side in
+    one read of the model (timings.together_with > 1), each pass's forward_s is an even share of the joint time,
+    and `together` gives the joint rate: every pass's FLOPs over the joint seconds."""
     flops = forward_flops(spec, batch, seq)["total"]
-    out: dict = {"forward_gflop": flops / 1e9, "gemm_gflops": gemm}
-    ref = next((e for e in result.get("implementations", []) if e.get("name") == "reference" and e.get("dtype") == "fp64"), None)
-    emulated = next(iter(result.get("noise_floor", {}).values()), {})
-    for key, seconds in (("fp64", ((ref or {}).get("meta") or {}).get("timings", {}).get("forward_s")),
-                         ("emulated", (emulated.get("timings") or {}).get("forward_s"))):
-        if seconds:
-            rate = flops / seconds / 1e9
-            out[key] = {"forward_s": seconds, "gflops": rate, "fraction_of_gemm": rate / gemm}
-        else:
-            out[key] = None
-    if ref:
-        out["fp64"] = {**(out["fp64"] or {}), "load_s": ref["meta"]["timings"].get("load_s")}
-    hf = next((e for e in result.get("implementations", []) if e.get("name") == "hf" and e.get("status") == "ok"), None)
+    out: dict = {"forward_gflop": flops / 1e9, "gemm_gflops": gemm, "fp64": None, "emulated": None, "together": None}
+    entries = result.get("implementations", [])
+    ref = next((e for e in entries if e.get("name") == "reference" and e.get("dtype") == "fp64" and e.get("status") == "ok"), None)
+    timings = ((ref or {}).get("meta") or {}).get("timings") or {}
+    if timings:
+        out["fp64"] = {**(_rate(timings.get("forward_s"), flops, gemm) or {}), "load_s": timings.get("load_s")}
+        passes = int(timings.get("together_with") or 1)
+        if passes > 1 and timings.get("together_s"):
+            out["together"] = {"passes": passes, **_rate(timings["together_s"] / passes, flops, gemm),
+                               "seconds": timings["together_s"]}
+    floor = next(iter(result.get("noise_floor", {}).values()), {})
+    out["emulated"] = _rate((floor.get("timings") or {}).get("emulated_forward_s"), flops, gemm)
+    hf = next((e for e in entries if e.get("name") == "hf" and e.get("status") == "ok"), None)
     if hf:
         out["hf_timings"] = hf["meta"].get("timings")
     return out
@@ -162,7 +172,7 @@ def _load(d: dict) -> str:
     return f"; load {start:.1f}->{end:.1f}"
 
 
-def _rate(r: dict | None) -> str:
+def _show_rate(r: dict | None) -> str:
     if not r or "gflops" not in r:
         return "n/a"
     return f"{r['forward_s']:.2f} s = {r['gflops']:.1f} GFLOP/s = {100 * r['fraction_of_gemm']:.0f}% of GEMM"
@@ -189,8 +199,14 @@ def table_rows(shape: str, figures: dict) -> list[tuple[str, ...]]:
         detail = f"hf forward {hf['forward_s']:.2f} s" if hf else cmp_.get("stderr_tail", "")[-80:]
         rows.append((shape, "compare hf+reference", cmp_["message"], _gb(cmp_), f"{cmp_['wall_s']:.1f} s", ratio, detail + _load(cmp_)))
         if ref:
-            rows.append((shape, "  reference fp64 pass", "", "", "", "", _rate(ref.get("fp64"))))
-            rows.append((shape, "  reference emulated", "", "", "", "", _rate(ref.get("emulated"))))
+            together = ref.get("together")
+            share = f" (an even share of {together['passes']} passes run side by side)" if together else ""
+            rows.append((shape, "  reference fp64 pass", "", "", "", "", _show_rate(ref.get("fp64")) + share))
+            rows.append((shape, "  reference emulated", "", "", "", "", _show_rate(ref.get("emulated")) + share))
+            if together:
+                rows.append((shape, "  reference together", "", "", "", "", f"{together['passes']} passes in "
+                             f"{together['seconds']:.2f} s = {together['gflops']:.1f} GFLOP/s = "
+                             f"{100 * together['fraction_of_gemm']:.0f}% of GEMM"))
     if sw:
         ratio = f"{sw['wall_s'] / cmp_['wall_s']:.2f}x compare" if cmp_ and cmp_["status"] == "ok" and sw["status"] == "ok" else ""
         detail = (f"[{sw['planted_bug']}] {sw.get('evaluated')} of {sw.get('space_size')} settings ({sw.get('method')}): "

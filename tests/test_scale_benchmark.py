@@ -235,12 +235,18 @@ def test_reference_rates_are_read_from_a_real_compare_result(tokens):
     result = compare(checkpoint, ["reference:bf16", "reference"], dtype="bf16", tokens=tokens, render=False)
     spec = load_spec(checkpoint)
     rates = scale.reference_rates(result.data, spec, 1, tokens.shape[1], gemm=50.0)
-    seconds = next(e for e in result.data["implementations"] if e["label"] == "reference")["meta"]["timings"]["forward_s"]
-    assert rates["fp64"]["forward_s"] == seconds
-    assert rates["fp64"]["gflops"] == pytest.approx(forward_flops(spec, 1, tokens.shape[1])["total"] / seconds / 1e9)
+    flops = forward_flops(spec, 1, tokens.shape[1])["total"]
+    timings = next(e for e in result.data["implementations"] if e["label"] == "reference")["meta"]["timings"]
+    assert rates["fp64"]["forward_s"] == timings["forward_s"]
+    assert rates["fp64"]["gflops"] == pytest.approx(flops / timings["forward_s"] / 1e9)
     assert rates["fp64"]["fraction_of_gemm"] == pytest.approx(rates["fp64"]["gflops"] / 50.0)
-    floor_timings = result.data["noise_floor"]["bf16"].get("timings")
-    assert (rates["emulated"] is None) == (floor_timings is None)  # read when compare records them
+    emulated_s = result.data["noise_floor"]["bf16"]["timings"]["emulated_forward_s"]
+    assert rates["emulated"]["gflops"] == pytest.approx(flops / emulated_s / 1e9)
+    if timings.get("together_with", 1) > 1:  # the float64 and emulated passes ran side by side
+        assert rates["together"]["passes"] == timings["together_with"]
+        assert rates["together"]["gflops"] == pytest.approx(flops * timings["together_with"] / timings["together_s"] / 1e9)
+    else:
+        assert rates["together"] is None
 
 
 def test_bare_forward_is_measured_as_a_process_tree(tmp_path):
