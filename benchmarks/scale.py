@@ -117,8 +117,8 @@ def reference_rates(result: dict, spec: Spec, batch: int, seq: int, gemm: float)
     """The reference's achieved GFLOP/s and fraction of the GEMM rate, from result.json: the float64 pass from the
     reference implementation's trace timings (`forward_s`), the emulated-dtype pass from
     noise_floor[dtype].timings.emulated_forward_s (None when not recorded). When the passes ran side by side in
-    one read of the model (timings.together_with > 1), each pass's forward_s is an even share of the joint time,
-    and `together` gives the joint rate: every pass's FLOPs over the joint seconds."""
+    one read of the model (timings.together_with > 1), each pass's forward_s is an even share of the joint time
+    (so its rate is also the joint rate: every pass's FLOPs over the joint seconds); `together` records that."""
     flops = forward_flops(spec, batch, seq)["total"]
     out: dict = {"forward_gflop": flops / 1e9, "gemm_gflops": gemm, "fp64": None, "emulated": None, "together": None}
     entries = result.get("implementations", [])
@@ -128,8 +128,7 @@ def reference_rates(result: dict, spec: Spec, batch: int, seq: int, gemm: float)
         out["fp64"] = {**(_rate(timings.get("forward_s"), flops, gemm) or {}), "load_s": timings.get("load_s")}
         passes = int(timings.get("together_with") or 1)
         if passes > 1 and timings.get("together_s"):
-            out["together"] = {"passes": passes, **_rate(timings["together_s"] / passes, flops, gemm),
-                               "seconds": timings["together_s"]}
+            out["together"] = {"passes": passes, "seconds": timings["together_s"]}
     floor = next(iter(result.get("noise_floor", {}).values()), {})
     out["emulated"] = _rate((floor.get("timings") or {}).get("emulated_forward_s"), flops, gemm)
     hf = next((e for e in entries if e.get("name") == "hf" and e.get("status") == "ok"), None)
@@ -200,13 +199,10 @@ def table_rows(shape: str, figures: dict) -> list[tuple[str, ...]]:
         rows.append((shape, "compare hf+reference", cmp_["message"], _gb(cmp_), f"{cmp_['wall_s']:.1f} s", ratio, detail + _load(cmp_)))
         if ref:
             together = ref.get("together")
-            share = f" (an even share of {together['passes']} passes run side by side)" if together else ""
+            share = (f" (an even share of {together['passes']} passes run side by side in {together['seconds']:.2f} s)"
+                     if together else "")
             rows.append((shape, "  reference fp64 pass", "", "", "", "", _show_rate(ref.get("fp64")) + share))
             rows.append((shape, "  reference emulated", "", "", "", "", _show_rate(ref.get("emulated")) + share))
-            if together:
-                rows.append((shape, "  reference together", "", "", "", "", f"{together['passes']} passes in "
-                             f"{together['seconds']:.2f} s = {together['gflops']:.1f} GFLOP/s = "
-                             f"{100 * together['fraction_of_gemm']:.0f}% of GEMM"))
     if sw:
         ratio = f"{sw['wall_s'] / cmp_['wall_s']:.2f}x compare" if cmp_ and cmp_["status"] == "ok" and sw["status"] == "ok" else ""
         detail = (f"[{sw['planted_bug']}] {sw.get('evaluated')} of {sw.get('space_size')} settings ({sw.get('method')}): "
