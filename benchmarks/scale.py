@@ -276,6 +276,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.dir.resolve().is_relative_to(ROOT):
             raise BughuntError(f"--dir {args.dir} lies inside the repository; checkpoints of gigabytes belong elsewhere "
                                "(the default is the user cache).")
+        if args.json and not args.json.parent.is_dir():
+            raise BughuntError(f"--json {args.json}: directory {args.json.parent} does not exist. Create it or write elsewhere.")
+        if args.planted_bug:
+            from bughunt.toggles import parse_toggles
+
+            parse_toggles([args.planted_bug])  # a known toggle and a valid value, or one clear message
         gemm = gemm_gflops()
         print(f"numpy float64 GEMM (2048^3, best of 5): {gemm:.1f} GFLOP/s", file=sys.stderr, flush=True)
         report = {"schema": "bughunt.benchmark.scale", "version": 1,

@@ -272,6 +272,8 @@ def test_script_writes_then_reuses_and_records_figures(tmp_path, capsys):
     (["--dir", str(ROOT / "ck")], "inside the repository"),
     (["--tokens", "0"], "--tokens must be at least 1"),
     (["--dir", "{tmp}/file"], "is a file"),
+    (["--json", "{tmp}/missing/figures.json"], "does not exist"),
+    (["--planted-bug", "gelu=fast"], "gelu"),
 ])
 def test_script_bad_input_exits_2_with_one_message(argv, words, capsys, tmp_path):
     (tmp_path / "file").write_text("")
