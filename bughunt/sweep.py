@@ -185,11 +185,7 @@ def _sweep(checkpoint, impl, reference, dtype, device, toggles, mode, side, cand
         configs += evaluate_many([dict(items[:k + 1]) for k in range(len(items))])
     else:
         who = cand_choice.label + (_label(cand_fixed) if cand_fixed else "")
-<<<<<<< HEAD
-        search_info = _search(spec, items, support, evaluate_many, base, max_exhaustive, who, side)
-=======
-        search_info = _search(spec, items, support, evaluate, base, max_exhaustive, who, side, bar)
->>>>>>> cishard
+        search_info = _search(spec, items, support, evaluate_many, base, max_exhaustive, who, side, bar)
         search_info["evaluated"] = len(cache)
         configs = [baseline] + [c for c in search_info.pop("plotted") if c is not baseline]
 
@@ -288,14 +284,10 @@ def _discard(trace: Trace) -> None:
             trace.stem.with_name(trace.stem.name + suffix).unlink(missing_ok=True)
 
 
-def _search(spec, items, support, evaluate_many, base: dict[str, str], max_exhaustive: int, who: str, side: str) -> dict:
+def _search(spec, items, support, evaluate_many, base: dict[str, str], max_exhaustive: int, who: str, side: str,
+             bar=progress.OFF) -> dict:
     """Find the toggle settings with the lowest score; ties go to fewer changed toggles (Occam). `evaluate_many`
     judges a list of settings at once (so an in-process reference can run them side by side)."""
-=======
-def _search(spec, items, support, evaluate, base: dict[str, str], max_exhaustive: int, who: str, side: str,
-            bar=progress.OFF) -> dict:
-    """Find the toggle settings with the lowest score; ties go to fewer changed toggles (Occam)."""
->>>>>>> cishard
     names = list(dict.fromkeys(n for n, _ in items)) or [n for n, t in TOGGLES.items() if t.applies(spec) and support.get(n, "x") is None]
     space: dict[str, list[str]] = {}
     for n in names:
@@ -306,12 +298,8 @@ def _search(spec, items, support, evaluate, base: dict[str, str], max_exhaustive
     size = math.prod(len(v) for v in space.values())
     if size <= max_exhaustive:
         method = "exhaustive"
-<<<<<<< HEAD
-        evaluated = evaluate_many([dict(zip(space, combo)) for combo in itertools.product(*space.values())])
-=======
         bar.update(total=size)  # every combination is one setting, the one already run among them
-        evaluated = [evaluate(dict(zip(space, combo))) for combo in itertools.product(*space.values())]
->>>>>>> cishard
+        evaluated = evaluate_many([dict(zip(space, combo)) for combo in itertools.product(*space.values())])
         top = min(c["fit"] for c in evaluated)
         # Occam: among settings within MARGIN of the best fit, the fewest changed toggles, then the best fit.
         best = min((c for c in evaluated if c["fit"] <= top + MARGIN), key=lambda c: (len(c["toggles"]), c["fit"]))
