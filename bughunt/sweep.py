@@ -248,7 +248,6 @@ def _isolation(choice: ImplChoice, pool) -> str:
     return "in-process" if pool is None or (choice.name == "reference" and choice.python is None) else "worker"
 
 
-<<<<<<< HEAD
 def _batch_size(spec, tokens: np.ndarray) -> int:
     """How many reference passes may step side by side: their float64 activations (the shared layer's weights are
     counted once) within a quarter of available memory, at most 16."""
