@@ -15,6 +15,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from bughunt import progress
 from bughunt.checkpoint import validate_weights
 from bughunt.errors import BughuntError
 from bughunt.implementations import DEVICES, DTYPES, ImplChoice, runner_class
@@ -107,7 +108,7 @@ def run_choice(choice: ImplChoice, checkpoint: Path, spec: Spec, dtype: str, dev
 
 def run_reference_with_floors(choice: ImplChoice, checkpoint: Path, spec: Spec, device: str, tokens: np.ndarray,
                               floor_dtypes: Sequence[str], scratch: Path, branches: bool = True,
-                              allow_pickle: bool = False) -> tuple[Trace, dict[str, Trace]]:
+                              allow_pickle: bool = False, on_step=None) -> tuple[Trace, dict[str, Trace]]:
     """The float64 reference and its noise-floor passes (the reference emulating each dtype) in one read of the
     model: the passes step through the layers side by side, sharing each layer's weights."""
     from bughunt.implementations.reference import ReferenceRunner, run_together
@@ -120,7 +121,7 @@ def run_reference_with_floors(choice: ImplChoice, checkpoint: Path, spec: Spec, 
     try:
         for r in runners:
             r.open()
-        traces = run_together(runners, tokens, [scratch / "reference-fp64"] + [scratch / f"floor-{d}" for d in dtypes])
+        traces = run_together(runners, tokens, [scratch / "reference-fp64"] + [scratch / f"floor-{d}" for d in dtypes], on_step)
     finally:
         for r in runners:
             r.close()
@@ -258,14 +259,19 @@ def compare(checkpoint: str | Path, implementations: Sequence[str | ImplChoice] 
                  "isolation": "in-process" if in_process else "worker", "status": "ok", "error": None, "meta": {}}
         trace = None
         try:
-            if choice is ref_choice and choice.name == "reference" and choice.python is None and impl_dtype == "fp64":
-                trace, floors = run_reference_with_floors(choice, checkpoint, spec, device, tokens,
-                                                          [impl_dtype_of(c) for c in choices if c is not ref_choice],
-                                                          Path(scratch.name), branches, allow_pickle)
-                floor_traces.update(floors)
-            else:
-                trace = run_choice(choice, checkpoint, spec, impl_dtype, device, tokens, None if in_process else pool,
-                                   Path(scratch.name) / f"trace{index}", branches, allow_pickle, timeout, device_map=device_map)
+            with progress.task(choice.label, unit="step") as bar:
+                if choice is ref_choice and choice.name == "reference" and choice.python is None and impl_dtype == "fp64":
+                    from reference_impls import steps
+
+                    bar.update(stage="float64 + noise-floor passes", total=steps(spec), done=0)
+                    trace, floors = run_reference_with_floors(choice, checkpoint, spec, device, tokens,
+                                                              [impl_dtype_of(c) for c in choices if c is not ref_choice],
+                                                              Path(scratch.name), branches, allow_pickle, bar.advance)
+                    floor_traces.update(floors)
+                else:
+                    bar.update(stage="loading and running" + ("" if in_process else " in its worker"))
+                    trace = run_choice(choice, checkpoint, spec, impl_dtype, device, tokens, None if in_process else pool,
+                                       Path(scratch.name) / f"trace{index}", branches, allow_pickle, timeout, device_map=device_map)
             entry["meta"] = trace.meta
         except BughuntError as e:
             entry.update(status="failed", error=str(e))

@@ -26,11 +26,19 @@ def forward(weights, spec, tokens, policy: Policy | None = None, out=None):
     return forward_many(weights, [(spec, tokens, policy, out)])[0]
 
 
-def forward_many(weights, runs) -> list:
+def steps(spec) -> int:
+    """How many steps (layers, then vocabulary chunks of the logits) one forward pass takes: for progress lines."""
+    from reference_impls._numerics import CHUNK_BYTES
+
+    chunk = max(1, CHUNK_BYTES // (8 * spec.hidden_size))
+    return spec.num_layers + -(-spec.vocab_size // chunk)
+
+
+def forward_many(weights, runs, on_step=None) -> list:
     """Several forward passes over the same weights, stepped side by side a layer (and a vocabulary chunk) at a time,
     so each tensor is read and converted to float64 once for all of them: runs are (spec, tokens, policy, out)
     tuples that may differ in everything but the family and the sizes (toggle settings, emulated dtype, input).
-    Returns the `out` of each run."""
+    `on_step()` is called after each step (a layer, or a chunk of the logits). Returns the `out` of each run."""
     import importlib
 
     shared = Shared(weights) if len(runs) > 1 else weights
@@ -45,7 +53,9 @@ def forward_many(weights, runs) -> list:
                 steps.remove(step)
         if isinstance(shared, Shared):
             shared.cache.clear()  # every pass has moved on: this step's tensors are no longer needed
+        if on_step is not None and steps:
+            on_step()
     return outs
 
 
-__all__ = ["Points", "Policy", "forward", "forward_many", "FORWARDS"]
+__all__ = ["Points", "Policy", "forward", "forward_many", "steps", "FORWARDS"]

@@ -51,7 +51,7 @@ class ReferenceRunner(Runner):
         forward(self.weights, self.spec, tokens, self.policy, out)
 
 
-def run_together(runners: list[ReferenceRunner], tokens: np.ndarray, stems: list[Path | None]) -> list[Trace]:
+def run_together(runners: list[ReferenceRunner], tokens: np.ndarray, stems: list[Path | None], on_step=None) -> list[Trace]:
     """Run several open reference runners of one checkpoint (different toggles or emulated dtypes) side by side, a
     layer at a time, so each weight is read and converted to float64 once for all of them: a search over K
     settings, or the float64 pass with its noise-floor pass, costs one read of the model instead of K."""
@@ -60,7 +60,7 @@ def run_together(runners: list[ReferenceRunner], tokens: np.ndarray, stems: list
     prepared = [r.prepare(tokens, stem) for r, stem in zip(runners, stems)]
     t = time.perf_counter()
     try:
-        forward_many(runners[0].weights, [(r.spec, ids, r.policy, out) for r, (ids, out) in zip(runners, prepared)])
+        forward_many(runners[0].weights, [(r.spec, ids, r.policy, out) for r, (ids, out) in zip(runners, prepared)], on_step)
     except BaseException:
         for _, out in prepared:
             out.abort()
