@@ -179,7 +179,7 @@ def read_shard(directory: Path) -> ShardDocument:
     except (OSError, UnicodeDecodeError) as e:
         raise BughuntError(f"cannot read {path}: {e}. Download the shard's artifact again.") from None
     try:
-        return ShardDocument.model_validate_json(text)
+        doc = ShardDocument.model_validate_json(text)
     except ValidationError as e:
         first = e.errors()[0]
         where = ".".join(str(x) for x in first["loc"]) or "the document"
@@ -187,6 +187,10 @@ def read_shard(directory: Path) -> ShardDocument:
         more = f", and {e.error_count() - 1} more problems" if e.error_count() > 1 else ""
         raise BughuntError(f"{path} is not a valid bughunt shard document: {where}: {first['msg']}{found}{more}. "
                            "It must be the shard.json a `bughunt ci --shard K/N` run wrote; run that shard again.") from None
+    if not 1 <= doc.shard.index <= doc.shard.count:
+        raise BughuntError(f"{path} is not a valid bughunt shard document: shard {doc.shard.index} of {doc.shard.count} is out of range. "
+                           "Run that shard again.")
+    return doc
 
 
 def _same_run(docs: list[tuple[Path, ShardDocument]]) -> None:

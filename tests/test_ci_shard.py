@@ -171,6 +171,8 @@ def test_merge_refuses_shards_that_are_not_one_run(sharded, capsys, tmp_path):
     refused([s1, bad], r"not a valid bughunt shard document: outcomes.0.status: Input should be 'pass', 'fail' or 'error'")
     bad = edited(s2, tmp_path / "badtype", lambda doc: doc["shard"].update(index="2"))
     refused([s1, bad], r"not a valid bughunt shard document: shard.index: Input should be a valid integer")
+    bad = edited(s2, tmp_path / "range", lambda doc: doc["shard"].update(index=3))
+    refused([s1, bad], r"shard 3 of 2 is out of range")
     bad = edited(s2, tmp_path / "dropped", lambda doc: doc["outcomes"].pop())
     refused([s1, bad], r"shard 2 of 2 should hold cells .* but holds")
     bad = edited(s2, tmp_path / "escape", lambda doc: doc["outcomes"][0].update(report="reports/../../x/report.html"))
