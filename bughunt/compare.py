@@ -407,3 +407,16 @@ def save(result: Result, out: Path, traces: dict[str, Trace] | None = None, rend
 
 def _safe(label: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in label)
+
+
+class _CallableModule(type(os)):
+    """`bughunt.compare` is both this module and the API function: importing the module (which sets the package
+    attribute `bughunt.compare` to it) must not break `bughunt.compare(checkpoint, ...)`."""
+
+    def __call__(self, *args, **kwargs) -> Result:
+        return compare(*args, **kwargs)
+
+
+import sys as _sys  # noqa: E402
+
+_sys.modules[__name__].__class__ = _CallableModule
