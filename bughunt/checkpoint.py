@@ -124,7 +124,7 @@ def validate_weights(checkpoint: Path, spec: Spec, allow_pickle: bool = False) -
     num_hidden_layers, stray tensors) no implementation reads: callers report them."""
     stored = stored_shapes(checkpoint, allow_pickle)
     expected = expected_shapes(spec)
-    check_size(expected, stored, str(Path(checkpoint) / "config.json"), weight_files(checkpoint, allow_pickle))
+    check_size(expected, stored, Path(checkpoint), weight_files(checkpoint, allow_pickle))
     inv = inventory(expected, stored, spec.num_layers)
     problems = [f"missing {name} (expected shape {shape})" for name, shape in inv.missing.items()]
     problems += [f"{name} has shape {have} but config.json implies {want}" for name, (have, want) in inv.mismatched.items()]

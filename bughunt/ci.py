@@ -34,7 +34,6 @@ import json
 import math
 import os
 import time
-import tomllib
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -45,6 +44,7 @@ import numpy as np
 
 from bughunt.errors import BughuntError
 from bughunt.implementations import DEVICES, DTYPES, ImplChoice, available
+from bughunt.inputs.documents import check_baseline_points, read_baseline_json, read_toml
 from bughunt.tiny import TINY_FAMILIES
 
 BASELINE_SCHEMA = "bughunt.baseline"
@@ -376,13 +376,9 @@ def parse_matrix(data: dict, source: Path) -> Matrix:
 
 def load_matrix(path: str | Path) -> Matrix:
     path = Path(path)
-    if not path.exists():
+    if not path.exists() and not path.is_symlink():
         raise BughuntError(f"matrix file {path} does not exist. Write one (see examples/bughunt.toml) or fix the path.")
-    try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise BughuntError(f"{path} is not valid TOML: {e}. Fix the syntax (see examples/bughunt.toml).") from None
-    return parse_matrix(data, path)
+    return parse_matrix(read_toml(path), path)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -467,10 +463,7 @@ def read_baseline(path: Path, cell: Cell, tokens: np.ndarray, branches: bool, ma
     if not path.exists():
         raise BughuntError(f"no baseline for cell {cell.id} ({path}). Record the baselines with "
                            f"`bughunt ci {matrix} --baseline {baseline_dir} --update-baseline`, review them and commit them.")
-    try:
-        doc = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise BughuntError(f"baseline {path} is not valid JSON ({e.msg} at line {e.lineno}). Restore it, or rerun with --update-baseline.") from None
+    doc = read_baseline_json(path, "Restore it, or rerun with --update-baseline.")
     if not isinstance(doc, dict) or doc.get("schema") != BASELINE_SCHEMA:
         raise BughuntError(f"{path} is not a bughunt baseline (no \"schema\": \"{BASELINE_SCHEMA}\"). Remove it, or rerun with --update-baseline.")
     if doc.get("schema_version") != BASELINE_SCHEMA_VERSION:
@@ -482,6 +475,7 @@ def read_baseline(path: Path, cell: Cell, tokens: np.ndarray, branches: bool, ma
                                f"so its numbers do not apply to cell {cell.id}. {rerun}")
     if not isinstance(doc.get("points"), list):
         raise BughuntError(f"baseline {path} has no points list. {rerun}")
+    check_baseline_points(doc["points"], path, rerun)
     return doc
 
 

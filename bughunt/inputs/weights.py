@@ -101,7 +101,7 @@ def inventory(expected: dict[str, tuple[int, ...]], stored: dict[str, tuple[tupl
     return inv
 
 
-def check_size(expected: dict[str, tuple[int, ...]], stored: dict[str, tuple[tuple[int, ...], str]], source: str,
+def check_size(expected: dict[str, tuple[int, ...]], stored: dict[str, tuple[tuple[int, ...], str]], checkpoint: Path,
                files: list[Path]) -> None:
     """Refuse a config.json that implies more values than the weight files hold (their headers were checked against
     the file sizes), before anything sized by it is allocated."""
@@ -112,7 +112,7 @@ def check_size(expected: dict[str, tuple[int, ...]], stored: dict[str, tuple[tup
         embed = expected.get("model.embed_tokens.weight")
         detail = f"; the embedding alone is {embed[0]} x {embed[1]}" if embed else ""
         raise BughuntError(
-            f"weights do not match {source}: it implies a model of {implied:.3g} parameters{detail}, but the weight files "
+            f"weights in {checkpoint} do not match config.json: it implies a model of {implied:.3g} parameters{detail}, but the weight files "
             f"hold only {held:.3g} values "
             f"({size} bytes). config.json does not describe these weights: check vocab_size, hidden_size, intermediate_size, "
             "num_hidden_layers, num_attention_heads and head_dim against the model card.")
