@@ -10,7 +10,7 @@ import numpy as np
 
 from bughunt.errors import BughuntError
 from bughunt.inputs.files import check_regular_file
-from bughunt.inputs.weights import Inventory, check_size, inventory, read_shard_index
+from bughunt.inputs.weights import Inventory, inventory, read_shard_index, size_mismatch
 from bughunt.safetensors_io import read_header, read_safetensors
 from bughunt.spec import Spec, load_spec
 
@@ -124,14 +124,14 @@ def validate_weights(checkpoint: Path, spec: Spec, allow_pickle: bool = False) -
     num_hidden_layers, stray tensors) no implementation reads: callers report them."""
     stored = stored_shapes(checkpoint, allow_pickle)
     expected = expected_shapes(spec)
-    check_size(expected, stored, Path(checkpoint), weight_files(checkpoint, allow_pickle))
     inv = inventory(expected, stored, spec.num_layers)
     problems = [f"missing {name} (expected shape {shape})" for name, shape in inv.missing.items()]
     problems += [f"{name} has shape {have} but config.json implies {want}" for name, (have, want) in inv.mismatched.items()]
     if problems:
         shown = "; ".join(problems[:6]) + (f"; and {len(problems) - 6} more" if len(problems) > 6 else "")
+        size = size_mismatch(expected, stored, weight_files(checkpoint, allow_pickle))
         raise BughuntError(
-            f"weights in {checkpoint} do not match config.json: {shown}. Check that config.json belongs to these weights "
+            f"weights in {checkpoint} do not match config.json: {f'{size}; ' if size else ''}{shown}. Check that config.json belongs to these weights "
             "(hidden_size, num_attention_heads, num_key_value_heads, head_dim, intermediate_size, vocab_size, num_hidden_layers)."
         )
     return inv

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +95,7 @@ def location(loc: tuple) -> str:
 
 
 def _expected(msg: str) -> str:
+    msg = re.sub(r" or instance of \w+", "", msg).replace("a valid dictionary", "an object")
     for lead in ("Input should be ", "Value should be ", "Value error, "):
         if msg.startswith(lead):
             return msg[len(lead):]
@@ -108,13 +110,15 @@ def validation_message(err: ValidationError, source: str, fix: str, prefix: str 
     seen: set[str] = set()
     for e in errors:
         loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and ("[" in p or p in ("function-after", "function-plain", "tagged-union"))))
-        field = prefix + location(loc) if loc else (prefix.rstrip(".") or "(top level)")
+        where = location(loc) if loc else ""
+        field = prefix + where if not prefix or where.startswith("[") or not where else f"{prefix}.{where}"
         if field in seen:
             continue
         seen.add(field)
+        subject = f"field '{field}'" if field else "the value"
         if e["type"] == "missing":
-            parts.append(f"field '{field}' is missing")
+            parts.append(f"{subject} is missing")
         else:
-            parts.append(f"field '{field}' is {found(e.get('input'))}; expected {_expected(e['msg'])}")
+            parts.append(f"{subject} is {found(e.get('input'))}; expected {_expected(e['msg'])}")
     more = f"; and {len(seen) - limit} more" if len(seen) > limit else ""
     return f"{source}: " + "; ".join(parts[:limit]) + more + f". {fix}"

@@ -101,21 +101,18 @@ def inventory(expected: dict[str, tuple[int, ...]], stored: dict[str, tuple[tupl
     return inv
 
 
-def check_size(expected: dict[str, tuple[int, ...]], stored: dict[str, tuple[tuple[int, ...], str]], checkpoint: Path,
-               files: list[Path]) -> None:
-    """Refuse a config.json that implies more values than the weight files hold (their headers were checked against
-    the file sizes), before anything sized by it is allocated."""
+def size_mismatch(expected: dict[str, tuple[int, ...]], stored: dict[str, tuple[tuple[int, ...], str]], files: list[Path]) -> str | None:
+    """A sentence when config.json implies more values than the weight files hold (their headers were checked against
+    the file sizes, so the stored shapes are backed by bytes); None otherwise."""
     implied = sum(math.prod(s) for s in expected.values())
     held = sum(math.prod(s) for s, _ in stored.values())
-    if implied > held:
-        size = sum(f.stat().st_size for f in files)
-        embed = expected.get("model.embed_tokens.weight")
-        detail = f"; the embedding alone is {embed[0]} x {embed[1]}" if embed else ""
-        raise BughuntError(
-            f"weights in {checkpoint} do not match config.json: it implies a model of {implied:.3g} parameters{detail}, but the weight files "
-            f"hold only {held:.3g} values "
-            f"({size} bytes). config.json does not describe these weights: check vocab_size, hidden_size, intermediate_size, "
-            "num_hidden_layers, num_attention_heads and head_dim against the model card.")
+    if implied <= held:
+        return None
+    size = sum(f.stat().st_size for f in files)
+    embed = expected.get("model.embed_tokens.weight")
+    detail = f" (the embedding alone is {embed[0]} x {embed[1]})" if embed else ""
+    return (f"config.json implies a model of {implied:.3g} parameters{detail}, but the weight files hold only {held:.3g} values "
+            f"({size} bytes)")
 
 
 # ---- NaN/Inf, chunk by chunk -------------------------------------------------------------------------------
