@@ -448,3 +448,20 @@ def test_corpus_size():
     """The issue asks for at least 80 named bad-input cases in all; this file holds this many of them."""
     total = len(CHECKPOINT_CASES) + len(FLAG_CASES) + len(CI_CASES) + len(RENDER_CASES) + 2
     assert total >= 60, total
+
+
+def test_compare_warns_about_layers_beyond_num_hidden_layers(tmp_path, tiny, capsys):
+    """A config that stops before the stored layers still compares (every implementation ignores the extra layers, and
+    truncating num_hidden_layers is a common way to check the first layers of a big model), but the result says so."""
+    from bughunt.cli import main
+
+    ck, out = tmp_path / "ck", tmp_path / "out"
+    shutil.copytree(tiny["llama"], ck)
+    set_config(num_hidden_layers=3)(ck)
+    argv = ["compare", str(ck), "--impl", "reference:fp32", "--reference", "reference:fp64", "--in-process", "--tokens", "2,17,99",
+            "--out", str(out)]
+    assert main(argv) == 0
+    assert "WARNING: the weights hold tensors config.json does not describe" in capsys.readouterr().out
+    finding = next(f for f in json.loads((out / "result.json").read_text())["findings"] if f["kind"] == "weights")
+    assert finding["severity"] == "warning" and "1 layer(s) beyond num_hidden_layers=3 (model.layers.3, 9 tensors)" in finding["message"]
+    assert main(argv[:-2] + ["--out", str(tmp_path / "out2"), "--fail-on-finding"]) == 1
