@@ -79,6 +79,8 @@ def json_type(v: Any) -> str:
 
 
 def found(v: Any, limit: int = 60) -> str:
+    if v is None:
+        return "null"
     text = repr(v)
     return f"{json_type(v)} {text if len(text) <= limit else text[:limit] + '...'}"
 
@@ -95,7 +97,7 @@ def location(loc: tuple) -> str:
 
 
 def _expected(msg: str) -> str:
-    msg = re.sub(r" or instance of \w+", "", msg).replace("a valid dictionary", "an object")
+    msg = re.sub(r" or instance of \w+", "", msg).replace("a valid dictionary", "an object").replace("a valid tuple", "a list [start, end]")
     for lead in ("Input should be ", "Value should be ", "Value error, "):
         if msg.startswith(lead):
             return msg[len(lead):]
