@@ -17,6 +17,7 @@ import numpy as np
 
 from bughunt.checkpoint import validate_weights
 from bughunt.errors import BughuntError
+from bughunt.inputs.flags import positive
 from bughunt.inputs.tokens import parse_token_text, read_token_file
 from bughunt.implementations import DEVICES, DTYPES, ImplChoice, runner_class
 from bughunt.metrics import UNIT_ROUNDOFF, compare_traces
@@ -154,6 +155,7 @@ def compare(checkpoint: str | Path, implementations: Sequence[str | ImplChoice] 
         raise BughuntError(f"unknown device '{device}'. Use one of: {', '.join(DEVICES)}.")
     if not floor_factor > 0:
         raise BughuntError(f"--floor-factor must be positive, got {floor_factor}.")
+    positive(timeout, "--timeout", "seconds an implementation's worker may take per run")
     spec = load_spec(checkpoint)
     weights = validate_weights(checkpoint, spec, allow_pickle)
     tokens = default_tokens(spec) if tokens is None else np.atleast_2d(np.asarray(tokens, dtype=np.int64))
