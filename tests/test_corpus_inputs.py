@@ -476,3 +476,17 @@ def test_compare_warns_about_layers_beyond_num_hidden_layers(tmp_path, tiny, cap
     finding = next(f for f in json.loads((out / "result.json").read_text())["findings"] if f["kind"] == "weights")
     assert finding["severity"] == "warning" and "1 layer(s) beyond num_hidden_layers=3 (model.layers.3, 9 tensors)" in finding["message"]
     assert main(argv[:-2] + ["--out", str(tmp_path / "out2"), "--fail-on-finding"]) == 1
+
+
+def test_sweep_and_decode_results_pass_the_result_schema(tiny):
+    """render validates result.json before drawing; what sweep and decode write must pass that validation."""
+    from bughunt.decode import decode_check
+    from bughunt.inputs.documents import check_result
+    from bughunt.sweep import sweep
+
+    ck = tiny["llama"]
+    for mode, toggles in (("one-at-a-time", ["rms_eps=1e-5"]), ("search", ["rms_eps"])):
+        result = sweep(ck, impl="reference:fp32", toggles=toggles, mode=mode, tokens=[[2, 17, 99, 5]])
+        assert check_result(json.loads(result.to_json()), f"sweep {mode}")["sweep"]["mode"] == mode
+    result = decode_check(ck, impl="reference:fp32", reference="reference:fp64", tokens=[[2, 17, 99, 5, 8]], prefill=2)
+    assert check_result(json.loads(result.to_json()), "decode")["decode"]["prefill"] == 2
