@@ -31,6 +31,10 @@ def format_summary(result) -> str:
     for f in d["findings"]:
         if f["severity"] != "info":
             lines.append(f"  {f['severity'].upper()}: {f['message']}")
+    if d.get("schedule"):
+        sch = d["schedule"]
+        lines.append(f"  memory plan: {'side by side' if sch['side_by_side'] else 'one after another'} within {sch['budget_gb']} GB "
+                     f"({sch['budget_source']}); estimated peaks " + ", ".join(f"{e['label']} ~{e['peak_gb']} GB" for e in sch["estimates"]))
     return "\n".join(lines)
 
 
@@ -46,6 +50,12 @@ def _tokens(args, spec=None):
     return None
 
 
+def _max_memory(args) -> int | None:
+    from bughunt.memory import parse_size
+
+    return parse_size(args.max_memory) if getattr(args, "max_memory", None) else None
+
+
 def cmd_compare(args) -> int:
     from bughunt.compare import compare
 
@@ -53,7 +63,7 @@ def cmd_compare(args) -> int:
     result = compare(args.checkpoint, implementations=args.impl or ["hf", "reference"], reference=args.reference,
                      dtype=args.dtype, device=args.device, tokens=_tokens(args), out=out, floor_factor=args.floor_factor,
                      branches=not args.no_branches, allow_pickle=args.allow_pickle, isolate=not args.in_process,
-                     timeout=args.timeout)
+                     timeout=args.timeout, max_memory=_max_memory(args), device_map=args.device_map)
     print(format_summary(result))
     print(f"wrote {out}/result.json, {out}/layers.png, {out}/layers.svg, {out}/report.html")
     if args.fail_on_finding and any(f["severity"] in ("error", "warning") for f in result.findings):
@@ -187,6 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--fail-on-finding", action="store_true", help="exit 1 when any implementation departs or fails")
     c.add_argument("--in-process", action="store_true", help="run every implementation in this process instead of worker processes")
     c.add_argument("--timeout", type=float, default=600.0, help="seconds an implementation's worker may take per run (default 600)")
+    c.add_argument("--max-memory", metavar="SIZE", help="memory the run may use, e.g. 20G (default: what the OS reports available); "
+                   "implementations run side by side only when their estimated peaks fit, one after another otherwise, "
+                   "and a run that cannot fit is refused before it starts")
+    c.add_argument("--device-map", choices=["auto"], help="load hf through accelerate's device map: spread over GPUs, "
+                   "CPU and disk offload for a model larger than memory (hooks still capture every layer)")
     c.set_defaults(func=cmd_compare)
 
     w = sub.add_parser("sweep", help="run one implementation under toggle settings; search for the ones that explain a divergence")

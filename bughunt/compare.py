@@ -61,49 +61,97 @@ def _choices(implementations: Iterable[str | ImplChoice], reference: str) -> tup
 
 
 def run_implementation(choice: ImplChoice, checkpoint: Path, spec: Spec, dtype: str, device: str, tokens: np.ndarray,
-                       branches: bool = True, allow_pickle: bool = False, **runner_kwargs) -> Trace:
-    """Open, run and close one implementation in this process."""
+                       branches: bool = True, allow_pickle: bool = False, stem: Path | None = None, **runner_kwargs) -> Trace:
+    """Open, run and close one implementation in this process. With `stem` the trace streams to disk there."""
     cls = runner_class(choice.name)
     with cls(checkpoint, spec, dtype, device, branches=branches, label=choice.label, allow_pickle=allow_pickle, **runner_kwargs) as runner:
-        return runner.run(tokens)
+        return runner.run(tokens, stem)
 
 
 def run_choice(choice: ImplChoice, checkpoint: Path, spec: Spec, dtype: str, device: str, tokens: np.ndarray, pool=None,
                stem: Path | None = None, branches: bool = True, allow_pickle: bool = False, timeout: float | None = None,
-               toggles: dict | None = None) -> Trace:
+               toggles: dict | None = None, device_map: str | None = None) -> Trace:
     """Run one implementation: in this process when `pool` is None or it is the plain in-process reference, otherwise
     as a job for its worker (the trace comes back through the file `stem`)."""
     toggles = {**choice.toggle_dict, **(toggles or {})}
+    extra = {"device_map": device_map} if device_map and choice.name == "hf" else {}
     if pool is None or (choice.name == "reference" and choice.python is None):
-        return run_implementation(choice, checkpoint, spec, dtype, device, tokens, branches, allow_pickle, toggles=toggles)
+        return run_implementation(choice, checkpoint, spec, dtype, device, tokens, branches, allow_pickle, stem,
+                                  toggles=toggles, **extra)
     job = {"checkpoint": str(Path(checkpoint).resolve()), "name": choice.name, "choice_dtype": choice.dtype, "dtype": dtype,
            "device": device, "tokens": np.asarray(tokens).tolist(), "branches": branches, "allow_pickle": allow_pickle,
-           "label": choice.label, "out_stem": str(stem), "toggles": toggles}
+           "label": choice.label, "out_stem": str(stem), "toggles": toggles, "runner_kwargs": extra}
     pool.run(choice.name, choice.python, job, timeout)
     return Trace.load(stem)
 
 
+def run_reference_with_floors(choice: ImplChoice, checkpoint: Path, spec: Spec, device: str, tokens: np.ndarray,
+                              floor_dtypes: Sequence[str], scratch: Path, branches: bool = True,
+                              allow_pickle: bool = False) -> tuple[Trace, dict[str, Trace]]:
+    """The float64 reference and its noise-floor passes (the reference emulating each dtype) in one read of the
+    model: the passes step through the layers side by side, sharing each layer's weights."""
+    from bughunt.implementations.reference import ReferenceRunner, run_together
+
+    dtypes = [d for d in dict.fromkeys(floor_dtypes) if d != "fp64"]
+    runners = [ReferenceRunner(checkpoint, spec, "fp64", device, branches=branches, label=choice.label,
+                               allow_pickle=allow_pickle, toggles=choice.toggle_dict)]
+    runners += [ReferenceRunner(checkpoint, spec, d, "cpu", branches=branches, label=f"reference:{d}", allow_pickle=allow_pickle)
+                for d in dtypes]
+    try:
+        for r in runners:
+            r.open()
+        traces = run_together(runners, tokens, [scratch / "reference-fp64"] + [scratch / f"floor-{d}" for d in dtypes])
+    finally:
+        for r in runners:
+            r.close()
+    return traces[0], dict(zip(dtypes, traces[1:]))
+
+
 def noise_floor(checkpoint: Path, spec: Spec, dtype: str, tokens: np.ndarray, fp64: Trace | None = None,
-                allow_pickle: bool = False) -> dict:
+                allow_pickle: bool = False, scratch: Path | None = None, emulated: Trace | None = None) -> dict:
     """The divergence a correct implementation at `dtype` shows against float64: the reference emulating the
-    family's HF rounding policy at that dtype, against the unrounded reference. Never below the dtype's unit roundoff."""
+    family's HF rounding policy at that dtype, against the unrounded reference. Never below the dtype's unit roundoff.
+    With `scratch`, the reference traces stream to files there instead of memory."""
+    stem = (lambda name: Path(scratch) / name) if scratch is not None else (lambda name: None)
+    timings = {}
+    if fp64 is None and scratch is not None and dtype != "fp64":  # both passes in one read of the model
+        fp64, floors = run_reference_with_floors(ImplChoice("reference", "fp64"), checkpoint, spec, "cpu", tokens, [dtype],
+                                                 Path(scratch), allow_pickle=allow_pickle)
+        emulated = floors[dtype]
     if fp64 is None:
-        fp64 = run_implementation(ImplChoice("reference", "fp64"), checkpoint, spec, "fp64", "cpu", tokens, allow_pickle=allow_pickle)
+        fp64 = run_implementation(ImplChoice("reference", "fp64"), checkpoint, spec, "fp64", "cpu", tokens,
+                                  allow_pickle=allow_pickle, stem=stem("floor-fp64"))
+        timings["fp64_forward_s"] = fp64.meta["timings"]["forward_s"]
     u = UNIT_ROUNDOFF[dtype]
     if dtype == "fp64":
         measured = {p: {"point": p, "rel_l2": 0.0, "l2": 0.0} for p in fp64.points()}
     else:
-        emulated = run_implementation(ImplChoice("reference", dtype), checkpoint, spec, dtype, "cpu", tokens, allow_pickle=allow_pickle)
+        if emulated is None:
+            emulated = run_implementation(ImplChoice("reference", dtype), checkpoint, spec, dtype, "cpu", tokens,
+                                          allow_pickle=allow_pickle, stem=stem(f"floor-{dtype}"))
+        timings["emulated_forward_s"] = emulated.meta["timings"]["forward_s"]
         measured = {m["point"]: m for m in compare_traces(emulated, fp64)}
     points = {}
     for p in fp64.points():
-        ref_norm = float(np.linalg.norm(fp64.arrays[p]))
+        ref_norm = _norm(fp64.arrays[p])
         rel = measured[p]["rel_l2"] or 0.0
         points[p] = {"rel_l2": rel, "l2": measured[p]["l2"] or 0.0, "floor_rel_l2": max(rel, u), "ref_norm": ref_norm}
         per_pos = (measured[p].get("per_position") or {}).get("rel_l2")
         if per_pos is not None:
             points[p]["floor_rel_l2_per_position"] = [max(v or 0.0, u) for v in per_pos]
-    return {"dtype": dtype, "unit_roundoff": u, "method": "reference emulating the family's rounding policy vs float64", "points": points}
+    return {"dtype": dtype, "unit_roundoff": u, "method": "reference emulating the family's rounding policy vs float64",
+            "timings": timings, "points": points}
+
+
+def _norm(array: np.ndarray) -> float:
+    """L2 norm of a (possibly memory-mapped) array, read a block at a time."""
+    from bughunt.safetensors_io import release
+
+    flat = array.reshape(-1) if array.ndim else array.reshape(1)
+    step = 4 << 20
+    total = sum(float(np.dot(c, c)) for c in (np.asarray(flat[i:i + step], dtype=np.float64) for i in range(0, flat.size, step)))
+    release(array)
+    return float(np.sqrt(total))
 
 
 def judge(points: list[dict], floor: dict, factor: float) -> tuple[list[dict], str | None]:
@@ -143,11 +191,14 @@ def compare(checkpoint: str | Path, implementations: Sequence[str | ImplChoice] 
             reference: str = "reference", dtype: str = "fp32", device: str = "cpu",
             tokens: Sequence[int] | np.ndarray | None = None, out: str | Path | None = None,
             floor_factor: float = DEFAULT_FLOOR_FACTOR, branches: bool = True, allow_pickle: bool = False,
-            render: bool = True, isolate: bool = True, timeout: float | None = None, pool=None) -> Result:
+            render: bool = True, isolate: bool = True, timeout: float | None = None, pool=None,
+            max_memory: int | None = None, device_map: str | None = None) -> Result:
     """Compare implementations of one checkpoint layer by layer. Returns the Result; writes files when `out` is set.
 
     With `isolate` (the default) every implementation except the in-process float64 reference runs in a worker
-    process (`pool`, a bughunt.worker.WorkerPool, may be shared across calls so libraries load once)."""
+    process (`pool`, a bughunt.worker.WorkerPool, may be shared across calls so libraries load once). Workers run
+    side by side when their estimated peaks fit in memory (`max_memory` bytes, default what is available), one
+    after another otherwise; a run that cannot fit is refused before anything starts. Traces stream to disk."""
     checkpoint = Path(checkpoint)
     if dtype not in DTYPES:
         raise BughuntError(f"unknown dtype '{dtype}'. Use one of: {', '.join(DTYPES)}.")
@@ -165,22 +216,37 @@ def compare(checkpoint: str | Path, implementations: Sequence[str | ImplChoice] 
         raise BughuntError(f"token ids must lie in [0, {spec.vocab_size}) for this checkpoint (vocab_size); got [{tokens.min()}, {tokens.max()}].")
     choices, ref_choice = _choices(implementations, reference)
 
+    from bughunt import memory
     from bughunt.worker import WorkerFailure, WorkerPool
 
+    if device_map not in (None, "auto"):
+        raise BughuntError(f"--device-map {device_map!r} is not supported; use --device-map auto.")
+    impl_dtype_of = lambda c: c.dtype or ("fp64" if c.name == "reference" else dtype)  # noqa: E731
+    schedule = memory.plan([memory.estimate(c.name, c.label, spec, impl_dtype_of(c), tokens.shape, device, device_map)
+                            for c in choices], max_memory, tokens.shape[1], dtype)
+
     traces: dict[str, Trace] = {}
+    floor_traces: dict[str, Trace] = {}
     entries = []
     own_pool = pool is None and isolate
     pool = pool or (WorkerPool() if isolate else None)
     scratch = tempfile.TemporaryDirectory(prefix="bughunt-traces-")
+
     def attempt(choice: ImplChoice, index: int) -> tuple[dict, Trace | None]:
-        impl_dtype = choice.dtype or ("fp64" if choice.name == "reference" else dtype)
+        impl_dtype = impl_dtype_of(choice)
         in_process = not isolate or (choice.name == "reference" and choice.python is None)
         entry = {"label": choice.label, "name": choice.name, "dtype": impl_dtype, "device": device, "python": choice.python,
                  "isolation": "in-process" if in_process else "worker", "status": "ok", "error": None, "meta": {}}
         trace = None
         try:
-            trace = run_choice(choice, checkpoint, spec, impl_dtype, device, tokens, None if in_process else pool,
-                               Path(scratch.name) / f"trace{index}", branches, allow_pickle, timeout)
+            if choice is ref_choice and choice.name == "reference" and choice.python is None and impl_dtype == "fp64":
+                trace, floors = run_reference_with_floors(choice, checkpoint, spec, device, tokens,
+                                                          [impl_dtype_of(c) for c in choices if c is not ref_choice],
+                                                          Path(scratch.name), branches, allow_pickle)
+                floor_traces.update(floors)
+            else:
+                trace = run_choice(choice, checkpoint, spec, impl_dtype, device, tokens, None if in_process else pool,
+                                   Path(scratch.name) / f"trace{index}", branches, allow_pickle, timeout, device_map=device_map)
             entry["meta"] = trace.meta
         except BughuntError as e:
             entry.update(status="failed", error=str(e))
@@ -193,27 +259,47 @@ def compare(checkpoint: str | Path, implementations: Sequence[str | ImplChoice] 
         return entry, trace
 
     try:
-        # Jobs for one worker run in order; different workers (implementations, interpreters) run side by side.
-        groups: dict[tuple, list[tuple[int, ImplChoice]]] = {}
-        for i, choice in enumerate(choices):
-            groups.setdefault((choice.name, choice.python), []).append((i, choice))
-        results: dict[int, tuple[dict, Trace | None]] = {}
+        try:
+            # Jobs for one worker run in order; different workers (implementations, interpreters) run side by side
+            # when the memory plan allows it, one after another otherwise.
+            groups: dict[tuple, list[tuple[int, ImplChoice]]] = {}
+            for i, choice in enumerate(choices):
+                groups.setdefault((choice.name, choice.python), []).append((i, choice))
+            results: dict[int, tuple[dict, Trace | None]] = {}
+            order: list[str] = []
 
-        def run_group(items):
-            for i, choice in items:
-                results[i] = attempt(choice, i)
+            def run_group(items):
+                for i, choice in items:
+                    order.append(choice.label)
+                    results[i] = attempt(choice, i)
+                    if own_pool and not schedule.side_by_side:
+                        pool.stop(choice.name, choice.python)  # its memory goes back before the next one starts
 
-        with ThreadPoolExecutor(max_workers=max(1, min(len(groups), os.cpu_count() or 1))) as executor:
-            list(executor.map(run_group, groups.values()))
-        for i in range(len(choices)):
-            entry, trace = results[i]
-            if trace is not None:
-                traces[entry["label"]] = trace
-            entries.append(entry)
+            parallel = max(1, min(len(groups), os.cpu_count() or 1)) if schedule.side_by_side else 1
+            with ThreadPoolExecutor(max_workers=parallel) as executor:
+                list(executor.map(run_group, groups.values()))
+            for i in range(len(choices)):
+                entry, trace = results[i]
+                if trace is not None:
+                    traces[entry["label"]] = trace
+                entries.append(entry)
+        finally:
+            if own_pool:
+                pool.close()
+        result = _judge_and_report(checkpoint, spec, choices, ref_choice, entries, traces, tokens, dtype, device,
+                                   floor_factor, branches, allow_pickle, Path(scratch.name),
+                                   {**schedule.as_dict(), "order": order}, floor_traces)
+        if out is not None:
+            save(result, Path(out), traces, render=render)
+        return result
     finally:
+        traces.clear()
+        floor_traces.clear()
         scratch.cleanup()
-        if own_pool:
-            pool.close()
+
+
+def _judge_and_report(checkpoint, spec, choices, ref_choice, entries, traces, tokens, dtype, device, floor_factor,
+                      branches, allow_pickle, scratch: Path, schedule: dict, floor_traces: dict[str, Trace]) -> Result:
     ref_entry = next(e for e in entries if e["label"] == ref_choice.label)
     if ref_entry["status"] != "ok":
         raise BughuntError(f"the reference implementation {ref_choice.label} failed: {ref_entry['error']}")
@@ -231,7 +317,8 @@ def compare(checkpoint: str | Path, implementations: Sequence[str | ImplChoice] 
                              "message": f"{entry['label']} failed: {entry['error']}"})
             continue
         if entry["dtype"] not in floors:
-            floors[entry["dtype"]] = noise_floor(checkpoint, spec, entry["dtype"], tokens, fp64, allow_pickle)
+            floors[entry["dtype"]] = noise_floor(checkpoint, spec, entry["dtype"], tokens, fp64, allow_pickle, scratch,
+                                                 floor_traces.get(entry["dtype"]) if fp64 is not None else None)
         floor = floors[entry["dtype"]]
         points, first = judge(compare_traces(traces[entry["label"]], reference_trace), floor, floor_factor)
         comparisons.append({"candidate": entry["label"], "reference": ref_choice.label, "dtype": entry["dtype"],
@@ -262,16 +349,14 @@ def compare(checkpoint: str | Path, implementations: Sequence[str | ImplChoice] 
         "checkpoint": {"path": str(checkpoint), "spec": spec.to_dict()},
         "inputs": {"tokens": tokens.tolist()},
         "settings": {"dtype": dtype, "device": device, "reference": ref_choice.label, "floor_factor": floor_factor, "branches": branches},
+        "schedule": schedule,
         "environment": environment(),
         "implementations": entries,
         "noise_floor": floors,
         "comparisons": comparisons,
         "findings": findings,
     }
-    result = Result(data)
-    if out is not None:
-        save(result, Path(out), traces, render=render)
-    return result
+    return Result(data)
 
 
 def _summary(points: list[dict]) -> dict:
@@ -287,9 +372,9 @@ def save(result: Result, out: Path, traces: dict[str, Trace] | None = None, rend
     from bughunt import report
 
     def write(tmp: Path) -> None:
-        for label, trace in (traces or {}).items():
+        for label, trace in list((traces or {}).items()):
             stem = tmp / "traces" / _safe(label)
-            trace.save(stem)
+            traces[label] = trace.move(stem)  # a rename from the scratch folder, not a copy through memory
             for entry in result.data["implementations"]:
                 if entry["label"] == label:
                     entry["trace"] = f"traces/{_safe(label)}.safetensors"

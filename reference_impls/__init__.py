@@ -1,10 +1,12 @@
 """Float64 numpy forward passes written from the papers and configs, one file per family.
 
-Each `forward(weights, spec, tokens, policy)` returns the capture points as float64 arrays:
-`embed`, `layer.{i}`, `layer.{i}.attn`, `layer.{i}.mlp`, `final_norm`, `logits`.
+Each `forward(weights, spec, tokens, policy, out)` writes the capture points into `out` as float64 arrays, in
+forward order, as soon as each is computed: `embed`, `layer.{i}`, `layer.{i}.attn`, `layer.{i}.mlp`,
+`final_norm`, `logits`. `weights` maps names to arrays in their stored dtype (memory-mapped from the
+checkpoint); each is converted to float64 only while its layer runs.
 """
 
-from reference_impls._numerics import Policy
+from reference_impls._numerics import Points, Policy, Shared
 
 FORWARDS = {
     "gemma": "reference_impls.gemma",
@@ -18,12 +20,32 @@ FORWARDS = {
 }
 
 
-def forward(weights, spec, tokens, policy: Policy | None = None):
-    """Run the reference forward pass for spec.family."""
+def forward(weights, spec, tokens, policy: Policy | None = None, out=None):
+    """Run the reference forward pass for spec.family. `out` receives the capture points (a bughunt TraceWriter
+    streams them to disk); by default they are kept in memory and returned."""
+    return forward_many(weights, [(spec, tokens, policy, out)])[0]
+
+
+def forward_many(weights, runs) -> list:
+    """Several forward passes over the same weights, stepped side by side a layer (and a vocabulary chunk) at a time,
+    so each tensor is read and converted to float64 once for all of them: runs are (spec, tokens, policy, out)
+    tuples that may differ in everything but the family and the sizes (toggle settings, emulated dtype, input).
+    Returns the `out` of each run."""
     import importlib
 
-    module = importlib.import_module(FORWARDS[spec.family])
-    return module.forward(weights, spec, tokens, policy or Policy())
+    shared = Shared(weights) if len(runs) > 1 else weights
+    outs, steps = [], []
+    for spec, tokens, policy, out in runs:
+        module = importlib.import_module(FORWARDS[spec.family])
+        outs.append(Points() if out is None else out)
+        steps.append(module.forward(shared, spec, tokens, policy or Policy(), outs[-1]))
+    while steps:
+        for step in list(steps):
+            if next(step, StopIteration) is StopIteration:
+                steps.remove(step)
+        if isinstance(shared, Shared):
+            shared.cache.clear()  # every pass has moved on: this step's tensors are no longer needed
+    return outs
 
 
-__all__ = ["Policy", "forward", "FORWARDS"]
+__all__ = ["Points", "Policy", "forward", "forward_many", "FORWARDS"]

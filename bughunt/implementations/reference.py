@@ -1,13 +1,18 @@
 """The `reference` implementation: the float64 numpy forward passes in reference_impls/. At fp64 it
-rounds nowhere; at another dtype it emulates that dtype's rounding policy step by step."""
+rounds nowhere; at another dtype it emulates that dtype's rounding policy step by step. Weights are
+memory-mapped and converted one tensor at a time; capture points stream into the trace as they are made."""
 
 from __future__ import annotations
+
+import time
+from pathlib import Path
 
 import numpy as np
 
 from bughunt.checkpoint import load_weights
 from bughunt.errors import BughuntError
 from bughunt.implementations.base import Runner
+from bughunt.trace import Trace
 
 
 class ReferenceRunner(Runner):
@@ -35,16 +40,34 @@ class ReferenceRunner(Runner):
             if rope.type not in SUPPORTED_ROPE_TYPES:
                 raise BughuntError(f"the reference does not implement rope_type '{rope.type}' yet (supports: {', '.join(SUPPORTED_ROPE_TYPES)}).")
 
-    def _open(self) -> None:
-        self.weights = load_weights(self.checkpoint, self.spec, self.allow_pickle)
+    trace_dtype = np.float64
 
-    def _run(self, tokens: np.ndarray) -> dict[str, np.ndarray]:
+    def _open(self) -> None:
+        self.weights = load_weights(self.checkpoint, self.spec, self.allow_pickle)  # memory-mapped: nothing read yet
+
+    def _run(self, tokens: np.ndarray, out) -> None:
         from reference_impls import forward
 
-        arrays = forward(self.weights, self.spec, tokens, self.policy)
-        if not self.branches:
-            arrays = {k: v for k, v in arrays.items() if not k.endswith((".attn", ".mlp"))}
-        return arrays
+        forward(self.weights, self.spec, tokens, self.policy, out)
+
+
+def run_together(runners: list[ReferenceRunner], tokens: np.ndarray, stems: list[Path | None]) -> list[Trace]:
+    """Run several open reference runners of one checkpoint (different toggles or emulated dtypes) side by side, a
+    layer at a time, so each weight is read and converted to float64 once for all of them: a search over K
+    settings, or the float64 pass with its noise-floor pass, costs one read of the model instead of K."""
+    from reference_impls import forward_many
+
+    prepared = [r.prepare(tokens, stem) for r, stem in zip(runners, stems)]
+    t = time.perf_counter()
+    try:
+        forward_many(runners[0].weights, [(r.spec, ids, r.policy, out) for r, (ids, out) in zip(runners, prepared)])
+    except BaseException:
+        for _, out in prepared:
+            out.abort()
+        raise
+    seconds = time.perf_counter() - t
+    return [r.finish(out, ids, seconds / len(runners), together_s=seconds, together_with=len(runners))
+            for r, (ids, out) in zip(runners, prepared)]
 
     def _close(self) -> None:
         self.weights = None
