@@ -289,6 +289,11 @@ def compare(checkpoint: str | Path, implementations: Sequence[str | ImplChoice] 
         result = _judge_and_report(checkpoint, spec, choices, ref_choice, entries, traces, tokens, dtype, device,
                                    floor_factor, branches, allow_pickle, Path(scratch.name),
                                    {**schedule.as_dict(), "order": order}, floor_traces)
+        if weights.unexpected:  # every implementation ignores them, so the comparison stands; the mismatch is still reported
+            result.findings.append({"severity": "warning", "kind": "weights", "implementation": None, "point": None,
+                                    "message": "the weights hold tensors config.json does not describe, which no implementation "
+                                               f"reads: {weights.describe_unexpected(spec.num_layers)}. Check that config.json "
+                                               "belongs to these weights (bughunt lint lists them)."})
         if out is not None:
             save(result, Path(out), traces, render=render)
         return result
@@ -334,11 +339,6 @@ def _judge_and_report(checkpoint, spec, choices, ref_choice, entries, traces, to
                                          f"is {p['ratio_to_floor']:.1f}x the {entry['dtype']} noise floor ({p['floor_rel_l2']:.1e})")})
     for note in spec.notes:
         findings.append({"severity": "info", "kind": "config", "implementation": None, "point": None, "message": note})
-    if weights.unexpected:  # every implementation ignores them, so the comparison stands; the mismatch is still reported
-        findings.append({"severity": "warning", "kind": "weights", "implementation": None, "point": None,
-                         "message": f"the weights hold tensors config.json does not describe, which no implementation reads: "
-                                    f"{weights.describe_unexpected(spec.num_layers)}. Check that config.json belongs to these "
-                                    "weights (bughunt lint lists them)."})
 
     data = {
         "schema": "bughunt.result",
