@@ -44,7 +44,8 @@ from typing import Any, Callable
 import numpy as np
 
 from bughunt.errors import BughuntError
-from bughunt.implementations import DEVICES, DTYPES, ImplChoice, available
+from bughunt.implementations import DEVICES, DTYPES, ImplChoice, available, require_device
+from bughunt.output import check_output_dir, check_output_file, write_output_dir, write_output_file
 from bughunt.tiny import TINY_FAMILIES
 
 BASELINE_SCHEMA = "bughunt.baseline"
@@ -713,6 +714,9 @@ class CiRun:
 
     @property
     def exit_code(self) -> int:
+        """0 every cell passes; 1 a regression (or a failed cell among compared ones); 2 nothing could be compared."""
+        if self.outcomes and all(o.status == "error" for o in self.outcomes):
+            return 2
         return 1 if self.failed else 0
 
 
@@ -758,6 +762,7 @@ def _plan(matrix: Matrix, baseline_dir: Path, update: bool) -> list[_Group]:
             if matched and any(fnmatch.fnmatchcase(p, rule.points) for p in points):
                 points_seen[rule.index] = True
         for device in entry.devices:
+            require_device(device, f"{where}: devices")
             cells = [c for c in cells_all if c.device == device]
             baselines = {c.id: None if update else read_baseline(baseline_dir / c.baseline_name, c, tokens, matrix.branches,
                                                                   matrix.source, baseline_dir) for c in cells}
@@ -827,31 +832,43 @@ def run_ci(matrix_path: str | Path, baseline_dir: str | Path, update_baseline: b
                            f"`bughunt ci {matrix.source} --baseline {baseline_dir} --update-baseline`, review them and commit them.")
     out = Path(out) if out is not None else Path("reports") / "ci"
     groups = _plan(matrix, baseline_dir, update_baseline)
+    checkpoints = [("the checkpoint", g.path) for g in groups]
+    protect = checkpoints + [("the matrix file", matrix.source), ("the baseline directory", baseline_dir)]
+    check_output_dir(out, "ci", protect)
+    baseline_protect = checkpoints + [("the --out directory", out)]
+    if update_baseline:
+        if baseline_dir.exists() and not baseline_dir.is_dir():
+            raise BughuntError(f"--baseline {baseline_dir} is a file, not a directory. Give the directory that holds (or will hold) "
+                               "the baseline files.")
+        for g in groups:
+            for c in g.cells:
+                check_output_file(baseline_dir / c.baseline_name, BASELINE_SCHEMA, baseline_protect, "--baseline")
     log(f"bughunt ci: {sum(len(g.cells) for g in groups)} cells from {matrix.source}"
         + (" (recording baselines)" if update_baseline else f", baselines in {baseline_dir}"))
-    out.mkdir(parents=True, exist_ok=True)
-    outcomes: list[CellOutcome] = []
+    run = CiRun(matrix, baseline_dir, out, update_baseline, [], 0.0)
     from bughunt.worker import WorkerPool
 
-    with WorkerPool() as pool:  # one worker per implementation and interpreter serves every cell
-        for group in groups:
-            outcomes += _run_group(group, matrix, out, log, pool)
+    def write(tmp: Path) -> None:
+        with WorkerPool() as pool:  # one worker per implementation and interpreter serves every cell
+            for group in groups:
+                run.outcomes += _run_group(group, matrix, tmp, log, pool)
+        if baseline_dir.is_dir():
+            names = {c.baseline_name for g in groups for c in g.cells}
+            run.stale_baselines = sorted(p for p in baseline_dir.glob("*.json") if p.name not in names)
+        run.seconds = time.perf_counter() - t0
+        write_outputs(run, tmp)
 
-    run = CiRun(matrix, baseline_dir, out, update_baseline, outcomes, 0.0)
-    if update_baseline:
-        baseline_dir.mkdir(parents=True, exist_ok=True)
+    write_output_dir(out, "ci", write, protect)
+    outcomes = run.outcomes
+    if update_baseline:  # after the reports are in place, each file replaced atomically
         by_id = {g_cell.id: g for g in groups for g_cell in g.cells}
         for o in outcomes:
             if o.comparison is None:
                 continue
             path = baseline_dir / o.cell.baseline_name
-            _write_file(path, dump_baseline(baseline_document(o.cell, o.comparison, by_id[o.cell.id].tokens, matrix.branches)))
+            write_output_file(path, dump_baseline(baseline_document(o.cell, o.comparison, by_id[o.cell.id].tokens, matrix.branches)),
+                              BASELINE_SCHEMA, baseline_protect, "--baseline")
             run.written_baselines.append(path)
-    if baseline_dir.is_dir():
-        names = {c.baseline_name for g in groups for c in g.cells}
-        run.stale_baselines = sorted(p for p in baseline_dir.glob("*.json") if p.name not in names)
-    run.seconds = time.perf_counter() - t0
-    write_outputs(run)
     for o in run.failed:
         log(o.details)
     if run.written_baselines:
@@ -936,8 +953,10 @@ def index_html(run: CiRun) -> str:
             + "".join(rows) + "</table>\n")
 
 
-def write_outputs(run: CiRun) -> None:
-    run.out.mkdir(parents=True, exist_ok=True)
-    _write_file(run.out / "junit.xml", junit_xml(run))
-    _write_file(run.out / "summary.md", markdown_summary(run))
-    _write_file(run.out / "index.html", index_html(run))
+def write_outputs(run: CiRun, directory: Path | None = None) -> None:
+    """JUnit XML, the Markdown summary and the HTML index, into `directory` (default run.out)."""
+    directory = Path(directory) if directory is not None else run.out
+    directory.mkdir(parents=True, exist_ok=True)
+    _write_file(directory / "junit.xml", junit_xml(run))
+    _write_file(directory / "summary.md", markdown_summary(run))
+    _write_file(directory / "index.html", index_html(run))

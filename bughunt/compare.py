@@ -19,6 +19,7 @@ from bughunt.checkpoint import validate_weights
 from bughunt.errors import BughuntError
 from bughunt.implementations import DEVICES, DTYPES, ImplChoice, runner_class
 from bughunt.metrics import UNIT_ROUNDOFF, compare_traces
+from bughunt.output import check_output_dir
 from bughunt.result import SCHEMA_VERSION, Result, environment, write_atomically
 from bughunt.spec import Spec, load_spec
 from bughunt.trace import Trace
@@ -163,12 +164,19 @@ def compare(checkpoint: str | Path, implementations: Sequence[str | ImplChoice] 
             reference: str = "reference", dtype: str = "fp32", device: str = "cpu",
             tokens: Sequence[int] | np.ndarray | None = None, out: str | Path | None = None,
             floor_factor: float = DEFAULT_FLOOR_FACTOR, branches: bool = True, allow_pickle: bool = False,
-            render: bool = True, isolate: bool = True, timeout: float | None = None, pool=None) -> Result:
+            render: bool = True, isolate: bool = True, timeout: float | None = None, pool=None,
+            require_comparison: bool = False) -> Result:
     """Compare implementations of one checkpoint layer by layer. Returns the Result; writes files when `out` is set.
 
     With `isolate` (the default) every implementation except the in-process float64 reference runs in a worker
-    process (`pool`, a bughunt.worker.WorkerPool, may be shared across calls so libraries load once)."""
+    process (`pool`, a bughunt.worker.WorkerPool, may be shared across calls so libraries load once).
+    With `require_comparison` (the CLI), a run in which no candidate could be compared raises BughuntError and
+    writes nothing."""
     checkpoint = Path(checkpoint)
+    if out is not None:
+        check_output_dir(out, "compare", [("the checkpoint", checkpoint)])
+    if timeout is not None and not 0 < timeout < float("inf"):
+        raise BughuntError(f"--timeout must be a positive number of seconds, got {timeout}.")
     if dtype not in DTYPES:
         raise BughuntError(f"unknown dtype '{dtype}'. Use one of: {', '.join(DTYPES)}.")
     if device not in DEVICES:
@@ -183,6 +191,8 @@ def compare(checkpoint: str | Path, implementations: Sequence[str | ImplChoice] 
     if tokens.min() < 0 or tokens.max() >= spec.vocab_size:
         raise BughuntError(f"token ids must lie in [0, {spec.vocab_size}) for this checkpoint (vocab_size); got [{tokens.min()}, {tokens.max()}].")
     choices, ref_choice = _choices(implementations, reference)
+    if require_comparison and all(c.label == ref_choice.label for c in choices):
+        raise BughuntError(f"nothing to compare: only the reference {ref_choice.label} was given. Add a candidate, e.g. --impl hf.")
 
     from bughunt.worker import WorkerFailure, WorkerPool
 
@@ -264,6 +274,9 @@ def compare(checkpoint: str | Path, implementations: Sequence[str | ImplChoice] 
             findings.append({"severity": "warning", "kind": "divergence", "implementation": entry["label"], "point": first,
                              "message": (f"{entry['label']} departs from {ref_choice.label} at {first}: relative L2 {p['rel_l2']:.2e} "
                                          f"is {p['ratio_to_floor']:.1f}x the {entry['dtype']} noise floor ({p['floor_rel_l2']:.1e})")})
+    if require_comparison and not comparisons:
+        failed = "; ".join(f"{e['label']}: {(e['error'] or '').splitlines()[0][:300]}" for e in entries if e["status"] != "ok")
+        raise BughuntError(f"nothing could be compared: every candidate failed or was refused ({failed}). Nothing was written.")
     for note in spec.notes:
         findings.append({"severity": "info", "kind": "config", "implementation": None, "point": None, "message": note})
 
@@ -311,7 +324,7 @@ def save(result: Result, out: Path, traces: dict[str, Trace] | None = None, rend
         if render:
             report.render(result, tmp)
 
-    write_atomically(out, write)
+    write_atomically(out, write, kind=result.kind, protect=[("the checkpoint", Path(result.data["checkpoint"]["path"]))])
 
 
 def _safe(label: str) -> str:

@@ -16,6 +16,7 @@ from bughunt.compare import DEFAULT_FLOOR_FACTOR, default_tokens, noise_floor, s
 from bughunt.errors import BughuntError
 from bughunt.implementations import ImplChoice, runner_class
 from bughunt.metrics import UNIT_ROUNDOFF
+from bughunt.output import check_output_dir
 from bughunt.result import SCHEMA_VERSION, Result, environment
 from bughunt.spec import load_spec
 
@@ -46,6 +47,8 @@ def decode_check(checkpoint: str | Path, impl: str = "hf", reference: str | None
                  tokens=None, prefill: int = 1, decode_config: dict | None = None, floor_factor: float = DEFAULT_FLOOR_FACTOR,
                  out: str | Path | None = None) -> Result:
     checkpoint = Path(checkpoint)
+    if out is not None:
+        check_output_dir(out, "decode", [("the checkpoint", checkpoint)])
     spec = load_spec(checkpoint)
     validate_weights(checkpoint, spec)
     tokens = default_tokens(spec, 32) if tokens is None else np.atleast_2d(np.asarray(tokens, dtype=np.int64))
