@@ -201,8 +201,10 @@ def cmd_render(args) -> int:
     if not args.out and read_marker(source_dir) is None and source_dir.is_dir() and any(source_dir.iterdir()):
         raise BughuntError(f"{source_dir} was not written by bughunt (no .bughunt-output file), so it is not re-rendered in place. "
                            "Give --out NEWDIR to render into a new directory.")
-    check_output_dir(out, "render")
     result = Result.load(source)
+    checkpoint = (result.data.get("checkpoint") or {}).get("path") if isinstance(result.data, dict) else None
+    protect = [("the checkpoint", Path(checkpoint))] if isinstance(checkpoint, str) and checkpoint else []
+    check_output_dir(out, "render", protect)
 
     def write(tmp: Path) -> None:
         if (source_dir / "traces").is_dir():
@@ -210,7 +212,7 @@ def cmd_render(args) -> int:
         (tmp / "result.json").write_text(result.to_json())
         report.render(result, tmp)
 
-    write_output_dir(out, "render", write)  # a fresh directory: no stale plot survives beside the new report
+    write_output_dir(out, "render", write, protect)  # a fresh directory: no stale plot survives beside the new report
     print(describe_written(out))
     return 0
 
