@@ -198,11 +198,12 @@ def cmd_render(args) -> int:
     source = Path(args.result)
     source_dir = source if source.is_dir() else source.parent
     out = Path(args.out) if args.out else source_dir
+    result = Result.load(source)
     if not args.out and read_marker(source_dir) is None and source_dir.is_dir() and any(source_dir.iterdir()):
         raise BughuntError(f"{source_dir} was not written by bughunt (no .bughunt-output file), so it is not re-rendered in place. "
                            "Give --out NEWDIR to render into a new directory.")
-    result = Result.load(source)
-    checkpoint = (result.data.get("checkpoint") or {}).get("path") if isinstance(result.data, dict) else None
+    named = result.data.get("checkpoint")
+    checkpoint = named.get("path") if isinstance(named, dict) else None
     protect = [("the checkpoint", Path(checkpoint))] if isinstance(checkpoint, str) and checkpoint else []
     check_output_dir(out, "render", protect)
 

@@ -275,7 +275,7 @@ def compare(checkpoint: str | Path, implementations: Sequence[str | ImplChoice] 
                              "message": (f"{entry['label']} departs from {ref_choice.label} at {first}: relative L2 {p['rel_l2']:.2e} "
                                          f"is {p['ratio_to_floor']:.1f}x the {entry['dtype']} noise floor ({p['floor_rel_l2']:.1e})")})
     if require_comparison and not comparisons:
-        failed = "; ".join(f"{e['label']}: {(e['error'] or '').splitlines()[0][:300]}" for e in entries if e["status"] != "ok")
+        failed = "; ".join(f"{e['label']}: {(e['error'] or '').splitlines()[0][:300].rstrip('.')}" for e in entries if e["status"] != "ok")
         raise BughuntError(f"nothing could be compared: every candidate failed or was refused ({failed}). Nothing was written.")
     for note in spec.notes:
         findings.append({"severity": "info", "kind": "config", "implementation": None, "point": None, "message": note})
