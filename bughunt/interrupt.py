@@ -14,6 +14,7 @@ from typing import Callable, Iterator
 _stoppers: list[Callable[[], None]] = []
 _deferring = 0
 _pending: int | None = None
+_requested = False
 
 
 class Interrupted(BaseException):
@@ -43,8 +44,14 @@ def _stop_background() -> None:
             pass
 
 
+def requested() -> bool:
+    """Whether SIGINT/SIGTERM arrived during this command: nothing new (a worker, a job) should start."""
+    return _requested
+
+
 def _handle(signum, frame) -> None:
-    global _pending
+    global _pending, _requested
+    _requested = True
     _stop_background()
     if _deferring:
         _pending = signum
@@ -73,9 +80,12 @@ def handled() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    global _requested
     previous = {s: signal.signal(s, _handle) for s in (signal.SIGINT, signal.SIGTERM)}
+    _requested = False
     try:
         yield
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+        _requested = False

@@ -21,7 +21,7 @@ import traceback
 from pathlib import Path
 
 from bughunt.errors import BughuntError
-from bughunt.interrupt import on_interrupt
+from bughunt.interrupt import on_interrupt, requested
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_TIMEOUT = 600.0
@@ -131,8 +131,12 @@ class WorkerPool:
         if worker is None or not worker.alive():
             if worker is not None:
                 worker.close()  # reap the dead one and remove its log
+            if requested():
+                raise WorkerFailure("the run was interrupted; no new worker is started")
             env = REGISTRY[name][2]
             worker = self.workers[key] = Worker(name, python, env)
+            if requested():  # the signal came while it started: stop_all_workers may have missed it
+                worker.kill()
         answer = worker.call(job, timeout or self.timeout)
         if not answer.get("ok"):
             failure = WorkerFailure(answer.get("error", "worker reported an unknown error"))

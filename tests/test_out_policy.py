@@ -301,13 +301,15 @@ def _running(pid: int) -> bool:
 
 @pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
 def test_a_signal_stops_the_workers_and_leaves_nothing_behind(signum, code, tmp_path, checkpoint):
-    """A real compare in a subprocess, signalled while its hf worker is loading: exit 128+signal, a one-line
-    message, no worker left running, no temporary folder in TMPDIR, nothing at --out or beside it."""
+    """A real compare in a subprocess, signalled while its hf worker is loading (a second hf job waits for the same
+    worker, and must not start a new one): exit 128+signal, a one-line message, no worker left running, no
+    temporary folder in TMPDIR, nothing at --out or beside it."""
     scratch = tmp_path / "tmpdir"
     scratch.mkdir()
     out = tmp_path / "reports" / "run"
     env = {**os.environ, "TMPDIR": str(scratch), "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "bughunt.cli", "compare", str(checkpoint), "--impl", "hf", "--impl", "reference",
+    proc = subprocess.Popen([sys.executable, "-m", "bughunt.cli", "compare", str(checkpoint), "--impl", "hf", "--impl", "hf:bf16",
+                             "--impl", "reference",
                              "--out", str(out)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 60
