@@ -29,6 +29,10 @@ MARKER_VERSION = 1
 REPORT_KINDS = ("compare", "sweep", "decode", "render", "demo", "ci")
 CHECKPOINT_KINDS = ("tiny",)
 MAX_OWN_FILE_BYTES = 64 * 2**20  # a file larger than this is not a bughunt JSON document we wrote
+# Names bughunt's reports had before the marker existed: a directory holding only these (and traces/*.safetensors,
+# traces/*.json) is an earlier bughunt report, and is replaced like one.
+LEGACY_REPORT_FILES = frozenset({"result.json", "layers.png", "layers.svg", "positions.png", "heatmap.png", "decode.png",
+                                 "report.html", "index.html", "junit.xml", "summary.md"})
 
 Protected = tuple[str, Path]  # ("the checkpoint", path): a path an output must not be, lie in, or contain
 
@@ -66,6 +70,14 @@ def _files(root: Path) -> list[str]:
     """Every entry below `root` that is not a directory, as relative paths (the marker itself left out)."""
     names = (p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_symlink() or not p.is_dir())
     return sorted(n for n in names if n != MARKER)
+
+
+def _is_legacy_report(directory: Path) -> bool:
+    """A report written before markers existed: every file a known report file, at least one result.json."""
+    files = [Path(f) for f in _files(directory)]
+    known = all(f.name in LEGACY_REPORT_FILES or (f.parent.name == "traces" and f.suffix in (".safetensors", ".json"))
+                for f in files)
+    return known and any(f.name == "result.json" for f in files)
 
 
 def _marker_text(kind: str, files: list[str]) -> str:
@@ -127,7 +139,7 @@ def check_output_dir(out: str | Path, kind: str, protect: Iterable[Protected] = 
                 empty = not any(real.iterdir())
             except OSError as e:
                 raise BughuntError(f"{flag} {given} cannot be read ({e.strerror or e}). Choose another directory.") from None
-            if not empty:
+            if not empty and not (_sort(kind) == "report" and _is_legacy_report(real)):
                 raise BughuntError(f"{flag} {given} is a non-empty directory that bughunt did not write (it has no {MARKER} file). "
                                    f"bughunt replaces only its own earlier output: choose a new or empty directory, or move "
                                    f"{given} aside yourself.")

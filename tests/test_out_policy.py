@@ -333,3 +333,15 @@ def test_a_signal_stops_the_workers_and_leaves_nothing_behind(signum, code, tmp_
     assert not [p for p in workers if _running(p)], "a worker process outlived the run"
     assert list(scratch.iterdir()) == []  # no bughunt-traces-*, no worker logs
     assert not os.path.lexists(out) and not (tmp_path / "reports").exists()
+
+
+def test_a_report_written_before_markers_existed_is_replaced_but_not_one_with_a_user_file(tmp_path, report, checkpoint, capsys):
+    legacy = tmp_path / "legacy"
+    shutil.copytree(report, legacy)
+    (legacy / MARKER).unlink()
+    assert main(["compare", str(checkpoint), *FAST, "--out", str(legacy)]) == 0
+    assert read_marker(legacy)["kind"] == "compare"
+    (legacy / MARKER).unlink()
+    (legacy / "traces" / "my-analysis.py").write_text("print('mine')\n")
+    assert_refused(capsys, ["compare", str(checkpoint), *FAST, "--out", str(legacy)], r"non-empty directory that bughunt did not write",
+                   watch=[tmp_path])
