@@ -46,6 +46,13 @@ def _seed(text: str) -> int:
     return value
 
 
+def _path(text: str) -> str:
+    """argparse type for --out, --json, --baseline: an empty path would silently mean the default (or the cwd)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("is empty; give a path, e.g. reports/run")
+    return text
+
+
 def _require_device(device: str) -> None:
     from bughunt.implementations import require_device
 
@@ -262,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--device", default="cpu", choices=DEVICES)
     c.add_argument("--tokens", help="token ids, comma-separated; several equal-length rows separated by ';'")
     c.add_argument("--tokens-file", help="file of token ids: a JSON list (of lists), or one row per line")
-    c.add_argument("--out", help="output directory (default reports/<checkpoint>-<dtype>)")
+    c.add_argument("--out", type=_path, help="output directory (default reports/<checkpoint>-<dtype>)")
     c.add_argument("--floor-factor", type=float, default=10.0, help="a finding is a point above this multiple of the noise floor")
     c.add_argument("--no-branches", action="store_true", help="capture only the residual stream, not layer.{i}.attn/.mlp")
     c.add_argument("--allow-pickle", action="store_true", help="allow loading pickled (.bin) weights; runs code from the file")
@@ -286,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--device", default="cpu", choices=DEVICES)
     w.add_argument("--tokens")
     w.add_argument("--tokens-file")
-    w.add_argument("--out")
+    w.add_argument("--out", type=_path)
     w.add_argument("--floor-factor", type=float, default=10.0)
     w.add_argument("--fail-on-finding", action="store_true", help="exit 1 when the candidate as is departs from the reference")
     w.set_defaults(func=cmd_sweep)
@@ -303,38 +310,38 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--tokens")
     k.add_argument("--tokens-file")
     k.add_argument("--floor-factor", type=float, default=10.0)
-    k.add_argument("--out")
+    k.add_argument("--out", type=_path)
     k.add_argument("--fail-on-finding", action="store_true", help="exit 1 when a decoding step departs")
     k.set_defaults(func=cmd_decode)
 
     d = sub.add_parser("demo", epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter, help="generate tiny checkpoints and compare every installed implementation on each")
-    d.add_argument("--out", default="reports/demo")
+    d.add_argument("--out", type=_path, default="reports/demo")
     d.add_argument("--family", action="append", help="limit to these families (repeatable)")
     d.set_defaults(func=cmd_demo)
 
     t = sub.add_parser("tiny", epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter, help="write a tiny seeded checkpoint of a family")
     t.add_argument("family")
-    t.add_argument("--out", required=True)
+    t.add_argument("--out", type=_path, required=True)
     t.add_argument("--seed", type=_seed, default=0, help="seed of the weights (a non-negative integer, default 0)")
     t.set_defaults(func=cmd_tiny)
 
     r = sub.add_parser("render", epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter, help="re-render plots and report.html from a result.json")
     r.add_argument("result", help="result.json or the directory holding it")
-    r.add_argument("--out", help="where to write (default: beside result.json)")
+    r.add_argument("--out", type=_path, help="where to write (default: beside result.json)")
     r.set_defaults(func=cmd_render)
 
     lt = sub.add_parser("lint", epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter, help="static checks of a checkpoint's config, weights and tokenizer: exit 0 clean, 1 an error fired, 2 bad input")
     lt.add_argument("checkpoint", help="Hugging Face-format checkpoint directory")
-    lt.add_argument("--json", metavar="FILE", help="also write the versioned lint document to FILE")
+    lt.add_argument("--json", type=_path, metavar="FILE", help="also write the versioned lint document to FILE")
     lt.add_argument("--tokenizers", action="store_true",
                     help="also encode a corpus of tricky strings with every available tokenizer implementation and report disagreements")
     lt.set_defaults(func=cmd_lint)
 
     g = sub.add_parser("ci", epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter, help="run a TOML matrix of cells against stored baselines: exit 0 pass, 1 regression, 2 bad input")
     g.add_argument("matrix", help="the matrix file (TOML; see examples/bughunt.toml)")
-    g.add_argument("--baseline", required=True, metavar="DIR", help="directory of baseline JSON, one file per cell")
+    g.add_argument("--baseline", type=_path, required=True, metavar="DIR", help="directory of baseline JSON, one file per cell")
     g.add_argument("--update-baseline", action="store_true", help="record the baselines from this run (review and commit them)")
-    g.add_argument("--out", metavar="DIR", help="where to write junit.xml, summary.md, index.html and the reports (default reports/ci)")
+    g.add_argument("--out", type=_path, metavar="DIR", help="where to write junit.xml, summary.md, index.html and the reports (default reports/ci)")
     g.set_defaults(func=cmd_ci)
     return p
 

@@ -123,11 +123,38 @@ def _check_creatable(flag: str, given: Path, real: Path) -> None:
                            "Choose a writable directory.") from None
 
 
+def _resolved(flag: str, path: str | Path) -> tuple[Path, Path]:
+    """(the path as given, its real path), refusing an empty path, a symlink loop or a name the system cannot take."""
+    if str(path) == "":
+        raise BughuntError(f"{flag} is empty. Give a path, e.g. {flag} reports/run.")
+    given = Path(path)
+    try:
+        real = given.resolve()
+        real.exists()
+        real.is_dir()
+    except RuntimeError:  # Python 3.11's resolve() on a symlink loop
+        raise BughuntError(f"{flag} {given} is a symbolic link loop. Fix the links or choose another path.") from None
+    except (OSError, ValueError) as e:
+        raise BughuntError(f"{flag} {given} cannot be used as a path: {getattr(e, 'strerror', None) or e}. Choose another path.") from None
+    return given, real
+
+
+def _refused_os_error(flag: str, path: str | Path, e: OSError) -> BughuntError:
+    """An OSError met while looking at a path (a permission, a name too long) is a refusal, not a crash."""
+    return BughuntError(f"{flag} {path} cannot be used: {e.strerror or e}. Choose another path.")
+
+
 def check_output_dir(out: str | Path, kind: str, protect: Iterable[Protected] = (), flag: str = "--out") -> Path:
     """Refuse an output directory bughunt must not replace, or cannot create; return its resolved path.
     Call it before any work starts; `write_output_dir` calls it again just before replacing anything."""
-    given = Path(out)
-    real = given.resolve()
+    try:
+        return _check_output_dir(out, kind, list(protect), flag)
+    except OSError as e:
+        raise _refused_os_error(flag, out, e) from None
+
+
+def _check_output_dir(out: str | Path, kind: str, protect: list[Protected], flag: str) -> Path:
+    given, real = _resolved(flag, out)
     if real.exists() and not real.is_dir():
         raise BughuntError(f"{flag} {given} is a file, not a directory. bughunt writes a directory of outputs; choose a new "
                            "directory (the file was left as it was).")
@@ -235,8 +262,14 @@ def _is_own_file(path: Path, schema: str) -> bool:
 def check_output_file(path: str | Path, schema: str, protect: Iterable[Protected] = (), flag: str = "--json") -> Path:
     """Refuse a single output file that would overwrite something bughunt did not write (anything but a JSON
     document with the same `schema`), or that cannot be created; return its resolved path."""
-    given = Path(path)
-    real = given.resolve()
+    try:
+        return _check_output_file(path, schema, list(protect), flag)
+    except OSError as e:
+        raise _refused_os_error(flag, path, e) from None
+
+
+def _check_output_file(path: str | Path, schema: str, protect: list[Protected], flag: str) -> Path:
+    given, real = _resolved(flag, path)
     if real.is_dir():
         raise BughuntError(f"{flag} {given} is a directory; give a file name, e.g. {given / 'lint.json'}.")
     _check_protected(flag, given, real, protect)

@@ -58,6 +58,10 @@ SITUATIONS = {
     "out-below-a-file": ("{tmp}/user.txt/report", r"cannot be created: .*user.txt is a file", ("{tmp}",)),
     "out-under-proc": ("/proc/bughunt-report", r"cannot be written: creating anything in /proc fails", ("{tmp}",)),
     "out-is-own-output-plus-a-user-file": ("{tmp}/own", r"plus files bughunt did not write \(notes.txt\)", ("{tmp}",)),
+    "out-is-a-symlink-to-the-checkpoint": ("{tmp}/link-to-ck", r"is the checkpoint", ("{ck}", "{tmp}")),
+    "out-is-a-symlink-loop": ("{tmp}/loop", r"is a symbolic link loop", ("{tmp}",)),
+    "out-name-too-long": ("{tmp}/" + "x" * 300, r"cannot be used as a path: File name too long", ("{tmp}",)),
+    "out-is-empty": ("", r"argument --out: is empty", ("{tmp}",)),
 }
 NO_CHECKPOINT = {"tiny", "demo"}  # commands that read no checkpoint, so the checkpoint cases do not apply
 
@@ -82,6 +86,10 @@ LINT_CASES = [
     Case("lint-json-inside-the-checkpoint", ("lint", "{ck}", "--json", "{ck}/lint.json"), r"lies inside the checkpoint", ("{ck}",)),
     Case("lint-json-overwrites-config", ("lint", "{ck}", "--json", "{ck}/config.json"), r"lies inside the checkpoint", ("{ck}",)),
     Case("lint-json-below-a-file", ("lint", "{ck}", "--json", "{tmp}/user.txt/lint.json"), r"user.txt is a file", ("{tmp}",)),
+    Case("lint-json-empty", ("lint", "{ck}", "--json", ""), r"argument --json: is empty", ("{tmp}",)),
+    Case("lint-json-through-a-symlink-into-the-checkpoint", ("lint", "{ck}", "--json", "{tmp}/link-to-ck/lint.json"),
+         r"lies inside the checkpoint", ("{ck}", "{tmp}")),
+    Case("lint-json-name-too-long", ("lint", "{ck}", "--json", "{tmp}/" + "y" * 300 + ".json"), r"File name too long", ("{tmp}",)),
     Case("lint-json-under-proc", ("lint", "{ck}", "--json", "/proc/bughunt/lint.json"), r"cannot be written", ("{tmp}",)),
 ]
 CI_CASES = [
@@ -95,6 +103,7 @@ CI_CASES = [
          r"llama__reference-fp32__cpu.json exists and is not a bughunt.baseline document", ("{tmp}",)),
     Case("ci-baseline-inside-the-checkpoint", ("ci", "{matrix}", "--baseline", "{ck}/bl", "--update-baseline", "--out", "{tmp}/new"),
          r"--baseline .* lies inside the checkpoint", ("{ck}", "{tmp}")),
+    Case("ci-baseline-empty", ("ci", "{matrix}", "--baseline", "", "--out", "{tmp}/new"), r"argument --baseline: is empty", ("{tmp}",)),
     Case("ci-out-contains-the-matrix", ("ci", "{matrix}", "--baseline", "{tmp}/bl", "--update-baseline", "--out", "{tmp}"),
          r"contains the (checkpoint|matrix file)", ("{tmp}",)),
     Case("render-in-place-of-a-foreign-directory", ("render", "{tmp}/mine/result.json"), r"was not written by bughunt.*--out NEWDIR", ("{tmp}",)),
@@ -135,6 +144,8 @@ def test_an_out_bughunt_must_not_write_is_refused_before_any_work(case, tmp_path
     (tmp_path / "data.json").write_text('{"schema": "something.else"}')
     (tmp_path / "foreign-bl").mkdir()
     (tmp_path / "foreign-bl" / "llama__reference-fp32__cpu.json").write_text('{"mine": true}')
+    (tmp_path / "link-to-ck").symlink_to(checkpoint, target_is_directory=True)
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
     shutil.copytree(report, tmp_path / "own")
     (tmp_path / "own" / "notes.txt").write_text("added by hand\n")
     matrix = tmp_path / "m.toml"
