@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from bughunt.errors import BughuntError
-from bughunt.safetensors_io import read_header, read_safetensors
+from bughunt.safetensors_io import map_safetensors, read_header
 from bughunt.spec import Spec, load_spec
 
 _PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.bin", "model.pt", "model.pth")
@@ -123,12 +123,13 @@ def validate_weights(checkpoint: Path, spec: Spec, allow_pickle: bool = False) -
 
 
 def load_weights(checkpoint: Path, spec: Spec | None = None, allow_pickle: bool = False) -> dict[str, np.ndarray]:
-    """All weights as numpy arrays in their stored dtype, validated against the spec."""
+    """All weights as read-only numpy arrays in their stored dtype, validated against the spec. Safetensors weights
+    are memory-mapped: a tensor's bytes are read from disk only when it is used."""
     spec = spec or load_spec(checkpoint)
     validate_weights(checkpoint, spec, allow_pickle)
     out: dict[str, np.ndarray] = {}
     for f in weight_files(checkpoint, allow_pickle):
-        out.update(read_safetensors(f) if f.suffix == ".safetensors" else _read_pickle(f))
+        out.update(map_safetensors(f) if f.suffix == ".safetensors" else _read_pickle(f))
     if spec.tie_word_embeddings:
         out.setdefault("lm_head.weight", out["model.embed_tokens.weight"])
     return out

@@ -102,6 +102,12 @@ def _tokens(args, spec=None):
     return None
 
 
+def _max_memory(args) -> int | None:
+    from bughunt.memory import parse_size
+
+    return parse_size(args.max_memory) if getattr(args, "max_memory", None) else None
+
+
 def cmd_compare(args) -> int:
     from bughunt.compare import compare
 
@@ -112,7 +118,8 @@ def cmd_compare(args) -> int:
     result = compare(args.checkpoint, implementations=args.impl or ["hf", "reference"], reference=args.reference,
                      dtype=args.dtype, device=args.device, tokens=_tokens(args), out=out, floor_factor=args.floor_factor,
                      branches=not args.no_branches, allow_pickle=args.allow_pickle, isolate=not args.in_process,
-                     timeout=args.timeout, require_comparison=True)
+                     timeout=args.timeout, max_memory=_max_memory(args), device_map=args.device_map,
+                     require_comparison=True)
     print(format_summary(result))
     print(describe_written(out))
     return _gate(args, result)
@@ -276,6 +283,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--fail-on-finding", action="store_true", help="exit 1 when any implementation departs or fails")
     c.add_argument("--in-process", action="store_true", help="run every implementation in this process instead of worker processes")
     c.add_argument("--timeout", type=_positive_seconds, default=600.0, help="seconds an implementation's worker may take per run (default 600)")
+    c.add_argument("--max-memory", metavar="SIZE", help="memory the run may use, e.g. 20G (default: what the OS reports available); "
+                   "implementations run side by side only when their estimated peaks fit, one after another otherwise, "
+                   "and a run that cannot fit is refused before it starts")
+    c.add_argument("--device-map", choices=["auto"], help="load hf through accelerate's device map: spread over GPUs, "
+                   "CPU and disk offload for a model larger than memory (hooks still capture every layer)")
     c.set_defaults(func=cmd_compare)
 
     w = sub.add_parser("sweep", epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter, help="run one implementation under toggle settings; search for the ones that explain a divergence")

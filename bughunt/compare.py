@@ -82,49 +82,70 @@ def _choices(implementations: Iterable[str | ImplChoice], reference: str) -> tup
 
 
 def run_implementation(choice: ImplChoice, checkpoint: Path, spec: Spec, dtype: str, device: str, tokens: np.ndarray,
-                       branches: bool = True, allow_pickle: bool = False, **runner_kwargs) -> Trace:
-    """Open, run and close one implementation in this process."""
+                       branches: bool = True, allow_pickle: bool = False, stem: Path | None = None, **runner_kwargs) -> Trace:
+    """Open, run and close one implementation in this process. With `stem` the trace streams to disk there."""
     cls = runner_class(choice.name)
     with cls(checkpoint, spec, dtype, device, branches=branches, label=choice.label, allow_pickle=allow_pickle, **runner_kwargs) as runner:
-        return runner.run(tokens)
+        return runner.run(tokens, stem)
 
 
 def run_choice(choice: ImplChoice, checkpoint: Path, spec: Spec, dtype: str, device: str, tokens: np.ndarray, pool=None,
                stem: Path | None = None, branches: bool = True, allow_pickle: bool = False, timeout: float | None = None,
-               toggles: dict | None = None) -> Trace:
+               toggles: dict | None = None, device_map: str | None = None) -> Trace:
     """Run one implementation: in this process when `pool` is None or it is the plain in-process reference, otherwise
     as a job for its worker (the trace comes back through the file `stem`)."""
     toggles = {**choice.toggle_dict, **(toggles or {})}
+    extra = {"device_map": device_map} if device_map and choice.name == "hf" else {}
     if pool is None or (choice.name == "reference" and choice.python is None):
-        return run_implementation(choice, checkpoint, spec, dtype, device, tokens, branches, allow_pickle, toggles=toggles)
+        return run_implementation(choice, checkpoint, spec, dtype, device, tokens, branches, allow_pickle, stem,
+                                  toggles=toggles, **extra)
     job = {"checkpoint": str(Path(checkpoint).resolve()), "name": choice.name, "choice_dtype": choice.dtype, "dtype": dtype,
            "device": device, "tokens": np.asarray(tokens).tolist(), "branches": branches, "allow_pickle": allow_pickle,
-           "label": choice.label, "out_stem": str(stem), "toggles": toggles}
+           "label": choice.label, "out_stem": str(stem), "toggles": toggles, "runner_kwargs": extra}
     pool.run(choice.name, choice.python, job, timeout)
     return Trace.load(stem)
 
 
 def noise_floor(checkpoint: Path, spec: Spec, dtype: str, tokens: np.ndarray, fp64: Trace | None = None,
-                allow_pickle: bool = False) -> dict:
+                allow_pickle: bool = False, scratch: Path | None = None) -> dict:
     """The divergence a correct implementation at `dtype` shows against float64: the reference emulating the
-    family's HF rounding policy at that dtype, against the unrounded reference. Never below the dtype's unit roundoff."""
+    family's HF rounding policy at that dtype, against the unrounded reference. Never below the dtype's unit roundoff.
+    With `scratch`, the reference traces stream to files there instead of memory."""
+    stem = (lambda name: Path(scratch) / name) if scratch is not None else (lambda name: None)
+    timings = {}
     if fp64 is None:
-        fp64 = run_implementation(ImplChoice("reference", "fp64"), checkpoint, spec, "fp64", "cpu", tokens, allow_pickle=allow_pickle)
+        fp64 = run_implementation(ImplChoice("reference", "fp64"), checkpoint, spec, "fp64", "cpu", tokens,
+                                  allow_pickle=allow_pickle, stem=stem("floor-fp64"))
+        timings["fp64_forward_s"] = fp64.meta["timings"]["forward_s"]
     u = UNIT_ROUNDOFF[dtype]
     if dtype == "fp64":
         measured = {p: {"point": p, "rel_l2": 0.0, "l2": 0.0} for p in fp64.points()}
     else:
-        emulated = run_implementation(ImplChoice("reference", dtype), checkpoint, spec, dtype, "cpu", tokens, allow_pickle=allow_pickle)
+        emulated = run_implementation(ImplChoice("reference", dtype), checkpoint, spec, dtype, "cpu", tokens,
+                                      allow_pickle=allow_pickle, stem=stem(f"floor-{dtype}"))
+        timings["emulated_forward_s"] = emulated.meta["timings"]["forward_s"]
         measured = {m["point"]: m for m in compare_traces(emulated, fp64)}
     points = {}
     for p in fp64.points():
-        ref_norm = float(np.linalg.norm(fp64.arrays[p]))
+        ref_norm = _norm(fp64.arrays[p])
         rel = measured[p]["rel_l2"] or 0.0
         points[p] = {"rel_l2": rel, "l2": measured[p]["l2"] or 0.0, "floor_rel_l2": max(rel, u), "ref_norm": ref_norm}
         per_pos = (measured[p].get("per_position") or {}).get("rel_l2")
         if per_pos is not None:
             points[p]["floor_rel_l2_per_position"] = [max(v or 0.0, u) for v in per_pos]
-    return {"dtype": dtype, "unit_roundoff": u, "method": "reference emulating the family's rounding policy vs float64", "points": points}
+    return {"dtype": dtype, "unit_roundoff": u, "method": "reference emulating the family's rounding policy vs float64",
+            "timings": timings, "points": points}
+
+
+def _norm(array: np.ndarray) -> float:
+    """L2 norm of a (possibly memory-mapped) array, read a block at a time."""
+    from bughunt.safetensors_io import release
+
+    flat = array.reshape(-1) if array.ndim else array.reshape(1)
+    step = 4 << 20
+    total = sum(float(np.dot(c, c)) for c in (np.asarray(flat[i:i + step], dtype=np.float64) for i in range(0, flat.size, step)))
+    release(array)
+    return float(np.sqrt(total))
 
 
 def judge(points: list[dict], floor: dict, factor: float) -> tuple[list[dict], str | None]:
@@ -165,11 +186,13 @@ def compare(checkpoint: str | Path, implementations: Sequence[str | ImplChoice] 
             tokens: Sequence[int] | np.ndarray | None = None, out: str | Path | None = None,
             floor_factor: float = DEFAULT_FLOOR_FACTOR, branches: bool = True, allow_pickle: bool = False,
             render: bool = True, isolate: bool = True, timeout: float | None = None, pool=None,
-            require_comparison: bool = False) -> Result:
+            max_memory: int | None = None, device_map: str | None = None, require_comparison: bool = False) -> Result:
     """Compare implementations of one checkpoint layer by layer. Returns the Result; writes files when `out` is set.
 
     With `isolate` (the default) every implementation except the in-process float64 reference runs in a worker
-    process (`pool`, a bughunt.worker.WorkerPool, may be shared across calls so libraries load once).
+    process (`pool`, a bughunt.worker.WorkerPool, may be shared across calls so libraries load once). Workers run
+    side by side when their estimated peaks fit in memory (`max_memory` bytes, default what is available), one
+    after another otherwise; a run that cannot fit is refused before anything starts. Traces stream to disk.
     With `require_comparison` (the CLI), a run in which no candidate could be compared raises BughuntError and
     writes nothing."""
     checkpoint = Path(checkpoint)
@@ -194,22 +217,30 @@ def compare(checkpoint: str | Path, implementations: Sequence[str | ImplChoice] 
     if require_comparison and all(c.label == ref_choice.label for c in choices):
         raise BughuntError(f"nothing to compare: only the reference {ref_choice.label} was given. Add a candidate, e.g. --impl hf.")
 
+    from bughunt import memory
     from bughunt.worker import WorkerFailure, WorkerPool
+
+    if device_map not in (None, "auto"):
+        raise BughuntError(f"--device-map {device_map!r} is not supported; use --device-map auto.")
+    impl_dtype_of = lambda c: c.dtype or ("fp64" if c.name == "reference" else dtype)  # noqa: E731
+    schedule = memory.plan([memory.estimate(c.name, c.label, spec, impl_dtype_of(c), tokens.shape, device, device_map)
+                            for c in choices], max_memory, tokens.shape[1], dtype)
 
     traces: dict[str, Trace] = {}
     entries = []
     own_pool = pool is None and isolate
     pool = pool or (WorkerPool() if isolate else None)
     scratch = tempfile.TemporaryDirectory(prefix="bughunt-traces-")
+
     def attempt(choice: ImplChoice, index: int) -> tuple[dict, Trace | None]:
-        impl_dtype = choice.dtype or ("fp64" if choice.name == "reference" else dtype)
+        impl_dtype = impl_dtype_of(choice)
         in_process = not isolate or (choice.name == "reference" and choice.python is None)
         entry = {"label": choice.label, "name": choice.name, "dtype": impl_dtype, "device": device, "python": choice.python,
                  "isolation": "in-process" if in_process else "worker", "status": "ok", "error": None, "meta": {}}
         trace = None
         try:
             trace = run_choice(choice, checkpoint, spec, impl_dtype, device, tokens, None if in_process else pool,
-                               Path(scratch.name) / f"trace{index}", branches, allow_pickle, timeout)
+                               Path(scratch.name) / f"trace{index}", branches, allow_pickle, timeout, device_map=device_map)
             entry["meta"] = trace.meta
         except BughuntError as e:
             entry.update(status="failed", error=str(e))
@@ -222,27 +253,49 @@ def compare(checkpoint: str | Path, implementations: Sequence[str | ImplChoice] 
         return entry, trace
 
     try:
-        # Jobs for one worker run in order; different workers (implementations, interpreters) run side by side.
-        groups: dict[tuple, list[tuple[int, ImplChoice]]] = {}
-        for i, choice in enumerate(choices):
-            groups.setdefault((choice.name, choice.python), []).append((i, choice))
-        results: dict[int, tuple[dict, Trace | None]] = {}
+        try:
+            # Jobs for one worker run in order; different workers (implementations, interpreters) run side by side
+            # when the memory plan allows it, one after another otherwise.
+            groups: dict[tuple, list[tuple[int, ImplChoice]]] = {}
+            for i, choice in enumerate(choices):
+                groups.setdefault((choice.name, choice.python), []).append((i, choice))
+            results: dict[int, tuple[dict, Trace | None]] = {}
+            order: list[str] = []
 
-        def run_group(items):
-            for i, choice in items:
-                results[i] = attempt(choice, i)
+            def run_group(items):
+                for i, choice in items:
+                    order.append(choice.label)
+                    results[i] = attempt(choice, i)
+                    if own_pool and not schedule.side_by_side:
+                        pool.stop(choice.name, choice.python)  # its memory goes back before the next one starts
 
-        with ThreadPoolExecutor(max_workers=max(1, min(len(groups), os.cpu_count() or 1))) as executor:
-            list(executor.map(run_group, groups.values()))
-        for i in range(len(choices)):
-            entry, trace = results[i]
-            if trace is not None:
-                traces[entry["label"]] = trace
-            entries.append(entry)
+            parallel = max(1, min(len(groups), os.cpu_count() or 1)) if schedule.side_by_side else 1
+            with ThreadPoolExecutor(max_workers=parallel) as executor:
+                list(executor.map(run_group, groups.values()))
+            for i in range(len(choices)):
+                entry, trace = results[i]
+                if trace is not None:
+                    traces[entry["label"]] = trace
+                entries.append(entry)
+        finally:
+            if own_pool:
+                pool.close()
+        result = _judge_and_report(checkpoint, spec, choices, ref_choice, entries, traces, tokens, dtype, device,
+                                   floor_factor, branches, allow_pickle, Path(scratch.name),
+                                   {**schedule.as_dict(), "order": order})
+        if require_comparison and not result.comparisons:
+            failed = "; ".join(f"{e['label']}: {(e['error'] or '').splitlines()[0][:300].rstrip('.')}" for e in entries if e["status"] != "ok")
+            raise BughuntError(f"nothing could be compared: every candidate failed or was refused ({failed}). Nothing was written.")
+        if out is not None:
+            save(result, Path(out), traces, render=render)
+        return result
     finally:
+        traces.clear()
         scratch.cleanup()
-        if own_pool:
-            pool.close()
+
+
+def _judge_and_report(checkpoint, spec, choices, ref_choice, entries, traces, tokens, dtype, device, floor_factor,
+                      branches, allow_pickle, scratch: Path, schedule: dict) -> Result:
     ref_entry = next(e for e in entries if e["label"] == ref_choice.label)
     if ref_entry["status"] != "ok":
         raise BughuntError(f"the reference implementation {ref_choice.label} failed: {ref_entry['error']}")
@@ -260,7 +313,7 @@ def compare(checkpoint: str | Path, implementations: Sequence[str | ImplChoice] 
                              "message": f"{entry['label']} failed: {entry['error']}"})
             continue
         if entry["dtype"] not in floors:
-            floors[entry["dtype"]] = noise_floor(checkpoint, spec, entry["dtype"], tokens, fp64, allow_pickle)
+            floors[entry["dtype"]] = noise_floor(checkpoint, spec, entry["dtype"], tokens, fp64, allow_pickle, scratch)
         floor = floors[entry["dtype"]]
         points, first = judge(compare_traces(traces[entry["label"]], reference_trace), floor, floor_factor)
         comparisons.append({"candidate": entry["label"], "reference": ref_choice.label, "dtype": entry["dtype"],
@@ -274,9 +327,6 @@ def compare(checkpoint: str | Path, implementations: Sequence[str | ImplChoice] 
             findings.append({"severity": "warning", "kind": "divergence", "implementation": entry["label"], "point": first,
                              "message": (f"{entry['label']} departs from {ref_choice.label} at {first}: relative L2 {p['rel_l2']:.2e} "
                                          f"is {p['ratio_to_floor']:.1f}x the {entry['dtype']} noise floor ({p['floor_rel_l2']:.1e})")})
-    if require_comparison and not comparisons:
-        failed = "; ".join(f"{e['label']}: {(e['error'] or '').splitlines()[0][:300].rstrip('.')}" for e in entries if e["status"] != "ok")
-        raise BughuntError(f"nothing could be compared: every candidate failed or was refused ({failed}). Nothing was written.")
     for note in spec.notes:
         findings.append({"severity": "info", "kind": "config", "implementation": None, "point": None, "message": note})
 
@@ -289,16 +339,14 @@ def compare(checkpoint: str | Path, implementations: Sequence[str | ImplChoice] 
         "checkpoint": {"path": str(checkpoint), "spec": spec.to_dict()},
         "inputs": {"tokens": tokens.tolist()},
         "settings": {"dtype": dtype, "device": device, "reference": ref_choice.label, "floor_factor": floor_factor, "branches": branches},
+        "schedule": schedule,
         "environment": environment(),
         "implementations": entries,
         "noise_floor": floors,
         "comparisons": comparisons,
         "findings": findings,
     }
-    result = Result(data)
-    if out is not None:
-        save(result, Path(out), traces, render=render)
-    return result
+    return Result(data)
 
 
 def _summary(points: list[dict]) -> dict:
@@ -314,9 +362,9 @@ def save(result: Result, out: Path, traces: dict[str, Trace] | None = None, rend
     from bughunt import report
 
     def write(tmp: Path) -> None:
-        for label, trace in (traces or {}).items():
+        for label, trace in list((traces or {}).items()):
             stem = tmp / "traces" / _safe(label)
-            trace.save(stem)
+            traces[label] = trace.move(stem)  # a rename from the scratch folder, not a copy through memory
             for entry in result.data["implementations"]:
                 if entry["label"] == label:
                     entry["trace"] = f"traces/{_safe(label)}.safetensors"

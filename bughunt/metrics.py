@@ -25,24 +25,9 @@ def _log10(x: float) -> float | None:
     return math.log10(x) if x > 0 else None  # exact agreement has no log; stored as null
 
 
-def _per_position(diff: np.ndarray, ref: np.ndarray, cand: np.ndarray) -> dict[str, list]:
-    """Metrics over batch and features for each sequence position: arrays are [batch, seq, ...]."""
-    s = diff.shape[1]
-    d = np.moveaxis(diff, 1, 0).reshape(s, -1)
-    r = np.moveaxis(ref, 1, 0).reshape(s, -1)
-    c = np.moveaxis(cand, 1, 0).reshape(s, -1)
-    l2 = np.sqrt((d * d).sum(-1))
-    rn = np.sqrt((r * r).sum(-1))
-    cn = np.sqrt((c * c).sum(-1))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        rel = l2 / rn
-        cos = (r * c).sum(-1) / (rn * cn)
-    return {
-        "log10_l2": [_log10(v) for v in l2],
-        "rel_l2": [_finite(v) for v in rel],
-        "cosine": [_finite(v) for v in cos],
-        "max_abs": [_finite(v) for v in np.abs(d).max(-1)],
-    }
+# Float64 bytes one step of a comparison may hold per array: traces are read a block of positions at a time, so a
+# long input's trace (gigabytes of logits) is compared without ever being whole in memory.
+CHUNK_BYTES = 32 << 20
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
@@ -50,12 +35,21 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
+def _logits_block(c: np.ndarray, r: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """KL(P_ref || P_cand) of the next-token distributions and top-1 agreement, each [batch, positions]."""
+    lp_r, lp_c = _log_softmax(r), _log_softmax(c)
+    with np.errstate(invalid="ignore"):
+        kl = (np.exp(lp_r) * (lp_r - lp_c)).sum(-1)
+    return kl, (r.argmax(-1) == c.argmax(-1)).astype(np.float64)
+
+
 def logits_metrics(cand: np.ndarray, ref: np.ndarray) -> dict:
     """KL(P_ref || P_cand) of the next-token distributions and top-1 agreement, overall and per position."""
-    lp_r, lp_c = _log_softmax(ref), _log_softmax(cand)
-    with np.errstate(invalid="ignore"):
-        kl = (np.exp(lp_r) * (lp_r - lp_c)).sum(-1)  # [batch, seq]
-    top1 = (ref.argmax(-1) == cand.argmax(-1)).astype(np.float64)
+    kl, top1 = _logits_block(np.asarray(cand, dtype=np.float64), np.asarray(ref, dtype=np.float64))
+    return _logits_summary(kl, top1)
+
+
+def _logits_summary(kl: np.ndarray, top1: np.ndarray) -> dict:
     return {
         "kl": _finite(float(kl.mean())),
         "top1": float(top1.mean()),
@@ -65,20 +59,46 @@ def logits_metrics(cand: np.ndarray, ref: np.ndarray) -> dict:
 
 
 def compare_arrays(cand: np.ndarray, ref: np.ndarray, point: str) -> dict:
-    """All metrics for one capture point. Non-finite values in the candidate are counted, not raised."""
+    """All metrics for one capture point. Non-finite values in the candidate are counted, not raised. Arrays of
+    shape [batch, seq, ...] (possibly memory-mapped) are read a block of positions at a time."""
+    from bughunt.safetensors_io import release
+
     if cand.shape != ref.shape:
         return {"point": point, "error": f"shape {list(cand.shape)} vs reference {list(ref.shape)}"}
-    c = cand.astype(np.float64)
-    r = ref.astype(np.float64)
-    nonfinite = int((~np.isfinite(c)).sum())
-    d = c - r
-    with np.errstate(invalid="ignore", over="ignore"):
-        l2 = float(np.sqrt((d * d).sum()))
-        rn = float(np.sqrt((r * r).sum()))
-        cn = float(np.sqrt((c * c).sum()))
+    per_row = max(1, int(np.prod(cand.shape[:1] + cand.shape[2:], dtype=np.int64)) * 8)
+    seq = cand.shape[1] if cand.ndim >= 2 else 1
+    step = max(1, CHUNK_BYTES // per_row)
+    sums = np.zeros(4)  # sum d^2, r^2, c^2, r.c
+    maxima, nonfinite = [0.0], 0
+    pos: dict[str, list] = {"d2": [], "r2": [], "c2": [], "rc": [], "max": []}
+    kls, top1s = [], []
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        for p0 in range(0, seq, step):
+            block = (slice(None), slice(p0, p0 + step)) if cand.ndim >= 2 else (Ellipsis,)
+            c = np.asarray(cand[block], dtype=np.float64)
+            r = np.asarray(ref[block], dtype=np.float64)
+            nonfinite += int((~np.isfinite(c)).sum())
+            d = c - r
+            if c.ndim >= 2:  # per position: sums over batch and features
+                flat = lambda x: np.moveaxis(x, 1, 0).reshape(x.shape[1], -1)  # noqa: E731
+                fd, fr, fc = flat(d), flat(r), flat(c)
+                for key, v in (("d2", (fd * fd).sum(-1)), ("r2", (fr * fr).sum(-1)), ("c2", (fc * fc).sum(-1)),
+                               ("rc", (fr * fc).sum(-1)), ("max", np.abs(fd).max(-1) if fd.size else np.zeros(len(fd)))):
+                    pos[key].append(v)
+            sums += [(d * d).sum(), (r * r).sum(), (c * c).sum(), (r * c).sum()]
+            if d.size:
+                maxima.append(float(np.abs(d).max()))
+            if point == "logits" and c.ndim >= 2:
+                kl, top1 = _logits_block(c, r)
+                kls.append(kl)
+                top1s.append(top1)
+            del c, r, d
+        release(cand)
+        release(ref)
+        l2, rn, cn = (float(np.sqrt(v)) for v in sums[:3])
         rel = l2 / rn if rn > 0 else (0.0 if l2 == 0 else math.inf)
-        cos = float((r * c).sum() / (rn * cn)) if rn > 0 and cn > 0 else (1.0 if l2 == 0 else 0.0)
-        max_abs = float(np.abs(d).max()) if d.size else 0.0
+        cos = float(sums[3] / (rn * cn)) if rn > 0 and cn > 0 else (1.0 if l2 == 0 else 0.0)
+        max_abs = float(np.max(maxima))  # NaN anywhere stays NaN (reported as null)
     out = {
         "point": point,
         "l2": _finite(l2),
@@ -88,11 +108,19 @@ def compare_arrays(cand: np.ndarray, ref: np.ndarray, point: str) -> dict:
         "max_abs": _finite(max_abs),
         "nonfinite": nonfinite,
     }
-    if c.ndim >= 2:
-        with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
-            out["per_position"] = _per_position(d, r, c)
-    if point == "logits":
-        out.update(logits_metrics(c, r))
+    if cand.ndim >= 2:
+        d2, r2, c2, rc, mx = (np.concatenate(pos[k]) for k in ("d2", "r2", "c2", "rc", "max"))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            l2p, rnp, cnp = np.sqrt(d2), np.sqrt(r2), np.sqrt(c2)
+            relp, cosp = l2p / rnp, rc / (rnp * cnp)
+        out["per_position"] = {
+            "log10_l2": [_log10(v) for v in l2p],
+            "rel_l2": [_finite(v) for v in relp],
+            "cosine": [_finite(v) for v in cosp],
+            "max_abs": [_finite(v) for v in mx],
+        }
+    if kls:
+        out.update(_logits_summary(np.concatenate(kls, axis=1), np.concatenate(top1s, axis=1)))
     return out
 
 

@@ -144,6 +144,12 @@ class WorkerPool:
             raise failure
         return answer
 
+    def stop(self, name: str, python: str | None) -> None:
+        """Close one worker (its memory goes back to the OS); a later job for it starts a fresh one."""
+        worker = self.workers.pop((name, python), None)
+        if worker is not None:
+            worker.close()
+
     def close(self) -> None:
         for w in self.workers.values():
             w.close()
@@ -176,10 +182,11 @@ def serve() -> None:
             spec = load_spec(checkpoint)
             choice = ImplChoice(job["name"], job.get("choice_dtype"), None)
             trace = run_implementation(choice, checkpoint, spec, job["dtype"], job["device"], np.asarray(job["tokens"]),
-                                       job.get("branches", True), job.get("allow_pickle", False), toggles=job.get("toggles") or {})
+                                       job.get("branches", True), job.get("allow_pickle", False), Path(job["out_stem"]),
+                                       toggles=job.get("toggles") or {}, **(job.get("runner_kwargs") or {}))
             trace.implementation = job["label"]
             trace.meta["worker"] = {"python": sys.executable, "pid": os.getpid()}
-            trace.save(Path(job["out_stem"]))
+            trace.save_meta()  # the arrays streamed to out_stem while they were captured
             answer = {"ok": True, "trace": job["out_stem"]}
         except BughuntError as e:
             answer = {"ok": False, "error": str(e)}

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import ml_dtypes
 import numpy as np
+from scipy.special import erf as _erf
 
 DTYPES = {"fp64": None, "fp32": np.float32, "bf16": ml_dtypes.bfloat16, "fp16": np.float16}
 
@@ -46,7 +47,9 @@ class Policy:
                 raise ValueError(f"Policy.{name}={getattr(self, name)!r}; allowed: {allowed}")
 
 
-_erf = np.frompyfunc(math.erf, 1, 1)
+# Bytes of float64 one step may hold at once (a vocabulary chunk of the output embedding, a block of attention
+# scores): large enough for BLAS to run at full speed, small enough that memory stays bounded by one layer.
+CHUNK_BYTES = 64 << 20
 
 
 class Numerics:
@@ -94,7 +97,7 @@ class Numerics:
     def activation(self, x: np.ndarray, kind: str) -> np.ndarray:
         """GELU (Hendrycks & Gimpel 2016), exact erf form or its tanh approximation; SiLU (x * sigmoid(x))."""
         if kind == "gelu_exact":
-            y = 0.5 * x * (1.0 + _erf(x / math.sqrt(2.0)).astype(np.float64))
+            y = 0.5 * x * (1.0 + _erf(x / math.sqrt(2.0)))
         elif kind == "gelu_tanh":
             y = 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
         elif kind == "silu":
@@ -210,23 +213,39 @@ class Numerics:
     def attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, softcap: float | None,
                   window: int | None) -> np.ndarray:
         """Causal softmax attention, q [b, h, s, d], k/v [b, kv_h, s, d]; query head i uses kv head i // (h / kv_h)
-        (grouped-query attention, Ainslie et al. 2023). A sliding window lets query t see keys t-window+1..t."""
-        groups = q.shape[1] // k.shape[1]
-        k = np.repeat(k, groups, axis=1)
-        v = np.repeat(v, groups, axis=1)
-        scores = self.r(self.r(q @ np.swapaxes(k, -1, -2)) * scale)
-        if softcap is not None:  # Gemma 2: cap * tanh(scores / cap)
-            scores = self.r(self.r(np.tanh(self.r(scores / softcap))) * softcap)
-        s = q.shape[2]
-        qi, ki = np.arange(s)[:, None], np.arange(s)[None, :]
-        allowed = ki <= qi
-        if window is not None:
-            allowed &= (qi - ki) < window
-        scores = np.where(allowed, scores, -np.inf)
-        scores = scores - scores.max(axis=-1, keepdims=True)
-        p = np.exp(scores)
-        p = self.r(self.r32(p / p.sum(axis=-1, keepdims=True)))  # softmax in fp32, then back to the model dtype
-        return self.r(p @ v)
+        (grouped-query attention, Ainslie et al. 2023). A sliding window lets query t see keys t-window+1..t.
+        Queries are taken in blocks so the score matrix never exceeds CHUNK_BYTES (each query row is independent)."""
+        b, h, s, d = q.shape
+        kvh = k.shape[1]
+        qg = q.reshape(b, kvh, h // kvh, s, d)  # the query heads that share one kv head, side by side
+        kt, vg = np.swapaxes(k, -1, -2)[:, :, None], v[:, :, None]
+        out = np.empty((b, kvh, h // kvh, s, v.shape[-1]))
+        block = max(1, CHUNK_BYTES // (8 * b * h * s))
+        ki = np.arange(s)[None, :]
+        for q0 in range(0, s, block):
+            q1 = min(s, q0 + block)
+            scores = self.r(self.r(qg[..., q0:q1, :] @ kt) * scale)
+            if softcap is not None:  # Gemma 2: cap * tanh(scores / cap)
+                scores = self.r(self.r(np.tanh(self.r(scores / softcap))) * softcap)
+            qi = np.arange(q0, q1)[:, None]
+            allowed = ki <= qi
+            if window is not None:
+                allowed &= (qi - ki) < window
+            scores = np.where(allowed, scores, -np.inf)
+            scores = scores - scores.max(axis=-1, keepdims=True)
+            p = np.exp(scores)
+            p = self.r(self.r32(p / p.sum(axis=-1, keepdims=True)))  # softmax in fp32, then back to the model dtype
+            out[..., q0:q1, :] = self.r(p @ vg)
+        return out.reshape(b, h, s, v.shape[-1])
+
+    def logits(self, x: np.ndarray, weights: "Weights", name: str, cap: float | None, out: np.ndarray) -> np.ndarray:
+        """x W^T for the output embedding, soft-capped, one vocabulary chunk at a time into `out` [b, s, vocab]: the
+        float64 copy of the embedding matrix is never whole in memory."""
+        vocab = weights.shape(name)[0]
+        step = max(1, CHUNK_BYTES // (8 * x.shape[-1]))
+        for v0 in range(0, vocab, step):
+            out[..., v0:v0 + step] = self.softcap(self.linear(x, weights.rows(name, slice(v0, v0 + step))), cap)
+        return out
 
     def softcap(self, x: np.ndarray, cap: float | None) -> np.ndarray:
         if cap is None:
@@ -252,6 +271,42 @@ def resolve(spec, policy: Policy, default_norm_dtype: str) -> tuple[Numerics, st
     return Numerics(policy), act, policy.norm_dtype or default_norm_dtype
 
 
-def round_weights(n: Numerics, weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Weights as float64, rounded to the emulated model dtype (a model loaded at that dtype holds exactly these)."""
-    return {k: n.r(np.asarray(v, dtype=np.float64)) for k, v in weights.items()}
+# Stored dtype -> emulated dtypes that hold every one of its values exactly (no rounding needed on conversion).
+_EXACT_IN = {"bfloat16": ("fp32", "bf16"), "float16": ("fp32", "fp16"), "float32": ("fp32",)}
+
+
+class Weights:
+    """The checkpoint's tensors as the forward pass uses them. Each is read from its memory-mapped file when asked
+    for, converted to float64 and rounded to the emulated model dtype (a model loaded at that dtype holds exactly
+    these values), and dropped by the caller after use: memory stays near one layer in float64 whatever the
+    model's size. `rows` gathers only some rows (the embedding of the input ids, a vocabulary chunk)."""
+
+    def __init__(self, n: Numerics, stored: dict[str, np.ndarray]):
+        self.n, self.stored = n, stored
+
+    def _convert(self, a: np.ndarray) -> np.ndarray:
+        exact = self.n.dt is None or self.n.policy.dtype in _EXACT_IN.get(np.dtype(a.dtype).name, ())
+        a = np.asarray(a, dtype=np.float64)
+        return a if exact else self.n.r(a)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self._convert(self.stored[name])
+
+    def rows(self, name: str, index) -> np.ndarray:
+        return self._convert(self.stored[name][index])
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.stored[name].shape)
+
+
+def stream_weights(n: Numerics, weights: dict[str, np.ndarray]) -> Weights:
+    """Weights read lazily from `weights` (name -> array, typically memory-mapped) and rounded to n's dtype on use."""
+    return Weights(n, weights)
+
+
+class Points(dict):
+    """Capture points kept in memory: what `forward` writes into when no trace file is given."""
+
+    def buffer(self, point: str, shape: tuple[int, ...]) -> np.ndarray:
+        self[point] = np.empty(shape)
+        return self[point]

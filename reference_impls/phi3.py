@@ -9,18 +9,17 @@ from __future__ import annotations
 
 import numpy as np
 
-from reference_impls._numerics import Policy, merge_heads, resolve, round_weights, split_heads
+from reference_impls._numerics import Policy, merge_heads, resolve, split_heads, stream_weights
 
 
-def forward(weights: dict, spec, tokens: np.ndarray, policy: Policy) -> dict[str, np.ndarray]:
+def forward(weights: dict, spec, tokens: np.ndarray, policy: Policy, out) -> dict[str, np.ndarray]:
     n, act, norm_dtype = resolve(spec, policy, default_norm_dtype="mixed")
-    W = round_weights(n, weights)
+    W = stream_weights(n, weights)  # each tensor read from disk, in float64, only while its layer runs
     norm = lambda x, w: n.rms_norm(x, w, spec.rms_eps, "w", norm_dtype)  # noqa: E731
-    out: dict[str, np.ndarray] = {}
     b, s = tokens.shape
     nh, nkv, hd, inter = spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.intermediate_size
 
-    x = W["model.embed_tokens.weight"][tokens]
+    x = W.rows("model.embed_tokens.weight", tokens)
     out["embed"] = x
 
     rope = spec.rope["full"]
@@ -49,5 +48,5 @@ def forward(weights: dict, spec, tokens: np.ndarray, policy: Policy) -> dict[str
 
     x = norm(x, W["model.norm.weight"])
     out["final_norm"] = x
-    out["logits"] = n.softcap(n.linear(x, W["lm_head.weight"]), spec.final_softcap)
+    out["logits"] = n.logits(x, W, "lm_head.weight", spec.final_softcap, out.buffer("logits", (b, s, spec.vocab_size)))
     return out

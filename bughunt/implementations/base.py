@@ -9,7 +9,7 @@ import numpy as np
 
 from bughunt.errors import BughuntError
 from bughunt.spec import Spec
-from bughunt.trace import Trace
+from bughunt.trace import Trace, TraceWriter
 
 
 class Runner:
@@ -52,7 +52,12 @@ class Runner:
         self.is_open = True
         return self
 
-    def run(self, tokens: np.ndarray) -> Trace:
+    # the dtype this runner's trace stores its arrays in
+    trace_dtype = np.float32
+
+    def run(self, tokens: np.ndarray, stem: Path | None = None) -> Trace:
+        """One forward pass. With `stem`, each capture point is written to `<stem>.safetensors` as it is captured and
+        the returned trace is memory-mapped from there; without, the trace is held in memory."""
         if not self.is_open:
             raise RuntimeError("call open() before run()")
         from bughunt.toggles import apply_to_tokens
@@ -62,13 +67,23 @@ class Runner:
             raise BughuntError("no input tokens: pass at least one token id.")
         if tokens.min() < 0 or tokens.max() >= self.spec.vocab_size:
             raise BughuntError(f"token ids must lie in [0, {self.spec.vocab_size}) for this checkpoint; got range [{tokens.min()}, {tokens.max()}].")
+        expected = 3 + self.spec.num_layers * 3
+        keep = None if self.branches else (lambda p: not p.endswith((".attn", ".mlp")))
+        out = TraceWriter(stem, expected, self.trace_dtype, keep)
         t = time.perf_counter()
-        arrays = self._run(tokens)
+        try:
+            arrays = self._run(tokens, out)
+            for name, array in (arrays or {}).items():  # runners that return their points instead of streaming them
+                if name not in out:
+                    out[name] = array
+        except BaseException:
+            out.abort()
+            raise
         seconds = time.perf_counter() - t
         meta = {"implementation": self.name, "dtype": self.dtype, "device": self.device, "versions": self.versions(),
                 "timings": {"load_s": self.load_seconds, "forward_s": seconds}, "tokens_shape": list(tokens.shape),
                 "toggles": dict(self.toggles)}
-        return Trace(self.label, arrays, meta)
+        return out.finish(self.label, meta)
 
     def close(self) -> None:
         self._close()
@@ -84,7 +99,9 @@ class Runner:
     def _open(self) -> None:
         raise NotImplementedError
 
-    def _run(self, tokens: np.ndarray) -> dict[str, np.ndarray]:
+    def _run(self, tokens: np.ndarray, out: TraceWriter) -> dict[str, np.ndarray] | None:
+        """Run the forward pass, putting each capture point into `out` (`out[point] = array`) as soon as it exists;
+        a runner may instead return all its points as a dict."""
         raise NotImplementedError
 
     def _close(self) -> None:

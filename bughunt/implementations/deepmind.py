@@ -113,7 +113,7 @@ class DeepMindRunner(Runner):
             p[f"layer_{i}"] = block
         return p
 
-    def _run(self, tokens: np.ndarray) -> dict[str, np.ndarray]:
+    def _run(self, tokens: np.ndarray, out=None) -> dict[str, np.ndarray]:
         jnp, modules = self.jnp, self._modules
         b, t = tokens.shape
         ids = jnp.asarray(tokens, jnp.int32)

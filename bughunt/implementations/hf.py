@@ -3,6 +3,8 @@ with forward hooks on the real modules, never by editing model code. Hooks are r
 
 from __future__ import annotations
 
+import tempfile
+
 import numpy as np
 
 from bughunt.errors import BughuntError
@@ -42,8 +44,9 @@ class HFRunner(Runner):
                       "re-implementing the norm, which runners never do",
     }
 
-    def __init__(self, *args, config_overrides: dict | None = None, **kwargs):
+    def __init__(self, *args, config_overrides: dict | None = None, device_map: str | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.device_map = device_map  # "auto": accelerate spreads the model over GPUs, CPU and disk (offload)
         softcaps = {"attn_softcap", "final_softcap"} & set(self.toggles)
         if softcaps and self.spec.family not in ("gemma2", "gemma3"):
             from bughunt.toggles import changed
@@ -53,6 +56,7 @@ class HFRunner(Runner):
                                    "its transformers modeling code has no soft-cap (only gemma2 and gemma3 read the fields).")
         self.config_overrides = dict(config_overrides or {})
         self.model = None
+        self._offload = None
         self._undo: list = []
 
     def _open(self) -> None:
@@ -67,15 +71,26 @@ class HFRunner(Runner):
         for key, value in {**self._toggle_config(config), **self.config_overrides}.items():
             setattr(config, key, value)
         dtype = getattr(torch, TORCH_DTYPES[self.dtype])
+        # Straight onto the device, shard by shard: no full CPU copy before .to(cuda), and a bf16 checkpoint asked
+        # for at fp32 is converted tensor by tensor. device_map="auto" lets accelerate offload what does not fit.
+        placement: dict = {"device_map": self.device_map or self.device}
+        if self.device_map == "auto":
+            self._offload = tempfile.TemporaryDirectory(prefix="bughunt-offload-")
+            placement.update(offload_folder=self._offload.name, offload_state_dict=True)
         try:
             self.model = transformers.AutoModelForCausalLM.from_pretrained(
                 self.checkpoint, config=config, dtype=dtype, attn_implementation="eager",
-                use_safetensors=not self.allow_pickle,
+                use_safetensors=not self.allow_pickle, **placement,
             )
         except (OSError, ValueError, RuntimeError) as e:
             raise BughuntError(f"transformers could not load {self.checkpoint}: {e}") from None
-        self.model.to(self.device).eval()
+        self.model.eval()
         self._apply_toggles()
+
+    def _input_device(self):
+        """Where the input ids go: the embedding's device (with a device map, not necessarily self.device)."""
+        weight = self.model.get_input_embeddings().weight
+        return self.device if weight.device.type == "meta" else weight.device
 
     # -- toggles ----------------------------------------------------------------------------------
     def _toggle_config(self, config) -> dict:
@@ -181,21 +196,23 @@ class HFRunner(Runner):
         points["final_norm"] = (base.norm, "out")
         return points
 
-    def _run(self, tokens: np.ndarray) -> dict[str, np.ndarray]:
+    def _run(self, tokens: np.ndarray, out) -> None:
         import torch
 
-        captured: dict[str, torch.Tensor] = {}
         handles = []
+
+        def keep(name, x):  # each point leaves the device and goes to the trace (on disk) as soon as it is captured
+            x = x.detach()
+            out[name] = (x if x.dtype == torch.float64 else x.to(torch.float32)).cpu().numpy()
 
         def out_hook(name):
             def hook(module, args, output):
-                captured[name] = _tensor(output).detach()
+                keep(name, _tensor(output))
             return hook
 
         def pre_hook(name):
             def hook(module, args, kwargs):
-                x = args[0] if args else kwargs["hidden_states"]
-                captured[name] = x.detach()
+                keep(name, args[0] if args else kwargs["hidden_states"])
             return hook
 
         try:
@@ -204,15 +221,13 @@ class HFRunner(Runner):
                     handles.append(module.register_forward_pre_hook(pre_hook(name), with_kwargs=True))
                 else:
                     handles.append(module.register_forward_hook(out_hook(name)))
-            ids = torch.from_numpy(tokens).to(self.device)
+            ids = torch.from_numpy(tokens).to(self._input_device())
             with torch.no_grad():
-                out = self.model(input_ids=ids, use_cache=False)
-            captured["logits"] = out.logits.detach()
+                result = self.model(input_ids=ids, use_cache=False)
+            keep("logits", result.logits)
         finally:
             for h in handles:
                 h.remove()
-        return {k: v.to(torch.float32).cpu().numpy() if v.dtype != torch.float64 else v.cpu().numpy()
-                for k, v in captured.items()}
 
     def incremental_logits(self, tokens: np.ndarray, prefill: int, decode_config: dict | None = None) -> np.ndarray:
         """Logits [batch, seq, vocab] from the KV-cache path: prefill tokens[:, :prefill] in one pass, then one token at
@@ -220,7 +235,7 @@ class HFRunner(Runner):
         window off by one that only the decoding mask uses); it is restored afterwards."""
         import torch
 
-        ids = torch.from_numpy(np.asarray(tokens, dtype=np.int64)).to(self.device)
+        ids = torch.from_numpy(np.asarray(tokens, dtype=np.int64)).to(self._input_device())
         saved = {k: getattr(self.model.config, k) for k in (decode_config or {})}
         try:
             with torch.no_grad():
@@ -242,12 +257,15 @@ class HFRunner(Runner):
         import torch
 
         with torch.no_grad():
-            return self.model(input_ids=torch.from_numpy(tokens).to(self.device), use_cache=False).logits.float().cpu().numpy()
+            return self.model(input_ids=torch.from_numpy(tokens).to(self._input_device()), use_cache=False).logits.float().cpu().numpy()
 
     def _close(self) -> None:
         while self._undo:
             self._undo.pop()()
         self.model = None
+        if self._offload is not None:
+            self._offload.cleanup()
+            self._offload = None
         try:
             import torch
 

@@ -55,7 +55,7 @@ class KerasRunner(Runner):
 
         return torch.cuda.is_available()
 
-    def _run(self, tokens: np.ndarray) -> dict[str, np.ndarray]:
+    def _run(self, tokens: np.ndarray, out=None) -> dict[str, np.ndarray]:
         from keras import ops
 
         inputs = {"token_ids": tokens.astype("int32"), "padding_mask": np.ones_like(tokens, dtype="int32")}

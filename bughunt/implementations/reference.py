@@ -1,5 +1,6 @@
 """The `reference` implementation: the float64 numpy forward passes in reference_impls/. At fp64 it
-rounds nowhere; at another dtype it emulates that dtype's rounding policy step by step."""
+rounds nowhere; at another dtype it emulates that dtype's rounding policy step by step. Weights are
+memory-mapped and converted one tensor at a time; capture points stream into the trace as they are made."""
 
 from __future__ import annotations
 
@@ -35,16 +36,15 @@ class ReferenceRunner(Runner):
             if rope.type not in SUPPORTED_ROPE_TYPES:
                 raise BughuntError(f"the reference does not implement rope_type '{rope.type}' yet (supports: {', '.join(SUPPORTED_ROPE_TYPES)}).")
 
-    def _open(self) -> None:
-        self.weights = load_weights(self.checkpoint, self.spec, self.allow_pickle)
+    trace_dtype = np.float64
 
-    def _run(self, tokens: np.ndarray) -> dict[str, np.ndarray]:
+    def _open(self) -> None:
+        self.weights = load_weights(self.checkpoint, self.spec, self.allow_pickle)  # memory-mapped: nothing read yet
+
+    def _run(self, tokens: np.ndarray, out) -> None:
         from reference_impls import forward
 
-        arrays = forward(self.weights, self.spec, tokens, self.policy)
-        if not self.branches:
-            arrays = {k: v for k, v in arrays.items() if not k.endswith((".attn", ".mlp"))}
-        return arrays
+        forward(self.weights, self.spec, tokens, self.policy, out)
 
     def _close(self) -> None:
         self.weights = None

@@ -1,0 +1,133 @@
+"""Memory planning for a run: estimate each implementation's peak resident memory from the checkpoint's size, the
+dtype and the token count, decide which implementations may run side by side and which one after another, and
+refuse before anything starts a run that cannot fit (saying what would). Being killed by the kernel is never the
+answer.
+
+The estimates are deliberately simple formulas, stated once here, and printed in the report so a user can see
+why a run was scheduled the way it was. They are upper-bound-leaning: parameters at the run's dtype, plus the
+activations the forward pass keeps alive, plus a fixed cost for the libraries."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from bughunt.errors import BughuntError
+from bughunt.spec import Spec
+
+GB = 1 << 30
+BYTES = {"fp64": 8, "fp32": 4, "bf16": 2, "fp16": 2}
+# Resident cost of importing each stack and building its model objects, measured on this project's tiny checkpoints
+# (a bare `import torch, transformers` is ~0.5 GB of RSS; JAX with Flax or Keras ~0.8 GB).
+LIBRARY_GB = {"hf": 0.6, "reference": 0.25, "deepmind": 1.2, "keras-jax": 1.2, "keras-torch": 1.0}
+PARENT_GB = 0.5  # the comparing process itself: numpy, the spec, per-position metrics, a block of each trace
+
+
+def parse_size(text: str) -> int:
+    """'12G', '12GB', '12GiB', '800M' or a number of bytes -> bytes."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(i?B)?\s*", str(text), re.IGNORECASE)
+    if not m:
+        raise BughuntError(f"--max-memory {text!r} is not a size. Write it like 20G, 20GB or 512M.")
+    value = float(m.group(1)) * {"": 1, "K": 1 << 10, "M": 1 << 20, "G": GB, "T": 1 << 40}[m.group(2).upper()]
+    if value <= 0:
+        raise BughuntError(f"--max-memory must be positive, got {text!r}.")
+    return int(value)
+
+
+def available_memory() -> int:
+    """Memory this run may use: what the OS reports available now (cgroup limits included when psutil sees them)."""
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def parameter_count(spec: Spec) -> int:
+    """Parameters implied by the spec (tied embeddings counted once)."""
+    h, v, i = spec.hidden_size, spec.vocab_size, spec.intermediate_size
+    q, kv = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+    layer = h * (q + 2 * kv) + q * h + 3 * h * i + 4 * h
+    return spec.num_layers * layer + v * h * (1 if spec.tie_word_embeddings else 2) + h
+
+
+def _largest_layer_params(spec: Spec) -> int:
+    h, i = spec.hidden_size, spec.intermediate_size
+    q, kv = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+    return h * (q + 2 * kv) + q * h + 3 * h * i
+
+
+@dataclass
+class Estimate:
+    label: str
+    peak_bytes: int
+    formula: str
+
+    def as_dict(self) -> dict:
+        return {"label": self.label, "peak_gb": round(self.peak_bytes / GB, 2), "formula": self.formula}
+
+
+def estimate(name: str, label: str, spec: Spec, dtype: str, tokens_shape: tuple[int, int], device: str = "cpu",
+             device_map: str | None = None) -> Estimate:
+    """Peak resident (host) memory of one implementation's run."""
+    b, s = tokens_shape
+    h, i, v = spec.hidden_size, spec.intermediate_size, spec.vocab_size
+    heads = spec.num_heads
+    width = BYTES.get(dtype, 4)
+    params = parameter_count(spec)
+    lib = LIBRARY_GB.get(name, 1.0) * GB
+    if name == "reference":
+        # one layer's weights in float64 (+ its stored copy being read), float64 activations of a layer, one block of
+        # attention scores and one vocabulary chunk of the output embedding (reference_impls/_numerics.py CHUNK_BYTES).
+        layer = _largest_layer_params(spec) * (8 + 2)
+        acts = b * s * (6 * h + 4 * i) * 8
+        chunks = 3 * (64 << 20)
+        logits = b * s * v * 8 // 4  # the logits buffer is on disk; a quarter resident while it is written
+        peak = layer + acts + chunks + logits + lib
+        formula = "largest layer x 10 B + activations (6 h + 4 i) x 8 B x tokens + chunks + library"
+    else:
+        on_host = 0 if device == "cuda" or device_map == "auto" else 1
+        weights = params * width * on_host
+        acts = b * s * (8 * h + 3 * i) * width + b * heads * s * s * width * 3  # eager attention keeps scores and probs
+        logits = b * s * v * (width + 4 + 4)  # model-dtype logits, their fp32 copy, and the trace's copy on its way out
+        extra = params * width // 8 if name in ("deepmind", "keras-jax", "keras-torch") else 0  # conversion buffers
+        if name in ("deepmind", "keras-jax", "keras-torch"):
+            weights = params * (width + 4) * on_host  # they convert from a float32 copy
+        peak = weights + acts * on_host + logits + extra + lib
+        formula = "parameters x dtype bytes + activations + logits + library"
+    return Estimate(label, int(peak), formula)
+
+
+@dataclass
+class Schedule:
+    side_by_side: bool
+    budget: int
+    budget_source: str
+    estimates: list[Estimate]
+
+    def as_dict(self) -> dict:
+        return {"side_by_side": self.side_by_side, "budget_gb": round(self.budget / GB, 2), "budget_source": self.budget_source,
+                "estimates": [e.as_dict() for e in self.estimates]}
+
+
+def plan(estimates: list[Estimate], max_memory: int | None = None, tokens: int = 0, dtype: str = "fp32") -> Schedule:
+    """Side by side when every estimate fits at once, one after another when only each alone fits; otherwise refuse."""
+    budget = max_memory if max_memory is not None else available_memory()
+    source = "--max-memory" if max_memory is not None else "available memory"
+    parent = int(PARENT_GB * GB)
+    too_big = [e for e in estimates if e.peak_bytes + parent > budget]
+    if too_big:
+        worst = max(too_big, key=lambda e: e.peak_bytes)
+        hints = [f"fewer tokens (the run has {tokens})" if tokens > 64 else None,
+                 "a lower dtype (--dtype bf16)" if dtype in ("fp32", "fp64") else None,
+                 "--device-map auto (accelerate offloads what does not fit to disk)" if worst.label.startswith("hf") else None,
+                 "--max-memory if more memory is really free"]
+        raise BughuntError(
+            f"this run cannot fit in {budget / GB:.1f} GB ({source}): {worst.label} needs about {worst.peak_bytes / GB:.1f} GB "
+            f"({worst.formula}). Try " + ", ".join(h for h in hints if h) + ".")
+    together = sum(e.peak_bytes for e in estimates) + parent
+    return Schedule(together <= budget, budget, source, estimates)
+
+
+def describe(schedule: Schedule) -> str:
+    parts = ", ".join(f"{e.label} ~{e.peak_bytes / GB:.1f} GB" for e in schedule.estimates)
+    how = "side by side" if schedule.side_by_side else "one after another"
+    return f"{how} within {schedule.budget / GB:.1f} GB ({schedule.budget_source}): {parts}"
