@@ -235,7 +235,11 @@ def write_output_dir(out: str | Path, kind: str, write: Callable[[Path], None], 
             if real.exists():
                 old = real.with_name(f".{real.name}.old.{uuid.uuid4().hex[:8]}")
                 os.rename(real, old)
-                os.rename(tmp, real)
+                try:
+                    os.rename(tmp, real)
+                except OSError:
+                    os.rename(old, real)  # put the earlier output back
+                    raise
                 shutil.rmtree(old, ignore_errors=True)
             else:
                 os.rename(tmp, real)

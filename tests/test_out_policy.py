@@ -57,6 +57,7 @@ SITUATIONS = {
     "out-is-a-foreign-directory": ("{tmp}/mine", r"non-empty directory that bughunt did not write", ("{tmp}",)),
     "out-below-a-file": ("{tmp}/user.txt/report", r"cannot be created: .*user.txt is a file", ("{tmp}",)),
     "out-under-proc": ("/proc/bughunt-report", r"cannot be written: creating anything in /proc fails", ("{tmp}",)),
+    "out-under-sys": ("/sys/bughunt-report", r"cannot be written: creating anything in /sys fails", ("{tmp}",)),
     "out-is-own-output-plus-a-user-file": ("{tmp}/own", r"plus files bughunt did not write \(notes.txt\)", ("{tmp}",)),
     "out-is-a-symlink-to-the-checkpoint": ("{tmp}/link-to-ck", r"is the checkpoint", ("{ck}", "{tmp}")),
     "out-is-a-symlink-loop": ("{tmp}/loop", r"is a symbolic link loop", ("{tmp}",)),

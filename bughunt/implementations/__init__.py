@@ -73,7 +73,8 @@ def require_device(device: str, where: str = "--device") -> None:
         import torch
 
         if not torch.cuda.is_available():
-            raise BughuntError(f"{where} cuda was asked for, but torch sees no CUDA device on this machine. Use --device cpu, "
+            fix = "--device cpu" if where == "--device" else 'devices = ["cpu"]'
+            raise BughuntError(f"{where} cuda was asked for, but torch sees no CUDA device on this machine. Ask for {fix}, "
                                "or run on a machine with a GPU.")
 
 
