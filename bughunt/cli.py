@@ -110,7 +110,6 @@ def _max_memory(args) -> int | None:
 
 def cmd_compare(args) -> int:
     from bughunt.compare import compare
-
     from bughunt.output import describe_written
 
     _require_device(args.device)
@@ -267,7 +266,11 @@ def build_parser() -> argparse.ArgumentParser:
                                 epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
 
-    c = sub.add_parser("compare", epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter, help="compare implementations of one checkpoint against a reference")
+    def command(name: str, **kwargs) -> argparse.ArgumentParser:
+        """A sub-command whose --help ends with the exit codes and the --out policy."""
+        return sub.add_parser(name, epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
+
+    c = command("compare", help="compare implementations of one checkpoint against a reference")
     c.add_argument("checkpoint", help="Hugging Face-format checkpoint directory (config.json + *.safetensors)")
     c.add_argument("--impl", action="append", metavar="NAME[:DTYPE][@PYTHON]",
                    help="implementation to run (repeatable): hf, reference; default: hf and reference")
@@ -290,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "CPU and disk offload for a model larger than memory (hooks still capture every layer)")
     c.set_defaults(func=cmd_compare)
 
-    w = sub.add_parser("sweep", epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter, help="run one implementation under toggle settings; search for the ones that explain a divergence")
+    w = command("sweep", help="run one implementation under toggle settings; search for the ones that explain a divergence")
     w.add_argument("checkpoint")
     w.add_argument("--impl", default="hf", metavar="NAME[:DTYPE]", help="the candidate implementation (default hf)")
     w.add_argument("--reference", default=None, help="reference implementation (default reference:<dtype>, the reference emulating the dtype)")
@@ -310,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--fail-on-finding", action="store_true", help="exit 1 when the candidate as is departs from the reference")
     w.set_defaults(func=cmd_sweep)
 
-    k = sub.add_parser("decode", epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter, help="full forward pass vs incremental decoding (prefill, then one token at a time)")
+    k = command("decode", help="full forward pass vs incremental decoding (prefill, then one token at a time)")
     k.add_argument("checkpoint")
     k.add_argument("--impl", default="hf", metavar="NAME[:DTYPE][toggles]")
     k.add_argument("--reference", default=None, help="also compare each decoding step against this implementation")
@@ -326,30 +329,30 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--fail-on-finding", action="store_true", help="exit 1 when a decoding step departs")
     k.set_defaults(func=cmd_decode)
 
-    d = sub.add_parser("demo", epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter, help="generate tiny checkpoints and compare every installed implementation on each")
+    d = command("demo", help="generate tiny checkpoints and compare every installed implementation on each")
     d.add_argument("--out", type=_path, default="reports/demo")
     d.add_argument("--family", action="append", help="limit to these families (repeatable)")
     d.set_defaults(func=cmd_demo)
 
-    t = sub.add_parser("tiny", epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter, help="write a tiny seeded checkpoint of a family")
+    t = command("tiny", help="write a tiny seeded checkpoint of a family")
     t.add_argument("family")
     t.add_argument("--out", type=_path, required=True)
     t.add_argument("--seed", type=_seed, default=0, help="seed of the weights (a non-negative integer, default 0)")
     t.set_defaults(func=cmd_tiny)
 
-    r = sub.add_parser("render", epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter, help="re-render plots and report.html from a result.json")
+    r = command("render", help="re-render plots and report.html from a result.json")
     r.add_argument("result", help="result.json or the directory holding it")
     r.add_argument("--out", type=_path, help="where to write (default: beside result.json)")
     r.set_defaults(func=cmd_render)
 
-    lt = sub.add_parser("lint", epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter, help="static checks of a checkpoint's config, weights and tokenizer: exit 0 clean, 1 an error fired, 2 bad input")
+    lt = command("lint", help="static checks of a checkpoint's config, weights and tokenizer: exit 0 clean, 1 an error fired, 2 bad input")
     lt.add_argument("checkpoint", help="Hugging Face-format checkpoint directory")
     lt.add_argument("--json", type=_path, metavar="FILE", help="also write the versioned lint document to FILE")
     lt.add_argument("--tokenizers", action="store_true",
                     help="also encode a corpus of tricky strings with every available tokenizer implementation and report disagreements")
     lt.set_defaults(func=cmd_lint)
 
-    g = sub.add_parser("ci", epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter, help="run a TOML matrix of cells against stored baselines: exit 0 pass, 1 regression, 2 bad input")
+    g = command("ci", help="run a TOML matrix of cells against stored baselines: exit 0 pass, 1 regression, 2 bad input")
     g.add_argument("matrix", help="the matrix file (TOML; see examples/bughunt.toml)")
     g.add_argument("--baseline", type=_path, required=True, metavar="DIR", help="directory of baseline JSON, one file per cell")
     g.add_argument("--update-baseline", action="store_true", help="record the baselines from this run (review and commit them)")
