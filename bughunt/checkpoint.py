@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from bughunt.errors import BughuntError
-from bughunt.safetensors_io import map_safetensors, read_header
+from bughunt.safetensors_io import map_safetensors, read_header, release
 from bughunt.spec import Spec, load_spec
 
 _PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.bin", "model.pt", "model.pth")
@@ -122,12 +122,18 @@ def validate_weights(checkpoint: Path, spec: Spec, allow_pickle: bool = False) -
         )
 
 
+class MappedWeights(dict):
+    """name -> read-only memory-mapped array. `release(array)` drops a used array's pages from resident memory."""
+
+    release = staticmethod(release)
+
+
 def load_weights(checkpoint: Path, spec: Spec | None = None, allow_pickle: bool = False) -> dict[str, np.ndarray]:
     """All weights as read-only numpy arrays in their stored dtype, validated against the spec. Safetensors weights
     are memory-mapped: a tensor's bytes are read from disk only when it is used."""
     spec = spec or load_spec(checkpoint)
     validate_weights(checkpoint, spec, allow_pickle)
-    out: dict[str, np.ndarray] = {}
+    out = MappedWeights()
     for f in weight_files(checkpoint, allow_pickle):
         out.update(map_safetensors(f) if f.suffix == ".safetensors" else _read_pickle(f))
     if spec.tie_word_embeddings:

@@ -707,6 +707,8 @@ class CiRun:
     seconds: float
     written_baselines: list[Path] = field(default_factory=list)
     stale_baselines: list[Path] = field(default_factory=list)
+    shard: tuple[int, int] | None = None  # (K, N): this run is shard K of N (see bughunt.ci_shard)
+    packages: dict[str, str] = field(default_factory=dict)  # library versions the summary names
 
     @property
     def failed(self) -> list[CellOutcome]:
@@ -774,6 +776,18 @@ def _plan(matrix: Matrix, baseline_dir: Path, update: bool) -> list[_Group]:
     return groups
 
 
+def assign_shards(sizes: list[int], count: int) -> list[int]:
+    """The shard (1-based) of each checkpoint-device group, given each group's number of cells: contiguous runs of
+    groups in matrix order, cut so each shard holds about 1/count of the cells (a group goes to the shard its middle
+    cell falls in). A group never splits: its cells share one compare run (the reference runs once) and one report."""
+    total = sum(sizes)
+    out, before = [], 0
+    for size in sizes:
+        out.append(min(count, (count * (2 * before + size)) // (2 * total) + 1) if total else 1)
+        before += size
+    return out
+
+
 def _ci_section(group: _Group, outcomes: list[CellOutcome]) -> dict:
     rows = "".join(f"<tr><td class='l'>{html.escape(o.cell.id)}</td><td class='l'>{o.status}</td>"
                    f"<td class='l'>{html.escape(o.message)}</td></tr>" for o in outcomes)
@@ -821,9 +835,16 @@ def _run_group(group: _Group, matrix: Matrix, out: Path, log: Callable[[str], No
 
 
 def run_ci(matrix_path: str | Path, baseline_dir: str | Path, update_baseline: bool = False, out: str | Path | None = None,
-           log: Callable[[str], None] = print) -> CiRun:
+           log: Callable[[str], None] = print, shard: tuple[int, int] | None = None,
+           finish: Callable[[CiRun, Path], None] | None = None) -> CiRun:
     """Run every cell of the matrix, judge it, write the outputs (and, when asked, the baselines). Bad input raises
-    BughuntError before anything runs; regressions are in the returned CiRun (exit_code 1)."""
+    BughuntError before anything runs; regressions are in the returned CiRun (exit_code 1). With `shard` = (K, N),
+    run only shard K's cells (see `assign_shards`); the whole matrix is still checked, so every shard refuses the same
+    bad input. The outputs are built in a temporary directory and moved to `out` when complete (bughunt.output);
+    `finish(run, directory)` may add files of its own there first."""
+    from bughunt import progress
+    from bughunt.result import environment
+
     t0 = time.perf_counter()
     matrix = load_matrix(matrix_path)
     baseline_dir = Path(baseline_dir)
@@ -843,32 +864,42 @@ def run_ci(matrix_path: str | Path, baseline_dir: str | Path, update_baseline: b
         for g in groups:
             for c in g.cells:
                 check_output_file(baseline_dir / c.baseline_name, BASELINE_SCHEMA, baseline_protect, "--baseline")
-    log(f"bughunt ci: {sum(len(g.cells) for g in groups)} cells from {matrix.source}"
+    todo = groups if shard is None else [g for g, k in zip(groups, assign_shards([len(g.cells) for g in groups], shard[1])) if k == shard[0]]
+    slice_ = "" if shard is None else f"shard {shard[0]}/{shard[1]}: {sum(len(g.cells) for g in todo)} of "
+    log(f"bughunt ci: {slice_}{sum(len(g.cells) for g in groups)} cells from {matrix.source}"
         + (" (recording baselines)" if update_baseline else f", baselines in {baseline_dir}"))
-    run = CiRun(matrix, baseline_dir, out, update_baseline, [], 0.0)
+    if shard is not None and not todo:
+        log(f"note: shard {shard[0]}/{shard[1]} has no cells: each checkpoint and device runs whole in one shard, "
+            f"and this matrix has {len(groups)}. Use at most {len(groups)} shards.")
+    run = CiRun(matrix, baseline_dir, out, update_baseline, [], 0.0, shard=shard, packages=environment()["packages"])
     from bughunt.worker import WorkerPool
 
     def write(tmp: Path) -> None:
-        with WorkerPool() as pool:  # one worker per implementation and interpreter serves every cell
-            for group in groups:
-                run.outcomes += _run_group(group, matrix, tmp, log, pool)
+        with WorkerPool() as pool, progress.task("bughunt ci", total=sum(len(g.cells) for g in todo), unit="cell") as bar:
+            shown = progress.printer(log)
+            for group in todo:  # one worker per implementation and interpreter serves every cell
+                bar.update(stage=group.name)
+                run.outcomes += _run_group(group, matrix, tmp, shown, pool)
+                bar.advance(len(group.cells))
+        if update_baseline:  # each file replaced atomically, and only if it is a bughunt baseline (checked above)
+            by_id = {g_cell.id: g for g in groups for g_cell in g.cells}
+            for o in run.outcomes:
+                if o.comparison is None:
+                    continue
+                path = baseline_dir / o.cell.baseline_name
+                write_output_file(path, dump_baseline(baseline_document(o.cell, o.comparison, by_id[o.cell.id].tokens, matrix.branches)),
+                                  BASELINE_SCHEMA, baseline_protect, "--baseline")
+                run.written_baselines.append(path)
         if baseline_dir.is_dir():
             names = {c.baseline_name for g in groups for c in g.cells}
             run.stale_baselines = sorted(p for p in baseline_dir.glob("*.json") if p.name not in names)
         run.seconds = time.perf_counter() - t0
         write_outputs(run, tmp)
+        if finish is not None:
+            finish(run, tmp)
 
     write_output_dir(out, "ci", write, protect)
     outcomes = run.outcomes
-    if update_baseline:  # after the reports are in place, each file replaced atomically
-        by_id = {g_cell.id: g for g in groups for g_cell in g.cells}
-        for o in outcomes:
-            if o.comparison is None:
-                continue
-            path = baseline_dir / o.cell.baseline_name
-            write_output_file(path, dump_baseline(baseline_document(o.cell, o.comparison, by_id[o.cell.id].tokens, matrix.branches)),
-                              BASELINE_SCHEMA, baseline_protect, "--baseline")
-            run.written_baselines.append(path)
     for o in run.failed:
         log(o.details)
     if run.written_baselines:
@@ -907,15 +938,18 @@ def _md(text: str) -> str:
 
 
 def markdown_summary(run: CiRun) -> str:
-    from bughunt.result import environment
-
+    """The Markdown page for a CI job summary. It holds no timings and no output paths, so the merge of a sharded
+    run's slices (bughunt.ci_shard) reproduces the unsharded run's page exactly; the times are in junit.xml."""
     n, bad = len(run.outcomes), len(run.failed)
-    head = f"## bughunt ci: ✅ all {n} cells pass" if not bad else f"## bughunt ci: ❌ {bad} of {n} cells fail"
-    pkgs = environment()["packages"]
+    what = "bughunt ci" if run.shard is None else f"bughunt ci, shard {run.shard[0]} of {run.shard[1]}"
+    head = f"## {what}: ✅ all {n} cells pass" if not bad else f"## {what}: ❌ {bad} of {n} cells fail"
+    if run.shard is not None and not n:
+        head = f"## {what}: no cells (each checkpoint and device runs whole in one shard; the matrix has fewer than {run.shard[1]})"
+    pkgs = run.packages
     versions = ", ".join(f"{k} {pkgs[k]}" for k in ("bughunt", "torch", "transformers", "numpy", "jax", "keras") if k in pkgs)
     lines = [head, "",
              f"Matrix `{run.matrix.source}`, " + ("baselines recorded now" if run.update_baseline else f"baselines `{run.baseline_dir}`")
-             + f", {run.seconds:.1f}s. {versions}.", "",
+             + f". {versions}.", "",
              "| cell | status | first regressed point | by how much | max rel L2 (baseline) |",
              "|---|---|---|---|---|"]
     for o in run.outcomes:
@@ -932,7 +966,7 @@ def markdown_summary(run: CiRun) -> str:
     for o in run.failed:
         lines += ["", f"<details><summary>{html.escape(o.message)}</summary>", "", "```", o.details, "```", "", "</details>"]
     lines += ["", "Thresholds:", *[f"- {t.describe()}" for t in run.matrix.thresholds],
-              "", f"HTML reports: `{run.out}/index.html` (one report per checkpoint and device)."]
+              "", "HTML reports: `index.html` beside this file (one report per checkpoint and device)."]
     if run.stale_baselines:
         lines += ["", f"Baseline files that belong to no cell: {', '.join(f'`{p.name}`' for p in run.stale_baselines)}."]
     return "\n".join(lines) + "\n"
@@ -945,6 +979,8 @@ def index_html(run: CiRun) -> str:
         rows.append(f"<tr><td>{html.escape(o.cell.id)}</td><td class='{o.status}'>{o.status}</td>"
                     f"<td>{html.escape(o.message if o.status != 'pass' else '')}</td><td>{link}</td></tr>")
     verdict = "all cells pass" if not run.failed else f"{len(run.failed)} of {len(run.outcomes)} cells fail"
+    if run.shard is not None:
+        verdict = f"shard {run.shard[0]} of {run.shard[1]}, {verdict}"
     return ("<!doctype html><meta charset='utf-8'><title>bughunt ci</title>"
             "<style>body{font-family:sans-serif}td,th{padding:3px 8px;text-align:left}.pass{color:#2a7}.fail,.error{color:#c22;font-weight:bold}</style>"
             f"<h1>bughunt ci: {verdict}</h1><p>Matrix {html.escape(str(run.matrix.source))}; "

@@ -87,6 +87,10 @@ def format_summary(result) -> str:
     for f in d["findings"]:
         if f["severity"] != "info":
             lines.append(f"  {f['severity'].upper()}: {f['message']}")
+    if d.get("schedule"):
+        sch = d["schedule"]
+        lines.append(f"  memory plan: {'side by side' if sch['side_by_side'] else 'one after another'} within {sch['budget_gb']} GB "
+                     f"({sch['budget_source']}); estimated peaks " + ", ".join(f"{e['label']} ~{e['peak_gb']} GB" for e in sch["estimates"]))
     return "\n".join(lines)
 
 
@@ -234,12 +238,24 @@ def cmd_render(args) -> int:
 def cmd_ci(args) -> int:
     from bughunt.ci import run_ci
 
-    run = run_ci(Path(args.matrix), Path(args.baseline), update_baseline=args.update_baseline,
-                 out=Path(args.out) if args.out else None)
+    if args.shard is not None:
+        from bughunt.ci_shard import parse_shard, run_shard
+
+        run = run_shard(Path(args.matrix), Path(args.baseline), parse_shard(args.shard), update_baseline=args.update_baseline,
+                        out=Path(args.out) if args.out else None)
+    else:
+        run = run_ci(Path(args.matrix), Path(args.baseline), update_baseline=args.update_baseline,
+                     out=Path(args.out) if args.out else None)
     if run.exit_code == 2:
         print("bughunt: error: nothing could be compared: every cell of the matrix failed (each cell's error is above).",
               file=sys.stderr)
     return run.exit_code
+
+
+def cmd_ci_merge(args) -> int:
+    from bughunt.ci_shard import merge
+
+    return merge([Path(d) for d in args.shards], out=Path(args.out) if args.out else None).exit_code
 
 
 def cmd_lint(args) -> int:
@@ -352,13 +368,38 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also encode a corpus of tricky strings with every available tokenizer implementation and report disagreements")
     lt.set_defaults(func=cmd_lint)
 
-    g = command("ci", help="run a TOML matrix of cells against stored baselines: exit 0 pass, 1 regression, 2 bad input")
-    g.add_argument("matrix", help="the matrix file (TOML; see examples/bughunt.toml)")
+    g = sub.add_parser("ci", help="run a TOML matrix of cells against stored baselines: exit 0 pass, 1 regression, 2 bad input",
+                       usage="bughunt ci MATRIX --baseline DIR [--update-baseline] [--shard K/N] [--out DIR]\n"
+                             "       bughunt ci merge DIR... [--out DIR]",
+                       epilog=CI_MERGE_HELP + "\n\n" + EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g.add_argument("matrix", help="the matrix file (TOML; see examples/bughunt.toml); a file named merge is written ./merge")
     g.add_argument("--baseline", type=_path, required=True, metavar="DIR", help="directory of baseline JSON, one file per cell")
     g.add_argument("--update-baseline", action="store_true", help="record the baselines from this run (review and commit them)")
+    g.add_argument("--shard", metavar="K/N", help="run only shard K of N (K from 1): whole checkpoint-device groups, about 1/N "
+                   "of the cells; also writes shard.json for `bughunt ci merge`")
     g.add_argument("--out", type=_path, metavar="DIR", help="where to write junit.xml, summary.md, index.html and the reports (default reports/ci)")
     g.set_defaults(func=cmd_ci)
     return p
+
+
+CI_MERGE_HELP = """\
+sharding over a CI job matrix:
+  bughunt ci MATRIX --baseline DIR --shard K/N --out shard-K   (one job per K = 1..N)
+  bughunt ci merge shard-1 ... shard-N --out DIR               (one job after them)
+  merge checks the directories are the N shards of one run and writes the summary.md, junit.xml and
+  index.html (reports copied beside it) the unsharded run writes, and its exit code: 0 pass, 1 regression,
+  2 bad input (shards of different matrices, missing or repeated shards, a malformed shard.json)."""
+
+
+def build_ci_merge_parser() -> argparse.ArgumentParser:
+    m = argparse.ArgumentParser(prog="bughunt ci merge", description="Combine the --out directories of the N shards of one "
+                                "`bughunt ci MATRIX --shard K/N` run into one summary, JUnit file, HTML index and exit code "
+                                "(0 pass, 1 regression, 2 bad input). A matrix file named merge is run as `bughunt ci ./merge`.",
+                                epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    m.add_argument("shards", nargs="+", metavar="DIR", help="each shard's --out directory (holding its shard.json), in any order")
+    m.add_argument("--out", type=_path, metavar="DIR", help="where to write junit.xml, summary.md, index.html and the reports (default reports/ci)")
+    m.set_defaults(func=cmd_ci_merge)
+    return m
 
 
 def quiet_libraries() -> None:
@@ -372,8 +413,15 @@ def main(argv: list[str] | None = None) -> int:
     from bughunt.interrupt import Interrupted, handled
 
     quiet_libraries()
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:2] == ["ci", "merge"]:  # `bughunt ci merge DIR...`; a matrix file named merge is `bughunt ci ./merge`
+        if "--baseline" in argv or "--shard" in argv:
+            print("bughunt: error: `bughunt ci merge` combines shard directories and takes no --baseline or --shard. "
+                  "To run a matrix file named merge, write `bughunt ci ./merge --baseline DIR`.", file=sys.stderr)
+            return 2
+        args = build_ci_merge_parser().parse_args(argv[2:])
+    else:
+        args = build_parser().parse_args(argv)
     try:
         with handled():
             return args.func(args)

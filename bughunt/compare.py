@@ -15,6 +15,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from bughunt import progress
 from bughunt.checkpoint import validate_weights
 from bughunt.errors import BughuntError
 from bughunt.implementations import DEVICES, DTYPES, ImplChoice, runner_class
@@ -106,13 +107,39 @@ def run_choice(choice: ImplChoice, checkpoint: Path, spec: Spec, dtype: str, dev
     return Trace.load(stem)
 
 
+def run_reference_with_floors(choice: ImplChoice, checkpoint: Path, spec: Spec, device: str, tokens: np.ndarray,
+                              floor_dtypes: Sequence[str], scratch: Path, branches: bool = True,
+                              allow_pickle: bool = False, on_step=None) -> tuple[Trace, dict[str, Trace]]:
+    """The float64 reference and its noise-floor passes (the reference emulating each dtype) in one read of the
+    model: the passes step through the layers side by side, sharing each layer's weights."""
+    from bughunt.implementations.reference import ReferenceRunner, run_together
+
+    dtypes = [d for d in dict.fromkeys(floor_dtypes) if d != "fp64"]
+    runners = [ReferenceRunner(checkpoint, spec, "fp64", device, branches=branches, label=choice.label,
+                               allow_pickle=allow_pickle, toggles=choice.toggle_dict)]
+    runners += [ReferenceRunner(checkpoint, spec, d, "cpu", branches=branches, label=f"reference:{d}", allow_pickle=allow_pickle)
+                for d in dtypes]
+    try:
+        for r in runners:
+            r.open()
+        traces = run_together(runners, tokens, [scratch / "reference-fp64"] + [scratch / f"floor-{d}" for d in dtypes], on_step)
+    finally:
+        for r in runners:
+            r.close()
+    return traces[0], dict(zip(dtypes, traces[1:]))
+
+
 def noise_floor(checkpoint: Path, spec: Spec, dtype: str, tokens: np.ndarray, fp64: Trace | None = None,
-                allow_pickle: bool = False, scratch: Path | None = None) -> dict:
+                allow_pickle: bool = False, scratch: Path | None = None, emulated: Trace | None = None) -> dict:
     """The divergence a correct implementation at `dtype` shows against float64: the reference emulating the
     family's HF rounding policy at that dtype, against the unrounded reference. Never below the dtype's unit roundoff.
     With `scratch`, the reference traces stream to files there instead of memory."""
     stem = (lambda name: Path(scratch) / name) if scratch is not None else (lambda name: None)
     timings = {}
+    if fp64 is None and scratch is not None and dtype != "fp64":  # both passes in one read of the model
+        fp64, floors = run_reference_with_floors(ImplChoice("reference", "fp64"), checkpoint, spec, "cpu", tokens, [dtype],
+                                                 Path(scratch), allow_pickle=allow_pickle)
+        emulated = floors[dtype]
     if fp64 is None:
         fp64 = run_implementation(ImplChoice("reference", "fp64"), checkpoint, spec, "fp64", "cpu", tokens,
                                   allow_pickle=allow_pickle, stem=stem("floor-fp64"))
@@ -121,8 +148,9 @@ def noise_floor(checkpoint: Path, spec: Spec, dtype: str, tokens: np.ndarray, fp
     if dtype == "fp64":
         measured = {p: {"point": p, "rel_l2": 0.0, "l2": 0.0} for p in fp64.points()}
     else:
-        emulated = run_implementation(ImplChoice("reference", dtype), checkpoint, spec, dtype, "cpu", tokens,
-                                      allow_pickle=allow_pickle, stem=stem(f"floor-{dtype}"))
+        if emulated is None:
+            emulated = run_implementation(ImplChoice("reference", dtype), checkpoint, spec, dtype, "cpu", tokens,
+                                          allow_pickle=allow_pickle, stem=stem(f"floor-{dtype}"))
         timings["emulated_forward_s"] = emulated.meta["timings"]["forward_s"]
         measured = {m["point"]: m for m in compare_traces(emulated, fp64)}
     points = {}
@@ -227,6 +255,7 @@ def compare(checkpoint: str | Path, implementations: Sequence[str | ImplChoice] 
                             for c in choices], max_memory, tokens.shape[1], dtype)
 
     traces: dict[str, Trace] = {}
+    floor_traces: dict[str, Trace] = {}
     entries = []
     own_pool = pool is None and isolate
     pool = pool or (WorkerPool() if isolate else None)
@@ -239,8 +268,19 @@ def compare(checkpoint: str | Path, implementations: Sequence[str | ImplChoice] 
                  "isolation": "in-process" if in_process else "worker", "status": "ok", "error": None, "meta": {}}
         trace = None
         try:
-            trace = run_choice(choice, checkpoint, spec, impl_dtype, device, tokens, None if in_process else pool,
-                               Path(scratch.name) / f"trace{index}", branches, allow_pickle, timeout, device_map=device_map)
+            with progress.task(choice.label, unit="step") as bar:
+                if choice is ref_choice and choice.name == "reference" and choice.python is None and impl_dtype == "fp64":
+                    from reference_impls import steps
+
+                    bar.update(stage="float64 + noise-floor passes", total=steps(spec), done=0)
+                    trace, floors = run_reference_with_floors(choice, checkpoint, spec, device, tokens,
+                                                              [impl_dtype_of(c) for c in choices if c is not ref_choice],
+                                                              Path(scratch.name), branches, allow_pickle, bar.advance)
+                    floor_traces.update(floors)
+                else:
+                    bar.update(stage="loading and running" + ("" if in_process else " in its worker"))
+                    trace = run_choice(choice, checkpoint, spec, impl_dtype, device, tokens, None if in_process else pool,
+                                       Path(scratch.name) / f"trace{index}", branches, allow_pickle, timeout, device_map=device_map)
             entry["meta"] = trace.meta
         except BughuntError as e:
             entry.update(status="failed", error=str(e))
@@ -282,7 +322,7 @@ def compare(checkpoint: str | Path, implementations: Sequence[str | ImplChoice] 
                 pool.close()
         result = _judge_and_report(checkpoint, spec, choices, ref_choice, entries, traces, tokens, dtype, device,
                                    floor_factor, branches, allow_pickle, Path(scratch.name),
-                                   {**schedule.as_dict(), "order": order})
+                                   {**schedule.as_dict(), "order": order}, floor_traces)
         if require_comparison and not result.comparisons:
             failed = "; ".join(f"{e['label']}: {(e['error'] or '').splitlines()[0][:300].rstrip('.')}" for e in entries if e["status"] != "ok")
             raise BughuntError(f"nothing could be compared: every candidate failed or was refused ({failed}). Nothing was written.")
@@ -291,11 +331,12 @@ def compare(checkpoint: str | Path, implementations: Sequence[str | ImplChoice] 
         return result
     finally:
         traces.clear()
+        floor_traces.clear()
         scratch.cleanup()
 
 
 def _judge_and_report(checkpoint, spec, choices, ref_choice, entries, traces, tokens, dtype, device, floor_factor,
-                      branches, allow_pickle, scratch: Path, schedule: dict) -> Result:
+                      branches, allow_pickle, scratch: Path, schedule: dict, floor_traces: dict[str, Trace]) -> Result:
     ref_entry = next(e for e in entries if e["label"] == ref_choice.label)
     if ref_entry["status"] != "ok":
         raise BughuntError(f"the reference implementation {ref_choice.label} failed: {ref_entry['error']}")
@@ -313,7 +354,8 @@ def _judge_and_report(checkpoint, spec, choices, ref_choice, entries, traces, to
                              "message": f"{entry['label']} failed: {entry['error']}"})
             continue
         if entry["dtype"] not in floors:
-            floors[entry["dtype"]] = noise_floor(checkpoint, spec, entry["dtype"], tokens, fp64, allow_pickle, scratch)
+            floors[entry["dtype"]] = noise_floor(checkpoint, spec, entry["dtype"], tokens, fp64, allow_pickle, scratch,
+                                                 floor_traces.get(entry["dtype"]) if fp64 is not None else None)
         floor = floors[entry["dtype"]]
         points, first = judge(compare_traces(traces[entry["label"]], reference_trace), floor, floor_factor)
         comparisons.append({"candidate": entry["label"], "reference": ref_choice.label, "dtype": entry["dtype"],

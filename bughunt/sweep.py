@@ -18,6 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
+from bughunt import progress
 from bughunt.checkpoint import validate_weights
 from bughunt.compare import DEFAULT_FLOOR_FACTOR, _summary, default_tokens, judge, noise_floor, run_choice, save
 from bughunt.errors import BughuntError
@@ -89,13 +90,14 @@ def sweep(checkpoint: str | Path, impl: str = "hf", reference: str | None = None
 
     if out is not None:
         check_output_dir(out, "sweep", [("the checkpoint", Path(checkpoint))])
-    with WorkerPool() as pool, tempfile.TemporaryDirectory(prefix="bughunt-sweep-") as scratch:
+    with WorkerPool() as pool, tempfile.TemporaryDirectory(prefix="bughunt-sweep-") as scratch, \
+            progress.task(f"sweep {impl}", unit="setting") as bar:
         return _sweep(checkpoint, impl, reference, dtype, device, toggles, mode, side, candidate_toggles, reference_toggles,
-                      tokens, out, floor_factor, max_exhaustive, render, pool if isolate else None, timeout, Path(scratch))
+                      tokens, out, floor_factor, max_exhaustive, render, pool if isolate else None, timeout, Path(scratch), bar)
 
 
 def _sweep(checkpoint, impl, reference, dtype, device, toggles, mode, side, candidate_toggles, reference_toggles, tokens, out,
-           floor_factor, max_exhaustive, render, pool, timeout, scratch: Path) -> Result:
+           floor_factor, max_exhaustive, render, pool, timeout, scratch: Path, bar=progress.OFF) -> Result:
     checkpoint = Path(checkpoint)
     if mode not in MODES:
         raise BughuntError(f"unknown --mode '{mode}'. Use one of: {', '.join(MODES)}.")
@@ -124,49 +126,69 @@ def _sweep(checkpoint, impl, reference, dtype, device, toggles, mode, side, cand
     if mode != "search" and any(v is None for _, v in items):
         raise BughuntError(f"--mode {mode} needs a value for every toggle (NAME=VALUE); bare names are for --mode search.")
 
+    stems = itertools.count()
+    next_stem = lambda: scratch / f"trace{next(stems)}"  # noqa: E731
+
     def run(choice: ImplChoice, run_dtype: str, tg: dict[str, str]) -> Trace:
         from bughunt.worker import WorkerFailure
 
         try:
             return run_choice(choice, checkpoint, spec, run_dtype, device, tokens, pool,
-                              scratch / f"trace{len(list(scratch.iterdir()))}", timeout=timeout, toggles=tg)
+                              next_stem(), timeout=timeout, toggles=tg)
         except WorkerFailure as e:
             raise BughuntError(f"{choice.label} failed during the sweep: {e}") from None
 
     base = defaults(spec)
+    bar.update(stage=f"running {(ref_choice if side == 'candidate' else cand_choice).label}")
     fixed_trace = run(ref_choice, ref_dtype, ref_fixed) if side == "candidate" else run(cand_choice, cand_dtype, cand_fixed)
-    floor = noise_floor(checkpoint, spec, cand_dtype, tokens)
+    floor_dir = scratch / "floor"
+    floor_dir.mkdir()
+    bar.update(stage="noise floor")
+    floor = noise_floor(checkpoint, spec, cand_dtype, tokens, scratch=floor_dir)
     cache: dict[tuple, dict] = {}
+    bar.update(stage="search setting" if mode == "search" else "setting", total=None if mode == "search" else 1 + len(items), done=0)
+    varied_choice, varied_dtype, varied_fixed = (ref_choice, ref_dtype, ref_fixed) if side == "reference" else \
+        (cand_choice, cand_dtype, cand_fixed)
+    # An in-process reference evaluates a batch of settings in one read of the model (reference_impls.forward_many).
+    together = varied_choice.name == "reference" and varied_choice.python is None
+    batch = _batch_size(spec, tokens) if together else 1
+
+    def judged(key: tuple, varied: Trace) -> dict:
+        points = compare_traces(fixed_trace, varied) if side == "reference" else compare_traces(varied, fixed_trace)
+        points, first = judge(points, floor, floor_factor)
+        _discard(varied)  # its metrics are kept; the arrays are not needed again
+        return {"toggles": dict(key), "label": _label(dict(key)), "score": score(points), "fit": fit(points),
+                "first_above_floor": first, "points": points,
+                "max_ratio_to_floor": max((p.get("ratio_to_floor") or 0.0) for p in points)}
+
+    def evaluate_many(settings: list[dict[str, str]]) -> list[dict]:
+        keys = [tuple(sorted(changed(spec, tg).items())) for tg in settings]
+        todo = [k for k in dict.fromkeys(keys) if k not in cache]
+        for start in range(0, len(todo), batch):
+            chunk = todo[start:start + batch]
+            if together:
+                traces = _run_reference_batch(varied_choice, checkpoint, spec, varied_dtype, device, tokens,
+                                              [{**varied_fixed, **dict(k)} for k in chunk], [next_stem() for _ in chunk])
+            else:
+                traces = [run(varied_choice, varied_dtype, {**varied_fixed, **dict(k)}) for k in chunk]
+            for k, varied in zip(chunk, traces):
+                cache[k] = judged(k, varied)
+                bar.advance()
+        return [cache[k] for k in keys]
 
     def evaluate(tg: dict[str, str]) -> dict:
-        key = tuple(sorted(changed(spec, tg).items()))
-        if key in cache:
-            return cache[key]
-        if side == "reference":
-            varied = run(ref_choice, ref_dtype, {**ref_fixed, **tg})
-            points = compare_traces(fixed_trace, varied)
-        else:
-            varied = run(cand_choice, cand_dtype, {**cand_fixed, **tg})
-            points = compare_traces(varied, fixed_trace)
-        points, first = judge(points, floor, floor_factor)
-        entry = {"toggles": dict(key), "label": _label(dict(key)), "score": score(points), "fit": fit(points), "first_above_floor": first,
-                 "points": points, "max_ratio_to_floor": max((p.get("ratio_to_floor") or 0.0) for p in points)}
-        cache[key] = entry
-        return entry
+        return evaluate_many([tg])[0]
 
     baseline = evaluate({})
     configs: list[dict] = [baseline]
     search_info = None
     if mode == "one-at-a-time":
-        configs += [evaluate({n: v}) for n, v in items]
+        configs += evaluate_many([{n: v} for n, v in items])
     elif mode == "cumulative":
-        acc: dict[str, str] = {}
-        for n, v in items:
-            acc[n] = v
-            configs.append(evaluate(dict(acc)))
+        configs += evaluate_many([dict(items[:k + 1]) for k in range(len(items))])
     else:
         who = cand_choice.label + (_label(cand_fixed) if cand_fixed else "")
-        search_info = _search(spec, items, support, evaluate, base, max_exhaustive, who, side)
+        search_info = _search(spec, items, support, evaluate_many, base, max_exhaustive, who, side, bar)
         search_info["evaluated"] = len(cache)
         configs = [baseline] + [c for c in search_info.pop("plotted") if c is not baseline]
 
@@ -229,8 +251,45 @@ def _isolation(choice: ImplChoice, pool) -> str:
     return "in-process" if pool is None or (choice.name == "reference" and choice.python is None) else "worker"
 
 
-def _search(spec, items, support, evaluate, base: dict[str, str], max_exhaustive: int, who: str, side: str) -> dict:
-    """Find the toggle settings with the lowest score; ties go to fewer changed toggles (Occam)."""
+def _batch_size(spec, tokens: np.ndarray) -> int:
+    """How many reference passes may step side by side: their float64 activations (the shared layer's weights are
+    counted once) within a quarter of available memory, at most 16."""
+    from bughunt.memory import available_memory
+
+    b, s = tokens.shape
+    per_pass = b * s * (6 * spec.hidden_size + 4 * spec.intermediate_size) * 8 + b * s * spec.vocab_size * 8 // 4 + (32 << 20)
+    return int(max(1, min(16, available_memory() // 4 // per_pass)))
+
+
+def _run_reference_batch(choice: ImplChoice, checkpoint, spec, dtype: str, device: str, tokens: np.ndarray,
+                         settings: list[dict[str, str]], stems: list[Path]) -> list[Trace]:
+    """Reference passes under several toggle settings, side by side in one read of the model."""
+    from bughunt.implementations.reference import ReferenceRunner, run_together
+
+    runners = [ReferenceRunner(checkpoint, spec, dtype, device, label=choice.label, toggles=tg) for tg in settings]
+    try:
+        for r in runners:
+            r.open()
+        return run_together(runners, tokens, stems)
+    except BughuntError as e:
+        raise BughuntError(f"{choice.label} failed during the sweep: {e}") from None
+    finally:
+        for r in runners:
+            r.close()
+
+
+def _discard(trace: Trace) -> None:
+    """Delete a scratch trace's files (a long input's trace is gigabytes)."""
+    if trace.stem is not None:
+        trace.arrays = {}
+        for suffix in (".safetensors", ".json"):
+            trace.stem.with_name(trace.stem.name + suffix).unlink(missing_ok=True)
+
+
+def _search(spec, items, support, evaluate_many, base: dict[str, str], max_exhaustive: int, who: str, side: str,
+             bar=progress.OFF) -> dict:
+    """Find the toggle settings with the lowest score; ties go to fewer changed toggles (Occam). `evaluate_many`
+    judges a list of settings at once (so an in-process reference can run them side by side)."""
     names = list(dict.fromkeys(n for n, _ in items)) or [n for n, t in TOGGLES.items() if t.applies(spec) and support.get(n, "x") is None]
     space: dict[str, list[str]] = {}
     for n in names:
@@ -241,29 +300,29 @@ def _search(spec, items, support, evaluate, base: dict[str, str], max_exhaustive
     size = math.prod(len(v) for v in space.values())
     if size <= max_exhaustive:
         method = "exhaustive"
-        evaluated = [evaluate(dict(zip(space, combo))) for combo in itertools.product(*space.values())]
+        bar.update(total=size)  # every combination is one setting, the one already run among them
+        evaluated = evaluate_many([dict(zip(space, combo)) for combo in itertools.product(*space.values())])
         top = min(c["fit"] for c in evaluated)
         # Occam: among settings within MARGIN of the best fit, the fewest changed toggles, then the best fit.
         best = min((c for c in evaluated if c["fit"] <= top + MARGIN), key=lambda c: (len(c["toggles"]), c["fit"]))
     else:
         method = "greedy forward selection"
         current: dict[str, str] = {}
-        best = evaluate(current)
+        best = evaluate_many([current])[0]
         while True:
-            trials = [evaluate({**current, n: v}) for n, vals in space.items() for v in vals if current.get(n, base.get(n)) != v]
+            trials = evaluate_many([{**current, n: v} for n, vals in space.items() for v in vals if current.get(n, base.get(n)) != v])
             cand = min(trials, key=lambda c: c["fit"], default=None)
             if cand is None or cand["fit"] > best["fit"] - MARGIN:
                 break
             best, current = cand, dict(cand["toggles"])
     ablation = []
-    for n in best["toggles"]:
-        without = {k: v for k, v in best["toggles"].items() if k != n}
-        w = evaluate(without)
+    withouts = evaluate_many([{k: v for k, v in best["toggles"].items() if k != n} for n in best["toggles"]])
+    for n, w in zip(best["toggles"], withouts):
         ablation.append({"toggle": n, "value": best["toggles"][n], "score_without": w["score"], "delta": w["fit"] - best["fit"],
                          "first_above_floor_without": w["first_above_floor"], "entry": w})
     ablation.sort(key=lambda a: -a["delta"])
     at_floor = best["first_above_floor"] is None
-    baseline = evaluate({})
+    baseline = evaluate_many([{}])[0]
     settings = _label(best["toggles"])
     if not best["toggles"] and at_floor:
         sentence = f"implementation {who} agrees with the reference as it is: nothing above the noise floor, and no toggle setting does better"

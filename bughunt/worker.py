@@ -169,32 +169,55 @@ def serve() -> None:
     sys.stdout = sys.stderr
     import numpy as np
 
-    from bughunt.compare import run_implementation
-    from bughunt.implementations import ImplChoice
+    from bughunt.implementations import runner_class
     from bughunt.spec import load_spec
+
+    held: tuple[str, object] | None = None  # the last runner, kept open: a sweep's next setting may not need a reload
+
+    def runner_for(job: dict, spec):
+        """The open runner for a job: the held one, switched to the job's toggles, when only live toggles differ."""
+        nonlocal held
+        checkpoint = Path(job["checkpoint"])
+        key = json.dumps([job["checkpoint"], (checkpoint / "config.json").stat().st_mtime_ns, job["name"], job.get("choice_dtype"),
+                          job["dtype"], job["device"], job.get("branches", True), job.get("allow_pickle", False),
+                          job.get("runner_kwargs") or {}])
+        if held is not None and held[0] == key and held[1].retoggle(job.get("toggles") or {}):
+            return held[1], True
+        release_held()
+        cls = runner_class(job["name"])
+        runner = cls(checkpoint, spec, job["dtype"], job["device"], branches=job.get("branches", True), label=job["label"],
+                     allow_pickle=job.get("allow_pickle", False), toggles=job.get("toggles") or {}, **(job.get("runner_kwargs") or {}))
+        runner.open()
+        held = (key, runner)
+        return runner, False
+
+    def release_held():
+        nonlocal held
+        if held is not None:
+            held, (_, runner) = None, held
+            runner.close()
 
     for line in sys.stdin:
         if not line.strip():
             continue
         job = json.loads(line)
         try:
-            checkpoint = Path(job["checkpoint"])
-            spec = load_spec(checkpoint)
-            choice = ImplChoice(job["name"], job.get("choice_dtype"), None)
-            trace = run_implementation(choice, checkpoint, spec, job["dtype"], job["device"], np.asarray(job["tokens"]),
-                                       job.get("branches", True), job.get("allow_pickle", False), Path(job["out_stem"]),
-                                       toggles=job.get("toggles") or {}, **(job.get("runner_kwargs") or {}))
-            trace.implementation = job["label"]
-            trace.meta["worker"] = {"python": sys.executable, "pid": os.getpid()}
-            trace.save_meta()  # the arrays streamed to out_stem while they were captured
+            spec = load_spec(Path(job["checkpoint"]))
+            runner, reused = runner_for(job, spec)
+            runner.label = job["label"]
+            trace = runner.run(np.asarray(job["tokens"]), Path(job["out_stem"]))  # streams to out_stem as it captures
+            trace.meta["worker"] = {"python": sys.executable, "pid": os.getpid(), "reused_loaded_model": reused}
+            trace.save_meta()
             answer = {"ok": True, "trace": job["out_stem"]}
         except BughuntError as e:
+            release_held()
             answer = {"ok": False, "error": str(e)}
         except Exception as e:  # noqa: BLE001 - reported to the parent as this implementation's failure
+            release_held()
             answer = {"ok": False, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(limit=8)}
         protocol.write(json.dumps(answer) + "\n")
         protocol.flush()
-
+    release_held()
 
 if __name__ == "__main__":
     serve()

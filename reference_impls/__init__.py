@@ -6,7 +6,7 @@ forward order, as soon as each is computed: `embed`, `layer.{i}`, `layer.{i}.att
 checkpoint); each is converted to float64 only while its layer runs.
 """
 
-from reference_impls._numerics import Points, Policy
+from reference_impls._numerics import Points, Policy, Shared
 
 FORWARDS = {
     "gemma": "reference_impls.gemma",
@@ -23,12 +23,39 @@ FORWARDS = {
 def forward(weights, spec, tokens, policy: Policy | None = None, out=None):
     """Run the reference forward pass for spec.family. `out` receives the capture points (a bughunt TraceWriter
     streams them to disk); by default they are kept in memory and returned."""
+    return forward_many(weights, [(spec, tokens, policy, out)])[0]
+
+
+def steps(spec) -> int:
+    """How many steps (layers, then vocabulary chunks of the logits) one forward pass takes: for progress lines."""
+    from reference_impls._numerics import CHUNK_BYTES
+
+    chunk = max(1, CHUNK_BYTES // (8 * spec.hidden_size))
+    return spec.num_layers + -(-spec.vocab_size // chunk)
+
+
+def forward_many(weights, runs, on_step=None) -> list:
+    """Several forward passes over the same weights, stepped side by side a layer (and a vocabulary chunk) at a time,
+    so each tensor is read and converted to float64 once for all of them: runs are (spec, tokens, policy, out)
+    tuples that may differ in everything but the family and the sizes (toggle settings, emulated dtype, input).
+    `on_step()` is called after each step (a layer, or a chunk of the logits). Returns the `out` of each run."""
     import importlib
 
-    module = importlib.import_module(FORWARDS[spec.family])
-    out = Points() if out is None else out
-    module.forward(weights, spec, tokens, policy or Policy(), out)
-    return out
+    shared = Shared(weights) if len(runs) > 1 else weights
+    outs, steps = [], []
+    for spec, tokens, policy, out in runs:
+        module = importlib.import_module(FORWARDS[spec.family])
+        outs.append(Points() if out is None else out)
+        steps.append(module.forward(shared, spec, tokens, policy or Policy(), outs[-1]))
+    while steps:
+        for step in list(steps):
+            if next(step, StopIteration) is StopIteration:
+                steps.remove(step)
+        if isinstance(shared, Shared):
+            shared.cache.clear()  # every pass has moved on: this step's tensors are no longer needed
+        if on_step is not None and steps:
+            on_step()
+    return outs
 
 
-__all__ = ["Points", "Policy", "forward", "FORWARDS"]
+__all__ = ["Points", "Policy", "forward", "forward_many", "steps", "FORWARDS"]

@@ -238,14 +238,14 @@ class Numerics:
             out[..., q0:q1, :] = self.r(p @ vg)
         return out.reshape(b, h, s, v.shape[-1])
 
-    def logits(self, x: np.ndarray, weights: "Weights", name: str, cap: float | None, out: np.ndarray) -> np.ndarray:
+    def logits(self, x: np.ndarray, weights: "Weights", name: str, cap: float | None, out: np.ndarray):
         """x W^T for the output embedding, soft-capped, one vocabulary chunk at a time into `out` [b, s, vocab]: the
-        float64 copy of the embedding matrix is never whole in memory."""
+        float64 copy of the embedding matrix is never whole in memory. A generator: it yields after each chunk."""
         vocab = weights.shape(name)[0]
         step = max(1, CHUNK_BYTES // (8 * x.shape[-1]))
         for v0 in range(0, vocab, step):
             out[..., v0:v0 + step] = self.softcap(self.linear(x, weights.rows(name, slice(v0, v0 + step))), cap)
-        return out
+            yield
 
     def softcap(self, x: np.ndarray, cap: float | None) -> np.ndarray:
         if cap is None:
@@ -279,28 +279,51 @@ class Weights:
     """The checkpoint's tensors as the forward pass uses them. Each is read from its memory-mapped file when asked
     for, converted to float64 and rounded to the emulated model dtype (a model loaded at that dtype holds exactly
     these values), and dropped by the caller after use: memory stays near one layer in float64 whatever the
-    model's size. `rows` gathers only some rows (the embedding of the input ids, a vocabulary chunk)."""
+    model's size. `rows` gathers only some rows (the embedding of the input ids, a vocabulary chunk).
 
-    def __init__(self, n: Numerics, stored: dict[str, np.ndarray]):
-        self.n, self.stored = n, stored
+    With a `cache` (see `Shared`), forward passes stepped side by side convert each tensor once between them."""
 
-    def _convert(self, a: np.ndarray) -> np.ndarray:
+    def __init__(self, n: Numerics, stored: dict[str, np.ndarray], cache: dict | None = None):
+        self.n, self.stored, self.cache = n, stored, cache
+        # a mapping of memory-mapped arrays may say how to drop a used array's pages from resident memory
+        self.release = getattr(stored, "release", lambda array: None)
+
+    def _convert(self, key: tuple, read) -> np.ndarray:
+        a = read()
         exact = self.n.dt is None or self.n.policy.dtype in _EXACT_IN.get(np.dtype(a.dtype).name, ())
-        a = np.asarray(a, dtype=np.float64)
-        return a if exact else self.n.r(a)
+        key = key + (None if exact else self.n.policy.dtype,)  # exact conversions are the same at every dtype
+        if self.cache is not None and key in self.cache:
+            return self.cache[key]
+        a64 = np.asarray(a, dtype=np.float64)
+        self.release(a)
+        a64 = a64 if exact else self.n.r(a64)
+        if self.cache is not None:
+            self.cache[key] = a64
+        return a64
 
     def __getitem__(self, name: str) -> np.ndarray:
-        return self._convert(self.stored[name])
+        return self._convert((name,), lambda: self.stored[name])
 
     def rows(self, name: str, index) -> np.ndarray:
-        return self._convert(self.stored[name][index])
+        key = (name, (index.start, index.stop) if isinstance(index, slice) else np.asarray(index).tobytes())
+        return self._convert(key, lambda: self.stored[name][index])
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.stored[name].shape)
 
 
-def stream_weights(n: Numerics, weights: dict[str, np.ndarray]) -> Weights:
-    """Weights read lazily from `weights` (name -> array, typically memory-mapped) and rounded to n's dtype on use."""
+class Shared:
+    """Stored weights plus a cache of their float64 conversions, for forward passes stepped side by side."""
+
+    def __init__(self, stored: dict[str, np.ndarray]):
+        self.stored, self.cache = stored, {}
+
+
+def stream_weights(n: Numerics, weights) -> Weights:
+    """Weights read lazily from `weights` (name -> array, typically memory-mapped; or a `Shared`) and rounded to n's
+    dtype on use."""
+    if isinstance(weights, Shared):
+        return Weights(n, weights.stored, weights.cache)
     return Weights(n, weights)
 
 

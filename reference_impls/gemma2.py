@@ -13,7 +13,7 @@ import numpy as np
 from reference_impls._numerics import Policy, merge_heads, resolve, split_heads, stream_weights
 
 
-def forward(weights: dict, spec, tokens: np.ndarray, policy: Policy, out) -> dict[str, np.ndarray]:
+def forward(weights: dict, spec, tokens: np.ndarray, policy: Policy, out):
     n, act, norm_dtype = resolve(spec, policy, default_norm_dtype="fp32")
     W = stream_weights(n, weights)  # each tensor read from disk, in float64, only while its layer runs
     norm = lambda x, w: n.rms_norm(x, w, spec.rms_eps, "one_plus_w", norm_dtype)  # noqa: E731
@@ -48,8 +48,10 @@ def forward(weights: dict, spec, tokens: np.ndarray, policy: Policy, out) -> dic
         out[f"layer.{i}.mlp"] = m
         x = n.r(x + m)
         out[f"layer.{i}"] = x
+        yield  # layer i done: forward passes run side by side share each layer's weights (reference_impls.forward_many)
 
     x = norm(x, W["model.norm.weight"])
     out["final_norm"] = x
-    out["logits"] = n.logits(x, W, "lm_head.weight", spec.final_softcap, out.buffer("logits", (b, s, spec.vocab_size)))
-    return out
+    logits = out.buffer("logits", (b, s, spec.vocab_size))
+    yield from n.logits(x, W, "lm_head.weight", spec.final_softcap, logits)  # one vocabulary chunk per step
+    out["logits"] = logits

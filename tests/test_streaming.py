@@ -184,3 +184,55 @@ def test_sharded_weights_are_mapped_across_files(tiny, tmp_path):
         np.testing.assert_array_equal(a[p], b[p])
     write_safetensors(tmp_path / "copy.safetensors", load_weights(tmp_path / "sharded"))  # memmaps stream out too
     assert set(map_safetensors(tmp_path / "copy.safetensors")) >= set(load_weights(tiny["qwen2"])) - {"lm_head.weight"}
+
+
+@pytest.mark.parametrize("family", ["gemma2", "phi3"])
+def test_passes_run_side_by_side_equal_the_same_passes_run_alone(family, tiny, tokens, tmp_path):
+    """forward_many shares each layer's converted weights between passes; nothing else may change."""
+    from bughunt.implementations.reference import run_together
+
+    spec = load_spec(tiny[family])
+    settings = [("fp64", {}), ("bf16", {}), ("fp16", {}), ("bf16", {"gelu": "exact"} if family == "gemma2" else {"rope_theta": "5000"})]
+    runners = [ReferenceRunner(tiny[family], spec, d, toggles=t, label=f"{d}{t}") for d, t in settings]
+    for r in runners:
+        r.open()
+    together = run_together(runners, tokens, [tmp_path / f"t{i}" for i in range(len(runners))])
+    for r, trace in zip(runners, together):
+        alone = r.run(tokens)
+        assert trace.meta["timings"]["together_with"] == len(runners)
+        for p in alone.points():
+            np.testing.assert_array_equal(trace.arrays[p], alone.arrays[p], err_msg=f"{r.label} {p}")
+        r.close()
+    assert not np.array_equal(together[0].arrays["logits"], together[1].arrays["logits"])  # the passes really differ
+
+
+def test_a_candidate_side_sweep_switches_live_toggles_on_the_loaded_model(tiny, tokens):
+    """Module swaps (gelu, query scale, RoPE wrappers) need no reload; config values do. Either way the trace is
+    exactly what a fresh load with the same toggles gives."""
+    from bughunt.compare import run_choice
+    from bughunt.implementations import ImplChoice
+    from bughunt.worker import WorkerPool
+
+    ck, spec = tiny["gemma"], load_spec(tiny["gemma"])
+    import tempfile
+    from pathlib import Path
+
+    scratch = Path(tempfile.mkdtemp())
+    with WorkerPool() as pool:
+        run = lambda tg, i: run_choice(ImplChoice("hf"), ck, spec, "fp32", "cpu", tokens, pool, scratch / f"t{i}", toggles=tg)  # noqa: E731
+        first = run({}, 0)
+        live = run({"gelu": "exact"}, 1)
+        back = run({}, 2)
+        config = run({"gelu": "exact", "rms_eps": "0.001"}, 3)
+    assert first.meta["worker"]["reused_loaded_model"] is False
+    assert live.meta["worker"]["reused_loaded_model"] is True
+    assert config.meta["worker"]["reused_loaded_model"] is False  # rms_eps is read when the model is built
+    assert back.meta["worker"]["reused_loaded_model"] is True
+    from bughunt.implementations.hf import HFRunner
+
+    with HFRunner(ck, spec, "fp32", toggles={"gelu": "exact"}) as fresh:
+        expected = fresh.run(tokens)
+    for p in expected.points():
+        np.testing.assert_array_equal(live.arrays[p], expected.arrays[p], err_msg=p)
+        np.testing.assert_array_equal(back.arrays[p], first.arrays[p], err_msg=p)  # undone exactly
+    assert not np.array_equal(live.arrays["logits"], first.arrays["logits"])

@@ -31,18 +31,39 @@ class Runner:
         self.checkpoint, self.spec, self.dtype, self.device = Path(checkpoint), spec, dtype, device
         self.branches, self.allow_pickle = branches, allow_pickle
         self.label = label or self.name
-        from bughunt.toggles import TOGGLES, changed, parse_toggles
-
-        self.toggles = parse_toggles(toggles or {}, spec)
-        for name in self.toggles:
-            if not TOGGLES[name].applies(spec):
-                raise BughuntError(f"toggle {name} does not apply to family {spec.family} (nothing in its config or architecture uses it).")
-        for name in changed(spec, self.toggles):
-            reason = self.toggle_support.get(name, "not implemented for this runner")
-            if reason is not None:
-                raise BughuntError(f"implementation '{self.name}' cannot apply toggle {name}={self.toggles[name]}: {reason}.")
+        self.toggles = self._parse_toggles(toggles)
         self.load_seconds = 0.0
         self.is_open = False
+
+    # toggles an open runner can switch without loading again (the rest change how the model is built)
+    live_toggles: frozenset[str] = frozenset({"bos"})
+
+    def _parse_toggles(self, toggles: dict[str, str] | None) -> dict[str, str]:
+        from bughunt.toggles import TOGGLES, changed, parse_toggles
+
+        parsed = parse_toggles(toggles or {}, self.spec)
+        for name in parsed:
+            if not TOGGLES[name].applies(self.spec):
+                raise BughuntError(f"toggle {name} does not apply to family {self.spec.family} (nothing in its config or architecture uses it).")
+        for name in changed(self.spec, parsed):
+            reason = self.toggle_support.get(name, "not implemented for this runner")
+            if reason is not None:
+                raise BughuntError(f"implementation '{self.name}' cannot apply toggle {name}={parsed[name]}: {reason}.")
+        return parsed
+
+    def retoggle(self, toggles: dict[str, str] | None) -> bool:
+        """Switch an open runner to other toggle values without loading again. Returns False (and changes nothing)
+        when a toggle that is not live differs: the caller must open a new runner."""
+        new = self._parse_toggles(toggles)
+        moved = {k for k in set(new) | set(self.toggles) if new.get(k) != self.toggles.get(k)}
+        if not moved <= self.live_toggles:
+            return False
+        self._switch_toggles(new)
+        self.toggles = new
+        return True
+
+    def _switch_toggles(self, new: dict[str, str]) -> None:
+        """Undo the live toggles applied to the open model and apply `new` (bos needs nothing: it acts on the ids)."""
 
     # -- life cycle ---------------------------------------------------------------------------
     def open(self) -> "Runner":
@@ -58,6 +79,20 @@ class Runner:
     def run(self, tokens: np.ndarray, stem: Path | None = None) -> Trace:
         """One forward pass. With `stem`, each capture point is written to `<stem>.safetensors` as it is captured and
         the returned trace is memory-mapped from there; without, the trace is held in memory."""
+        tokens, out = self.prepare(tokens, stem)
+        t = time.perf_counter()
+        try:
+            arrays = self._run(tokens, out)
+            for name, array in (arrays or {}).items():  # runners that return their points instead of streaming them
+                if name not in out:
+                    out[name] = array
+        except BaseException:
+            out.abort()
+            raise
+        return self.finish(out, tokens, time.perf_counter() - t)
+
+    def prepare(self, tokens: np.ndarray, stem: Path | None) -> tuple[np.ndarray, TraceWriter]:
+        """The ids this runner feeds (after its toggles, e.g. bos) and the writer its capture points go to."""
         if not self.is_open:
             raise RuntimeError("call open() before run()")
         from bughunt.toggles import apply_to_tokens
@@ -69,19 +104,11 @@ class Runner:
             raise BughuntError(f"token ids must lie in [0, {self.spec.vocab_size}) for this checkpoint; got range [{tokens.min()}, {tokens.max()}].")
         expected = 3 + self.spec.num_layers * 3
         keep = None if self.branches else (lambda p: not p.endswith((".attn", ".mlp")))
-        out = TraceWriter(stem, expected, self.trace_dtype, keep)
-        t = time.perf_counter()
-        try:
-            arrays = self._run(tokens, out)
-            for name, array in (arrays or {}).items():  # runners that return their points instead of streaming them
-                if name not in out:
-                    out[name] = array
-        except BaseException:
-            out.abort()
-            raise
-        seconds = time.perf_counter() - t
+        return tokens, TraceWriter(stem, expected, self.trace_dtype, keep)
+
+    def finish(self, out: TraceWriter, tokens: np.ndarray, seconds: float, **timings: float) -> Trace:
         meta = {"implementation": self.name, "dtype": self.dtype, "device": self.device, "versions": self.versions(),
-                "timings": {"load_s": self.load_seconds, "forward_s": seconds}, "tokens_shape": list(tokens.shape),
+                "timings": {"load_s": self.load_seconds, "forward_s": seconds, **timings}, "tokens_shape": list(tokens.shape),
                 "toggles": dict(self.toggles)}
         return out.finish(self.label, meta)
 

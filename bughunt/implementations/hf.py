@@ -44,6 +44,9 @@ class HFRunner(Runner):
                       "re-implementing the norm, which runners never do",
     }
 
+    # module swaps and function wrappers (see _apply_toggles): a sweep switches them on the loaded model
+    live_toggles = frozenset({"bos", "gelu", "query_scale", "rope_dtype", "rope_positions", "rope_pairing", "embed_scale_dtype"})
+
     def __init__(self, *args, config_overrides: dict | None = None, device_map: str | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.device_map = device_map  # "auto": accelerate spreads the model over GPUs, CPU and disk (offload)
@@ -114,6 +117,12 @@ class HFRunner(Runner):
                 d["rope_theta"] = float(theta)
             out["rope_parameters"] = rp
         return out
+
+    def _switch_toggles(self, new: dict[str, str]) -> None:
+        while self._undo:
+            self._undo.pop()()
+        self.toggles = new
+        self._apply_toggles()
 
     def _apply_toggles(self) -> None:
         """Toggles applied by swapping a module attribute or wrapping a function; each records its undo."""

@@ -4,11 +4,15 @@ memory-mapped and converted one tensor at a time; capture points stream into the
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
+
 import numpy as np
 
 from bughunt.checkpoint import load_weights
 from bughunt.errors import BughuntError
 from bughunt.implementations.base import Runner
+from bughunt.trace import Trace
 
 
 class ReferenceRunner(Runner):
@@ -45,6 +49,25 @@ class ReferenceRunner(Runner):
         from reference_impls import forward
 
         forward(self.weights, self.spec, tokens, self.policy, out)
+
+
+def run_together(runners: list[ReferenceRunner], tokens: np.ndarray, stems: list[Path | None], on_step=None) -> list[Trace]:
+    """Run several open reference runners of one checkpoint (different toggles or emulated dtypes) side by side, a
+    layer at a time, so each weight is read and converted to float64 once for all of them: a search over K
+    settings, or the float64 pass with its noise-floor pass, costs one read of the model instead of K."""
+    from reference_impls import forward_many
+
+    prepared = [r.prepare(tokens, stem) for r, stem in zip(runners, stems)]
+    t = time.perf_counter()
+    try:
+        forward_many(runners[0].weights, [(r.spec, ids, r.policy, out) for r, (ids, out) in zip(runners, prepared)], on_step)
+    except BaseException:
+        for _, out in prepared:
+            out.abort()
+        raise
+    seconds = time.perf_counter() - t
+    return [r.finish(out, ids, seconds / len(runners), together_s=seconds, together_with=len(runners))
+            for r, (ids, out) in zip(runners, prepared)]
 
     def _close(self) -> None:
         self.weights = None
