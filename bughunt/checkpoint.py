@@ -3,12 +3,14 @@ and check every weight's shape against what the Spec implies."""
 
 from __future__ import annotations
 
-import json
+import os
 from pathlib import Path
 
 import numpy as np
 
 from bughunt.errors import BughuntError
+from bughunt.inputs.files import check_regular_file
+from bughunt.inputs.weights import Inventory, inventory, read_shard_index, size_mismatch
 from bughunt.safetensors_io import map_safetensors, read_header, release
 from bughunt.spec import Spec, load_spec
 
@@ -19,22 +21,18 @@ def weight_files(checkpoint: Path, allow_pickle: bool = False) -> list[Path]:
     """The safetensors files holding the weights, in shard order."""
     checkpoint = Path(checkpoint)
     index = checkpoint / "model.safetensors.index.json"
-    if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise BughuntError(f"{index} is malformed ({e}); it needs a 'weight_map' object. Re-save the checkpoint.") from None
-        files = sorted(set(weight_map.values()))
-        missing = [f for f in files if not (checkpoint / f).exists()]
+    if os.path.lexists(index):
+        files = read_shard_index(index, checkpoint)
+        missing = [f for f in files if not os.path.lexists(checkpoint / f)]
         if missing:
             raise BughuntError(f"{index} names shard(s) that are missing: {', '.join(missing)}. Download or copy every shard.")
-        return [checkpoint / f for f in files]
+        return [_weight_file(checkpoint / f) for f in files]
     single = checkpoint / "model.safetensors"
-    if single.exists():
-        return [single]
+    if os.path.lexists(single):
+        return [_weight_file(single)]
     others = sorted(checkpoint.glob("*.safetensors"))
     if others:
-        return others
+        return [_weight_file(f) for f in others]
     pickles = [p for p in _PICKLE_NAMES if (checkpoint / p).exists()] + [p.name for p in checkpoint.glob("pytorch_model-*.bin")]
     if pickles:
         if not allow_pickle:
@@ -47,10 +45,25 @@ def weight_files(checkpoint: Path, allow_pickle: bool = False) -> list[Path]:
     raise BughuntError(f"{checkpoint} has no weights: no model.safetensors, no shards, no index. Save the model with save_pretrained().")
 
 
+def _weight_file(path: Path) -> Path:
+    return check_regular_file(path, "weight file", "Every weight file must be a readable file inside the checkpoint.")
+
+
 def _read_pickle(path: Path) -> dict[str, np.ndarray]:
+    import pickle
+
     import torch  # only on the explicit --allow-pickle path
 
-    sd = torch.load(path, map_location="cpu", weights_only=True)
+    _weight_file(path)
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as e:
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise BughuntError(f"{path} cannot be loaded as a PyTorch state dict even with --allow-pickle ({type(e).__name__}: {reason}). "
+                           "The file is damaged or holds objects other than tensors; convert it to safetensors where it was made.") from None
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
+        raise BughuntError(f"{path} holds {type(sd).__name__}, not a state dict of named tensors. Save model.state_dict(), "
+                           "or better, convert to safetensors.")
     return {k: (v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy()) for k, v in sd.items()}
 
 
@@ -105,21 +118,23 @@ def expected_shapes(spec: Spec) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def validate_weights(checkpoint: Path, spec: Spec, allow_pickle: bool = False) -> None:
-    """Raise a BughuntError naming every missing weight or weight whose shape contradicts the config."""
+def validate_weights(checkpoint: Path, spec: Spec, allow_pickle: bool = False) -> Inventory:
+    """Raise a BughuntError when config.json implies more values than the files hold, or names every missing weight
+    or weight whose shape contradicts the config. Returns the inventory, whose `unexpected` tensors (layers beyond
+    num_hidden_layers, stray tensors) no implementation reads: callers report them."""
     stored = stored_shapes(checkpoint, allow_pickle)
-    problems = []
-    for name, shape in expected_shapes(spec).items():
-        if name not in stored:
-            problems.append(f"missing {name} (expected shape {shape})")
-        elif stored[name][0] != shape:
-            problems.append(f"{name} has shape {stored[name][0]} but config.json implies {shape}")
+    expected = expected_shapes(spec)
+    inv = inventory(expected, stored, spec.num_layers)
+    problems = [f"missing {name} (expected shape {shape})" for name, shape in inv.missing.items()]
+    problems += [f"{name} has shape {have} but config.json implies {want}" for name, (have, want) in inv.mismatched.items()]
     if problems:
         shown = "; ".join(problems[:6]) + (f"; and {len(problems) - 6} more" if len(problems) > 6 else "")
+        size = size_mismatch(expected, stored, weight_files(checkpoint, allow_pickle))
         raise BughuntError(
-            f"weights in {checkpoint} do not match config.json: {shown}. Check that config.json belongs to these weights "
+            f"weights in {checkpoint} do not match config.json: {f'{size}; ' if size else ''}{shown}. Check that config.json belongs to these weights "
             "(hidden_size, num_attention_heads, num_key_value_heads, head_dim, intermediate_size, vocab_size, num_hidden_layers)."
         )
+    return inv
 
 
 class MappedWeights(dict):

@@ -34,7 +34,6 @@ import json
 import math
 import os
 import time
-import tomllib
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -45,6 +44,8 @@ import numpy as np
 
 from bughunt.errors import BughuntError
 from bughunt.implementations import DEVICES, DTYPES, ImplChoice, available, require_device
+from bughunt.inputs.config import MAX_TOKEN_ID
+from bughunt.inputs.documents import check_baseline_points, read_baseline_json, read_toml
 from bughunt.output import check_output_dir, check_output_file, write_output_dir, write_output_file
 from bughunt.tiny import TINY_FAMILIES
 
@@ -57,6 +58,7 @@ METRICS = ERROR_METRICS + SIMILARITY_METRICS
 LOGITS_ONLY = ("kl", "top1")
 SUMMARIES = ("max", "min", "mean")
 DEFAULT_TOKENS = {"length": 16, "seed": 0}
+MAX_TOKENS = 1_000_000  # input length a cell may ask for (far beyond any context a CI cell runs)
 
 # Used when a matrix has no [[thresholds]]: a regression is a metric 10x worse than its baseline, with an
 # absolute slack so the last bits of fp32 noise never flake.
@@ -171,17 +173,19 @@ def _string(v: Any, where: str) -> str:
     return v
 
 
-def _int(v: Any, where: str, minimum: int | None = None) -> int:
+def _int(v: Any, where: str, minimum: int | None = None, maximum: int | None = None) -> int:
     if isinstance(v, bool) or not isinstance(v, int):
         raise BughuntError(f"{where} must be an integer, found {_type_name(v)} {v!r}.")
     if minimum is not None and v < minimum:
         raise BughuntError(f"{where} must be at least {minimum}, found {v}.")
+    if maximum is not None and v > maximum:
+        raise BughuntError(f"{where} must be at most {maximum}, found {v}.")
     return v
 
 
 def _number(v: Any, where: str) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise BughuntError(f"{where} must be a finite number, found {_type_name(v)} {v!r}.")
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(float(v) if abs(v) < 1e308 else math.inf):
+        raise BughuntError(f"{where} must be a finite number, found {_type_name(v)} {str(v)[:40]}.")
     return float(v)
 
 
@@ -252,12 +256,12 @@ def _tokens(v: Any, where: str) -> Tokens:
             rows = [rows]
         if not isinstance(rows, list) or not rows or not all(isinstance(r, list) and r for r in rows):
             raise BughuntError(f"{where}.ids must be a non-empty list of token ids, or a list of equal-length rows, e.g. ids = [[2, 17, 99]]; found {rows!r}.")
-        ids = tuple(tuple(_int(t, f"{where}.ids[{i}][{j}]", minimum=0) for j, t in enumerate(r)) for i, r in enumerate(rows))
+        ids = tuple(tuple(_int(t, f"{where}.ids[{i}][{j}]", minimum=0, maximum=MAX_TOKEN_ID) for j, t in enumerate(r)) for i, r in enumerate(rows))
         if len({len(r) for r in ids}) != 1:
             raise BughuntError(f"{where}.ids: every row must have the same length; found lengths {[len(r) for r in ids]}.")
         return Tokens(ids=ids)
-    length = _int(v.get("length", DEFAULT_TOKENS["length"]), f"{where}.length", minimum=1)
-    seed = _int(v.get("seed", DEFAULT_TOKENS["seed"]), f"{where}.seed", minimum=0)
+    length = _int(v.get("length", DEFAULT_TOKENS["length"]), f"{where}.length", minimum=1, maximum=MAX_TOKENS)
+    seed = _int(v.get("seed", DEFAULT_TOKENS["seed"]), f"{where}.seed", minimum=0, maximum=MAX_TOKEN_ID)
     return Tokens(length=length, seed=seed)
 
 
@@ -274,7 +278,7 @@ def _checkpoint(t: Any, where: str, defaults: dict, base_dir: Path) -> Checkpoin
         tiny = _string(t["tiny"], f"{where}.tiny")
         if tiny not in TINY_FAMILIES:
             raise BughuntError(f"{where}.tiny: no tiny checkpoint for family '{tiny}'. Choose one of: {', '.join(TINY_FAMILIES)}.")
-        seed = _int(t.get("seed", 0), f"{where}.seed", minimum=0)
+        seed = _int(t.get("seed", 0), f"{where}.seed", minimum=0, maximum=MAX_TOKEN_ID)
         default_name = tiny if seed == 0 else f"{tiny}-seed{seed}"
     else:
         if "seed" in t:
@@ -377,13 +381,9 @@ def parse_matrix(data: dict, source: Path) -> Matrix:
 
 def load_matrix(path: str | Path) -> Matrix:
     path = Path(path)
-    if not path.exists():
+    if not path.exists() and not path.is_symlink():
         raise BughuntError(f"matrix file {path} does not exist. Write one (see examples/bughunt.toml) or fix the path.")
-    try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise BughuntError(f"{path} is not valid TOML: {e}. Fix the syntax (see examples/bughunt.toml).") from None
-    return parse_matrix(data, path)
+    return parse_matrix(read_toml(path), path)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -468,10 +468,7 @@ def read_baseline(path: Path, cell: Cell, tokens: np.ndarray, branches: bool, ma
     if not path.exists():
         raise BughuntError(f"no baseline for cell {cell.id} ({path}). Record the baselines with "
                            f"`bughunt ci {matrix} --baseline {baseline_dir} --update-baseline`, review them and commit them.")
-    try:
-        doc = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise BughuntError(f"baseline {path} is not valid JSON ({e.msg} at line {e.lineno}). Restore it, or rerun with --update-baseline.") from None
+    doc = read_baseline_json(path, "Restore it, or rerun with --update-baseline.")
     if not isinstance(doc, dict) or doc.get("schema") != BASELINE_SCHEMA:
         raise BughuntError(f"{path} is not a bughunt baseline (no \"schema\": \"{BASELINE_SCHEMA}\"). Remove it, or rerun with --update-baseline.")
     if doc.get("schema_version") != BASELINE_SCHEMA_VERSION:
@@ -483,6 +480,7 @@ def read_baseline(path: Path, cell: Cell, tokens: np.ndarray, branches: bool, ma
                                f"so its numbers do not apply to cell {cell.id}. {rerun}")
     if not isinstance(doc.get("points"), list):
         raise BughuntError(f"baseline {path} has no points list. {rerun}")
+    check_baseline_points(doc["points"], path, rerun)
     return doc
 
 

@@ -97,11 +97,11 @@ def format_summary(result) -> str:
 def _tokens(args, spec=None):
     from bughunt.compare import parse_tokens, read_tokens_file
 
-    if args.tokens and args.tokens_file:
+    if args.tokens is not None and args.tokens_file is not None:
         raise BughuntError("give either --tokens or --tokens-file, not both.")
-    if args.tokens:
+    if args.tokens is not None:  # an empty --tokens '' is refused, not read as "use the default tokens"
         return parse_tokens(args.tokens)
-    if args.tokens_file:
+    if args.tokens_file is not None:
         return read_tokens_file(Path(args.tokens_file))
     return None
 

@@ -18,6 +18,8 @@ import numpy as np
 from bughunt import progress
 from bughunt.checkpoint import validate_weights
 from bughunt.errors import BughuntError
+from bughunt.inputs.flags import positive
+from bughunt.inputs.tokens import parse_token_text, read_token_file
 from bughunt.implementations import DEVICES, DTYPES, ImplChoice, runner_class
 from bughunt.metrics import UNIT_ROUNDOFF, compare_traces
 from bughunt.output import check_output_dir
@@ -40,33 +42,11 @@ def default_tokens(spec: Spec, length: int = DEFAULT_LENGTH, seed: int = 0) -> n
 
 def parse_tokens(text: str) -> np.ndarray:
     """'2,17,99' -> [[2, 17, 99]]; several sequences of equal length separated by ';'."""
-    try:
-        rows = [[int(t) for t in row.replace(" ", "").split(",") if t != ""] for row in text.strip().split(";") if row.strip()]
-    except ValueError:
-        raise BughuntError(f"--tokens must be comma-separated integers (rows separated by ';'), got {text!r}.") from None
-    if not rows or not rows[0]:
-        raise BughuntError("--tokens is empty: give at least one token id, e.g. --tokens 2,17,99.")
-    if len({len(r) for r in rows}) != 1:
-        raise BughuntError("every ';'-separated row in --tokens must have the same length.")
-    return np.asarray(rows, dtype=np.int64)
+    return parse_token_text(text, "--tokens")
 
 
 def read_tokens_file(path: Path) -> np.ndarray:
-    path = Path(path)
-    if not path.exists():
-        raise BughuntError(f"--tokens-file {path} does not exist.")
-    text = path.read_text().strip()
-    if text.startswith("["):
-        import json
-
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise BughuntError(f"--tokens-file {path} is not valid JSON: {e}") from None
-        if rows and isinstance(rows[0], int):
-            rows = [rows]
-        return parse_tokens(";".join(",".join(str(int(t)) for t in r) for r in rows))
-    return parse_tokens(";".join(line for line in text.splitlines() if line.strip()).replace(" ", ","))
+    return read_token_file(Path(path))
 
 
 def _choices(implementations: Iterable[str | ImplChoice], reference: str) -> tuple[list[ImplChoice], ImplChoice]:
@@ -226,16 +206,15 @@ def compare(checkpoint: str | Path, implementations: Sequence[str | ImplChoice] 
     checkpoint = Path(checkpoint)
     if out is not None:
         check_output_dir(out, "compare", [("the checkpoint", checkpoint)])
-    if timeout is not None and not 0 < timeout < float("inf"):
-        raise BughuntError(f"--timeout must be a positive number of seconds, got {timeout}.")
     if dtype not in DTYPES:
         raise BughuntError(f"unknown dtype '{dtype}'. Use one of: {', '.join(DTYPES)}.")
     if device not in DEVICES:
         raise BughuntError(f"unknown device '{device}'. Use one of: {', '.join(DEVICES)}.")
     if not floor_factor > 0:
         raise BughuntError(f"--floor-factor must be positive, got {floor_factor}.")
+    positive(timeout, "--timeout", "seconds an implementation's worker may take per run")
     spec = load_spec(checkpoint)
-    validate_weights(checkpoint, spec, allow_pickle)
+    weights = validate_weights(checkpoint, spec, allow_pickle)
     tokens = default_tokens(spec) if tokens is None else np.atleast_2d(np.asarray(tokens, dtype=np.int64))
     if tokens.size == 0:
         raise BughuntError("no input tokens: pass at least one token id.")
@@ -326,6 +305,11 @@ def compare(checkpoint: str | Path, implementations: Sequence[str | ImplChoice] 
         if require_comparison and not result.comparisons:
             failed = "; ".join(f"{e['label']}: {(e['error'] or '').splitlines()[0][:300].rstrip('.')}" for e in entries if e["status"] != "ok")
             raise BughuntError(f"nothing could be compared: every candidate failed or was refused ({failed}). Nothing was written.")
+        if weights.unexpected:  # every implementation ignores them, so the comparison stands; the mismatch is still reported
+            result.findings.append({"severity": "warning", "kind": "weights", "implementation": None, "point": None,
+                                    "message": "the weights hold tensors config.json does not describe, which no implementation "
+                                               f"reads: {weights.describe_unexpected(spec.num_layers)}. Check that config.json "
+                                               "belongs to these weights (bughunt lint lists them)."})
         if out is not None:
             save(result, Path(out), traces, render=render)
         return result
@@ -419,3 +403,16 @@ def save(result: Result, out: Path, traces: dict[str, Trace] | None = None, rend
 
 def _safe(label: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in label)
+
+
+class _CallableModule(type(os)):
+    """`bughunt.compare` is both this module and the API function: importing the module (which sets the package
+    attribute `bughunt.compare` to it) must not break `bughunt.compare(checkpoint, ...)`."""
+
+    def __call__(self, *args, **kwargs) -> Result:
+        return compare(*args, **kwargs)
+
+
+import sys as _sys  # noqa: E402
+
+_sys.modules[__name__].__class__ = _CallableModule

@@ -14,11 +14,14 @@ import numpy as np
 from bughunt.checkpoint import validate_weights
 from bughunt.compare import DEFAULT_FLOOR_FACTOR, default_tokens, noise_floor, save
 from bughunt.errors import BughuntError
+from bughunt.inputs.config import validate_decode_config
+from bughunt.inputs.flags import positive
+from bughunt.inputs.tokens import check_token_range
 from bughunt.implementations import ImplChoice, runner_class
 from bughunt.metrics import UNIT_ROUNDOFF
 from bughunt.output import check_output_dir
 from bughunt.result import SCHEMA_VERSION, Result, environment
-from bughunt.spec import load_spec
+from bughunt.spec import load_config, load_spec
 
 
 def _rel_per_step(a: np.ndarray, b: np.ndarray) -> list[float]:
@@ -51,7 +54,10 @@ def decode_check(checkpoint: str | Path, impl: str = "hf", reference: str | None
         check_output_dir(out, "decode", [("the checkpoint", checkpoint)])
     spec = load_spec(checkpoint)
     validate_weights(checkpoint, spec)
+    decode_config = validate_decode_config(decode_config or {}, load_config(checkpoint), str(checkpoint / "config.json"))
     tokens = default_tokens(spec, 32) if tokens is None else np.atleast_2d(np.asarray(tokens, dtype=np.int64))
+    check_token_range(tokens, spec.vocab_size)
+    positive(floor_factor, "--floor-factor", "a finding is a point above this multiple of the noise floor")
     if tokens.shape[0] != 1:
         raise BughuntError("decode checks one sequence at a time: give a single row of tokens.")
     if not 1 <= prefill < tokens.shape[1]:

@@ -187,6 +187,31 @@ CHECKS: dict[str, Check] = {c.id: c for c in (
        "Ids at or above vocab_size index past the embedding matrix: an index error on one implementation, "
        "garbage or a silent clamp on another.",
        "Resize the embeddings (and lm_head) to the tokenizer length, or remove the extra added tokens."),
+    _c("config-exceeds-weights", "error", "config.json describes a larger model than the weight files hold",
+       "The sizes in config.json (vocab_size, hidden_size, intermediate_size, num_hidden_layers, heads) imply more "
+       "parameters than the files store. Implementations that size the model from the config allocate far more "
+       "memory than needed, then fail to load, or initialise the missing part randomly.",
+       "Make config.json describe these weights: compare each size field with the stored shapes and the model card."),
+    _c("weights-missing", "error", "tensors config.json implies are not stored",
+       "Every implementation needs these tensors; transformers initialises missing ones randomly with only a log "
+       "warning, others refuse the checkpoint.",
+       "Add the missing tensors (export the checkpoint again) or fix config.json (e.g. num_hidden_layers, "
+       "tie_word_embeddings, attention_bias)."),
+    _c("weights-shape-mismatch", "error", "a stored tensor's shape contradicts config.json",
+       "The config and the weights disagree on a size, so implementations either refuse to load or, where they "
+       "reshape, compute with the wrong layout.",
+       "Fix the size fields in config.json (hidden_size, heads, head_dim, intermediate_size, vocab_size) to match "
+       "the weights."),
+    _c("weights-unexpected", "error", "the weights hold tensors config.json does not describe",
+       "No implementation reads them: layers beyond num_hidden_layers are silently dropped (the model you run is "
+       "shallower than the one trained), and stray tensors (biases, extra heads) may be parameters the config "
+       "forgot to switch on.",
+       "Set num_hidden_layers (and attention_bias, mlp_bias, ...) to match the weights, or remove the stray tensors."),
+    _c("weights-nonfinite", "error", "NaN or Inf values in the weights",
+       "A single NaN in a weight spreads through every position that touches it: an embedding row poisons every "
+       "prompt holding that token, a projection poisons every token. Implementations differ only in where they "
+       "first show it.",
+       "Restore the tensor from a good copy of the checkpoint (the training run's last finite state)."),
     _c("tokenizer-parity", "error", "tokenizer implementations disagree",
        "Two implementations turn the same text into different ids, so the same prompt feeds different inputs "
        "depending on which library tokenized it. (Run with --tokenizers; every disagreement is in "
@@ -498,6 +523,49 @@ def check_tied_embeddings(ctx: _Context) -> list[Finding]:
     return []
 
 
+def check_weights_against_config(ctx: _Context) -> list[Finding]:
+    """Both ways: the tensors config.json implies that are missing or shaped otherwise, and the stored ones it does
+    not imply; first, whether config.json implies more values than the files hold at all."""
+    from bughunt.checkpoint import expected_shapes, weight_files
+    from bughunt.inputs.weights import inventory, size_mismatch
+
+    expected = expected_shapes(ctx.spec)
+    out = []
+    size = size_mismatch(expected, ctx.stored, weight_files(ctx.checkpoint))
+    if size:
+        out.append(_finding("config-exceeds-weights", size))
+    inv = inventory(expected, ctx.stored, ctx.spec.num_layers)
+    if inv.missing:
+        names = list(inv.missing)
+        out.append(_finding("weights-missing", f"{len(names)} tensor(s) missing: " + ", ".join(f"{n} {inv.missing[n]}" for n in names[:5])
+                            + (" ..." if len(names) > 5 else ""), missing={n: list(v) for n, v in list(inv.missing.items())[:100]}))
+    if inv.mismatched:
+        names = list(inv.mismatched)
+        out.append(_finding("weights-shape-mismatch", f"{len(names)} tensor(s) shaped otherwise than config.json implies: "
+                            + "; ".join(f"{n} is {h}, config implies {w}" for n, (h, w) in list(inv.mismatched.items())[:5])
+                            + (" ..." if len(names) > 5 else ""),
+                            mismatched={n: {"stored": list(h), "expected": list(w)} for n, (h, w) in list(inv.mismatched.items())[:100]}))
+    if inv.unexpected:
+        out.append(_finding("weights-unexpected", inv.describe_unexpected(ctx.spec.num_layers), tensors=inv.unexpected[:100],
+                            extra_layers=sorted(inv.extra_layers)))
+    return out
+
+
+def check_nonfinite_weights(ctx: _Context) -> list[Finding]:
+    """NaN/Inf in every floating tensor, memory-mapped and scanned a block of rows at a time."""
+    from bughunt.checkpoint import weight_files
+    from bughunt.inputs.weights import scan_nonfinite
+    from bughunt.safetensors_io import _DTYPES, read_header
+
+    out = []
+    for f in weight_files(ctx.checkpoint):
+        for bad in scan_nonfinite(f, read_header(f), _DTYPES):
+            row = f"row {bad.first_row}" + (f" (token id {bad.first_row})" if bad.tensor in (_EMBED, _HEAD) else "")
+            out.append(_finding("weights-nonfinite", f"{bad.tensor}: {bad.nan} NaN and {bad.inf} Inf values, first in {row}",
+                                tensor=bad.tensor, file=f.name, nan=bad.nan, inf=bad.inf, first_row=bad.first_row))
+    return out
+
+
 # ---- tokenizer checks --------------------------------------------------------------------------
 
 
@@ -640,6 +708,8 @@ RULES: list[tuple[Callable[[_Context], list[Finding]], tuple[str, ...]]] = [
     (check_activation, ("activation-fields-disagree", "activation-silently-overridden")),
     (check_rope, ("rope-unknown-type", "rope-missing-field", "rope-longrope-factor-length", "rope-original-max-not-below-max")),
     (check_dtype, ("dtype-mismatch",)),
+    (check_weights_against_config, ("config-exceeds-weights", "weights-missing", "weights-shape-mismatch", "weights-unexpected")),
+    (check_nonfinite_weights, ("weights-nonfinite",)),
     (check_untrained_rows, ("untrained-embedding-rows",)),
     (check_tied_embeddings, ("tied-but-lm-head-differs", "tied-but-lm-head-stored", "untied-but-lm-head-missing",
                              "untied-but-lm-head-equals-embed")),

@@ -79,12 +79,12 @@ class Result:
         path = Path(path)
         if path.is_dir():
             path = path / "result.json"
-        if not path.exists():
+        if not path.exists() and not path.is_symlink():
             raise BughuntError(f"no result at {path}. Point at a result.json or the directory a run wrote.")
-        data = json.loads(path.read_text())
-        if data.get("schema") != "bughunt.result":
-            raise BughuntError(f"{path} is not a bughunt result (no schema field).")
-        return cls(data)
+        from bughunt.inputs.documents import RESULT_FIX, check_result
+        from bughunt.inputs.files import read_json
+
+        return cls(check_result(read_json(path, "result", RESULT_FIX), str(path)))
 
     def validate(self) -> None:
         """Check against the JSON schema (needs the jsonschema package)."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import mmap
+import os
 import struct
 from pathlib import Path
 
@@ -13,6 +14,8 @@ import ml_dtypes
 import numpy as np
 
 from bughunt.errors import BughuntError
+from bughunt.inputs.files import check_regular_file
+from bughunt.inputs.safetensors_header import validate_header
 
 _DTYPES = {
     "F64": np.dtype(np.float64),
@@ -31,18 +34,25 @@ _NAMES = {v: k for k, v in _DTYPES.items()}
 
 def read_header(path: Path) -> dict:
     """The JSON header of a safetensors file: name -> {dtype, shape, data_offsets}, plus __metadata__."""
+    check_regular_file(path, "weight file", "Every weight file must be a readable safetensors file.")
     try:
         with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
             raw = f.read(8)
             if len(raw) != 8:
                 raise BughuntError(f"{path} is not a safetensors file (shorter than 8 bytes). Re-export the weights with save_pretrained(safe_serialization=True).")
             (n,) = struct.unpack("<Q", raw)
             if n > 100_000_000:
                 raise BughuntError(f"{path} is not a safetensors file (header length {n} is implausible). Re-export the weights with save_pretrained(safe_serialization=True).")
+            if n > size - 8:
+                raise BughuntError(f"{path}: the header declares {n} bytes but the file holds only {size - 8} after its length "
+                                   "field: the file is truncated. Download or export it again.")
             header = json.loads(f.read(n))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BughuntError(f"{path} has a corrupt safetensors header ({e}). Re-export the weights.") from None
-    return header
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise BughuntError(f"{path} has a corrupt safetensors header ({type(e).__name__}: {e}). Re-export the weights.") from None
+    except OSError as e:
+        raise BughuntError(f"{path} cannot be read ({e.strerror or e}). Check the file and its permissions.") from None
+    return validate_header(path, header, n, size, {name: dt.itemsize for name, dt in _DTYPES.items()})
 
 
 def read_safetensors(path: Path, names: set[str] | None = None) -> dict[str, np.ndarray]:

@@ -4,13 +4,15 @@ field, resolved across families and across config schema versions (transformers 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from bughunt.errors import BughuntError
+from bughunt.inputs.config import validate_config
+from bughunt.inputs.files import read_json
 
 # model_type in config.json -> family name used everywhere in bughunt.
 FAMILIES = {
@@ -102,15 +104,10 @@ def load_config(checkpoint: Path) -> dict:
     if not checkpoint.is_dir():
         raise BughuntError(f"{checkpoint} is a file, not a checkpoint directory. Pass the directory that holds config.json and the *.safetensors files.")
     path = checkpoint / "config.json"
-    if not path.exists():
+    if not os.path.lexists(path):
         raise BughuntError(f"{checkpoint} has no config.json. A checkpoint is a Hugging Face-format directory; save it with save_pretrained().")
-    try:
-        cfg = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise BughuntError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}). Fix the file.") from None
-    if not isinstance(cfg, dict):
-        raise BughuntError(f"{path} must hold a JSON object, found {type(cfg).__name__}.")
-    return cfg
+    cfg = read_json(path, "config", "Fix the file, or save the checkpoint again with save_pretrained().")
+    return validate_config(cfg, str(path))
 
 
 def _req(cfg: dict, key: str, kind: type, path: str) -> Any:
@@ -139,6 +136,7 @@ def _rope_from(params: dict, default_theta: float | None, path: str, partial: fl
 
 def spec_from_config(cfg: dict, path: str = "config.json") -> Spec:
     """Read a config dict into a Spec, resolving per-family defaults and legacy fields."""
+    validate_config(cfg, path)
     model_type = cfg.get("model_type")
     if model_type is None:
         raise BughuntError(f"{path}: no 'model_type' field, so the architecture is unknown. Add e.g. \"model_type\": \"llama\".")

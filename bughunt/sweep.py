@@ -20,6 +20,8 @@ import numpy as np
 
 from bughunt import progress
 from bughunt.checkpoint import validate_weights
+from bughunt.inputs.flags import positive
+from bughunt.inputs.tokens import check_token_range
 from bughunt.compare import DEFAULT_FLOOR_FACTOR, _summary, default_tokens, judge, noise_floor, run_choice, save
 from bughunt.errors import BughuntError
 from bughunt.implementations import DEVICES, DTYPES, ImplChoice, runner_class
@@ -108,6 +110,8 @@ def _sweep(checkpoint, impl, reference, dtype, device, toggles, mode, side, cand
     spec = load_spec(checkpoint)
     validate_weights(checkpoint, spec)
     tokens = default_tokens(spec) if tokens is None else np.atleast_2d(np.asarray(tokens, dtype=np.int64))
+    check_token_range(tokens, spec.vocab_size)
+    positive(floor_factor, "--floor-factor", "a finding is a point above this multiple of the noise floor")
     cand_choice = ImplChoice.parse(impl)
     ref_choice = ImplChoice.parse(reference or f"reference:{dtype}")
     cand_dtype = cand_choice.dtype or (dtype if cand_choice.name != "reference" else "fp64")

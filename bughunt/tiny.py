@@ -94,6 +94,8 @@ def cache_dir() -> Path:
 def make_tiny_checkpoint(family: str, out: Path, seed: int = 0, config_overrides: dict | None = None,
                          dtype: str = "float32") -> Path:
     """Build a tiny model of `family` with seeded weights and save it with save_pretrained to `out`."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise BughuntError(f"--seed must be an integer from 0 to {2**63 - 1}, found {seed!r}. Give a non-negative seed, e.g. --seed 0.")
     import torch
     import transformers
 

@@ -34,27 +34,37 @@ def steps(spec) -> int:
     return spec.num_layers + -(-spec.vocab_size // chunk)
 
 
-def forward_many(weights, runs, on_step=None) -> list:
+def forward_many(weights, runs, on_step=None, seconds: list | None = None) -> list:
     """Several forward passes over the same weights, stepped side by side a layer (and a vocabulary chunk) at a time,
     so each tensor is read and converted to float64 once for all of them: runs are (spec, tokens, policy, out)
     tuples that may differ in everything but the family and the sizes (toggle settings, emulated dtype, input).
-    `on_step()` is called after each step (a layer, or a chunk of the logits). Returns the `out` of each run."""
+    `on_step()` is called after each step (a layer, or a chunk of the logits). Returns the `out` of each run;
+    `seconds`, if given a list, receives each run's own time (a shared weight is charged to the first run that
+    converts it)."""
     import importlib
+    import time
 
     shared = Shared(weights) if len(runs) > 1 else weights
-    outs, steps = [], []
+    outs, passes = [], []
     for spec, tokens, policy, out in runs:
         module = importlib.import_module(FORWARDS[spec.family])
         outs.append(Points() if out is None else out)
-        steps.append(module.forward(shared, spec, tokens, policy or Policy(), outs[-1]))
-    while steps:
-        for step in list(steps):
-            if next(step, StopIteration) is StopIteration:
-                steps.remove(step)
+        passes.append(module.forward(shared, spec, tokens, policy or Policy(), outs[-1]))
+    spent = [0.0] * len(passes)
+    live = list(range(len(passes)))
+    while live:
+        for i in list(live):
+            t = time.perf_counter()
+            done = next(passes[i], StopIteration) is StopIteration
+            spent[i] += time.perf_counter() - t
+            if done:
+                live.remove(i)
         if isinstance(shared, Shared):
             shared.cache.clear()  # every pass has moved on: this step's tensors are no longer needed
-        if on_step is not None and steps:
+        if on_step is not None and live:
             on_step()
+    if seconds is not None:
+        seconds[:] = spent
     return outs
 
 

@@ -127,6 +127,11 @@ PLANTED = {
     "special-token-mismatch": ("gemma", config(bos_token_id=3)),
     "tokenizer-vocab-exceeds-model": ("llama", tok_config(extra_special_tokens=["<tool_call>", "</tool_call>"])),
     "tokenizer-parity": ("gemma", lowercase_normalizer),
+    "config-exceeds-weights": ("llama", config(vocab_size=10**9)),
+    "weights-missing": ("llama", edit_weights(lambda t: t.pop("model.layers.0.mlp.up_proj.weight"))),
+    "weights-shape-mismatch": ("llama", config(intermediate_size=64)),
+    "weights-unexpected": ("llama", config(num_hidden_layers=3)),
+    "weights-nonfinite": ("llama", edit_weights(lambda t: t[EMBED].__setitem__((17, 3), np.nan))),
 }
 
 
@@ -233,3 +238,56 @@ def test_cli_tokenizers_flag_reports_parity(clean_dirs, tmp_path, capsys):
     assert "tokenizer parity" in text and "keras-hub" in text
     doc = json.loads(out.read_text())
     assert doc["tokenizer_parity"]["disagreements"]
+
+
+def test_nan_row_in_the_embedding_is_reported_with_its_token_id(clean_dirs, tmp_path):
+    d = tmp_path / "llama"
+    shutil.copytree(clean_dirs("llama"), d)
+
+    def plant(t):
+        t[EMBED][200] = np.nan
+        t["model.layers.2.mlp.down_proj.weight"][5, 7] = np.inf
+    edit_weights(plant)(d)
+    report = lint(d)
+    found = {f.details["tensor"]: f for f in report.findings if f.check == "weights-nonfinite"}
+    assert set(found) == {EMBED, "model.layers.2.mlp.down_proj.weight"}
+    assert found[EMBED].details["nan"] == 48 and found[EMBED].details["first_row"] == 200
+    assert "token id 200" in found[EMBED].message
+    assert found["model.layers.2.mlp.down_proj.weight"].details == {**found["model.layers.2.mlp.down_proj.weight"].details,
+                                                                    "nan": 0, "inf": 1, "first_row": 5}
+    assert report.exit_code == 1
+
+
+def test_nonfinite_scan_reads_in_chunks_and_handles_bf16(tmp_path):
+    """With a chunk smaller than one tensor the scan walks it block by block and still finds the first bad row."""
+    import ml_dtypes
+
+    from bughunt.inputs.weights import scan_nonfinite
+    from bughunt.safetensors_io import _DTYPES
+
+    w = np.zeros((64, 8), dtype=ml_dtypes.bfloat16)
+    w[41, 2] = np.inf
+    w[50] = np.nan
+    path = tmp_path / "w.safetensors"
+    write_safetensors(path, {"w": w, "ok": np.ones((3, 3), dtype=np.float32), "ids": np.arange(4)})
+    found = list(scan_nonfinite(path, read_header(path), _DTYPES, chunk_bytes=16 * 5))  # 5 rows per block
+    assert [(f.tensor, f.nan, f.inf, f.first_row) for f in found] == [("w", 8, 1, 41)]
+
+
+def test_config_larger_than_the_weights_is_an_error_from_the_cli(clean_dirs, tmp_path, capsys):
+    d = tmp_path / "llama"
+    shutil.copytree(clean_dirs("llama"), d)
+    config(vocab_size=10**9)(d)
+    assert main(["lint", str(d)]) == 1
+    out = capsys.readouterr().out
+    assert "ERROR [config-exceeds-weights] config.json implies a model of 9.6e+10 parameters" in out
+    assert "ERROR [weights-shape-mismatch]" in out and "model.embed_tokens.weight is (256, 48), config implies (1000000000, 48)" in out
+
+
+def test_layers_beyond_num_hidden_layers_are_named(clean_dirs, tmp_path):
+    d = tmp_path / "llama"
+    shutil.copytree(clean_dirs("llama"), d)
+    config(num_hidden_layers=2)(d)
+    f = next(f for f in lint(d).findings if f.check == "weights-unexpected")
+    assert f.details["extra_layers"] == [2, 3]
+    assert "2 layer(s) beyond num_hidden_layers=2 (model.layers.2..3, 18 tensors)" in f.message

@@ -242,11 +242,10 @@ def test_reference_rates_are_read_from_a_real_compare_result(tokens):
     assert rates["fp64"]["fraction_of_gemm"] == pytest.approx(rates["fp64"]["gflops"] / 50.0)
     emulated_s = result.data["noise_floor"]["bf16"]["timings"]["emulated_forward_s"]
     assert rates["emulated"]["gflops"] == pytest.approx(flops / emulated_s / 1e9)
-    if timings.get("together_with", 1) > 1:  # the float64 and emulated passes ran side by side
-        assert rates["together"] == {"passes": timings["together_with"], "seconds": timings["together_s"]}
-        assert rates["fp64"]["gflops"] == pytest.approx(flops * timings["together_with"] / timings["together_s"] / 1e9)
-    else:
-        assert rates["together"] is None
+    assert timings["together_with"] == 2  # the float64 and emulated passes ran side by side
+    assert rates["together"]["passes"] == 2 and rates["together"]["seconds"] == timings["together_s"]
+    assert rates["together"]["gflops"] == pytest.approx(flops * 2 / timings["together_s"] / 1e9)
+    assert timings["forward_s"] + emulated_s <= timings["together_s"] * 1.0001  # each pass's own steps
 
 
 def test_bare_forward_is_measured_as_a_process_tree(tmp_path):

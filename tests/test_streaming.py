@@ -236,3 +236,11 @@ def test_a_candidate_side_sweep_switches_live_toggles_on_the_loaded_model(tiny, 
         np.testing.assert_array_equal(live.arrays[p], expected.arrays[p], err_msg=p)
         np.testing.assert_array_equal(back.arrays[p], first.arrays[p], err_msg=p)  # undone exactly
     assert not np.array_equal(live.arrays["logits"], first.arrays["logits"])
+
+
+def test_the_documented_api_call_survives_importing_the_compare_module(tiny):
+    import bughunt
+    import bughunt.compare  # noqa: F401 - sets the package attribute to the module
+
+    result = bughunt.compare(tiny["llama"], ["reference:fp32", "reference"], tokens=[[2, 5, 7]], render=False)
+    assert result.first_above_floor("reference:fp32") is None

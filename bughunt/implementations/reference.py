@@ -59,15 +59,16 @@ def run_together(runners: list[ReferenceRunner], tokens: np.ndarray, stems: list
 
     prepared = [r.prepare(tokens, stem) for r, stem in zip(runners, stems)]
     t = time.perf_counter()
+    each: list[float] = []
     try:
-        forward_many(runners[0].weights, [(r.spec, ids, r.policy, out) for r, (ids, out) in zip(runners, prepared)], on_step)
+        forward_many(runners[0].weights, [(r.spec, ids, r.policy, out) for r, (ids, out) in zip(runners, prepared)], on_step, each)
     except BaseException:
         for _, out in prepared:
             out.abort()
         raise
     seconds = time.perf_counter() - t
-    return [r.finish(out, ids, seconds / len(runners), together_s=seconds, together_with=len(runners))
-            for r, (ids, out) in zip(runners, prepared)]
+    return [r.finish(out, ids, own, together_s=seconds, together_with=len(runners))
+            for r, (ids, out), own in zip(runners, prepared, each)]
 
     def _close(self) -> None:
         self.weights = None

@@ -1,0 +1,160 @@
+"""The weight files of a checkpoint against its config.json, both ways: the shard index (a JSON object whose
+weight_map names safetensors files inside the checkpoint), the number of values config.json implies against the
+number the files hold (so an absurd config is refused before anything is allocated), the tensors config.json
+implies that are missing or have another shape, the tensors stored that it does not imply (layers beyond
+num_hidden_layers, stray tensors), and NaN/Inf in every tensor, scanned a chunk at a time."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Annotated, Iterator
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
+
+from bughunt.errors import BughuntError
+from bughunt.inputs.files import read_json, validation_message
+
+INDEX_FIX = "Re-save the checkpoint with save_pretrained(), or rewrite the index so weight_map maps each tensor name to a shard file."
+CHUNK_BYTES = 16 * 1024 * 1024  # NaN/Inf scan: at most this many bytes of one tensor are upcast at a time
+
+
+class ShardIndex(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    metadata: dict | None = None
+    weight_map: Annotated[dict[StrictStr, StrictStr], Field(min_length=1)]
+
+
+def read_shard_index(index: Path, checkpoint: Path) -> list[str]:
+    """The shard file names of model.safetensors.index.json, in sorted order, each checked to be a plain
+    safetensors file name inside the checkpoint (no absolute path, no '..')."""
+    doc = read_json(index, "shard index", INDEX_FIX)
+    if not isinstance(doc, dict):
+        raise BughuntError(f"shard index {index} must hold a JSON object with a 'weight_map' object, found {type(doc).__name__}. {INDEX_FIX}")
+    try:
+        weight_map = ShardIndex.model_validate(doc).weight_map
+    except ValidationError as e:
+        raise BughuntError(validation_message(e, f"shard index {index}", INDEX_FIX)) from None
+    files = sorted(set(weight_map.values()))
+    for name in files:
+        parts = PurePosixPath(name).parts
+        if not name or PurePosixPath(name).is_absolute() or ".." in parts or "\\" in name or not name.endswith(".safetensors"):
+            tensor = next(t for t, f in weight_map.items() if f == name)
+            raise BughuntError(f"shard index {index}: weight_map[{tensor!r}] is {name!r}; expected the name of a .safetensors "
+                               f"file inside {checkpoint} (no absolute path, no '..'). {INDEX_FIX}")
+    return files
+
+
+# ---- config.json against the weights ----------------------------------------------------------------------
+
+
+@dataclass
+class Inventory:
+    """How the stored tensors compare with the ones config.json implies."""
+
+    missing: dict[str, tuple[int, ...]] = field(default_factory=dict)  # name -> expected shape
+    mismatched: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)  # name -> (stored, expected)
+    extra_layers: dict[int, list[str]] = field(default_factory=dict)  # layer index >= num_hidden_layers -> names
+    stray: list[str] = field(default_factory=list)  # other stored tensors config.json does not imply
+
+    @property
+    def unexpected(self) -> list[str]:
+        return [n for names in self.extra_layers.values() for n in names] + self.stray
+
+    def describe_unexpected(self, num_layers: int) -> str:
+        parts = []
+        if self.extra_layers:
+            layers = sorted(self.extra_layers)
+            span = f"{layers[0]}" if len(layers) == 1 else f"{layers[0]}..{layers[-1]}"
+            parts.append(f"{len(layers)} layer(s) beyond num_hidden_layers={num_layers} (model.layers.{span}, "
+                         f"{sum(len(v) for v in self.extra_layers.values())} tensors)")
+        if self.stray:
+            shown = ", ".join(self.stray[:5]) + (f" and {len(self.stray) - 5} more" if len(self.stray) > 5 else "")
+            parts.append(f"{len(self.stray)} tensor(s) config.json does not imply ({shown})")
+        return "; ".join(parts)
+
+
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+# Stored beside the weights by some exporters, never read by any implementation.
+_HARMLESS = re.compile(r"(^|\.)rotary_emb\.inv_freq$|(^|\.)masked_bias$|\.attn\.bias$")
+
+
+def inventory(expected: dict[str, tuple[int, ...]], stored: dict[str, tuple[tuple[int, ...], str]], num_layers: int) -> Inventory:
+    inv = Inventory()
+    for name, shape in expected.items():
+        if name not in stored:
+            inv.missing[name] = shape
+        elif tuple(stored[name][0]) != tuple(shape):
+            inv.mismatched[name] = (tuple(stored[name][0]), tuple(shape))
+    for name in stored:
+        if name in expected or _HARMLESS.search(name):
+            continue
+        m = _LAYER.match(name)
+        if m and int(m.group(1)) >= num_layers:
+            inv.extra_layers.setdefault(int(m.group(1)), []).append(name)
+        elif name != "lm_head.weight":  # a stored copy of tied embeddings is lint's business (tied-but-lm-head-*)
+            inv.stray.append(name)
+    return inv
+
+
+def size_mismatch(expected: dict[str, tuple[int, ...]], stored: dict[str, tuple[tuple[int, ...], str]], files: list[Path]) -> str | None:
+    """A sentence when config.json implies more values than the weight files hold (their headers were checked against
+    the file sizes, so the stored shapes are backed by bytes); None otherwise."""
+    implied = sum(math.prod(s) for s in expected.values())
+    held = sum(math.prod(s) for s, _ in stored.values())
+    if implied <= held:
+        return None
+    size = sum(f.stat().st_size for f in files)
+    embed = expected.get("model.embed_tokens.weight")
+    detail = f" (the embedding alone is {embed[0]} x {embed[1]})" if embed else ""
+    return (f"config.json implies a model of {implied:.3g} parameters{detail}, but the weight files hold only {held:.3g} values "
+            f"({size} bytes)")
+
+
+# ---- NaN/Inf, chunk by chunk -------------------------------------------------------------------------------
+
+
+@dataclass
+class NonFinite:
+    tensor: str
+    nan: int
+    inf: int
+    first_row: int  # the first row (index along the first axis) holding one
+
+
+def scan_nonfinite(path: Path, header: dict, dtypes: dict[str, np.dtype], chunk_bytes: int = CHUNK_BYTES) -> Iterator[NonFinite]:
+    """Every floating tensor of one safetensors file (its header already validated), memory-mapped and checked a
+    block of rows at a time, so no tensor is ever read whole."""
+    data = np.memmap(path, dtype=np.uint8, mode="r")
+    base = 8 + int.from_bytes(bytes(data[:8]), "little")
+    try:
+        for name, info in header.items():
+            if name == "__metadata__" or not info["shape"]:
+                continue
+            dt = dtypes[info["dtype"]]
+            if not (dt.kind == "f" or dt.name == "bfloat16"):
+                continue
+            start, end = info["data_offsets"]
+            shape = tuple(info["shape"])
+            if math.prod(shape) == 0:
+                continue
+            tensor = data[base + start:base + end].view(dt).reshape(shape)
+            row_bytes = max(1, (end - start) // shape[0])
+            step = max(1, chunk_bytes // row_bytes)
+            nan = inf = 0
+            first = None
+            for i in range(0, shape[0], step):
+                block = np.asarray(tensor[i:i + step], dtype=np.float32)
+                n, f = np.isnan(block), np.isinf(block)
+                nan, inf = nan + int(n.sum()), inf + int(f.sum())
+                if first is None and (n.any() or f.any()):
+                    bad = (n | f).reshape(block.shape[0], -1).any(axis=1)
+                    first = i + int(np.argmax(bad))
+            if nan or inf:
+                yield NonFinite(name, nan, inf, first if first is not None else 0)
+    finally:
+        del data
