@@ -141,7 +141,7 @@ def test_an_out_bughunt_must_not_write_is_refused_before_any_work(case, tmp_path
     (tmp_path / "user.txt").write_text("my notes\n")
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("mine\n")
-    (tmp_path / "mine" / "result.json").write_text('{"schema": "bughunt.result"}')
+    shutil.copy(report / "result.json", tmp_path / "mine" / "result.json")  # a user's copy of a result, beside their notes
     (tmp_path / "data.json").write_text('{"schema": "something.else"}')
     (tmp_path / "foreign-bl").mkdir()
     (tmp_path / "foreign-bl" / "llama__reference-fp32__cpu.json").write_text('{"mine": true}')
