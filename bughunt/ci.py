@@ -43,9 +43,10 @@ from typing import Any, Callable
 import numpy as np
 
 from bughunt.errors import BughuntError
-from bughunt.implementations import DEVICES, DTYPES, ImplChoice, available
+from bughunt.implementations import DEVICES, DTYPES, ImplChoice, available, require_device
 from bughunt.inputs.config import MAX_TOKEN_ID
 from bughunt.inputs.documents import check_baseline_points, read_baseline_json, read_toml
+from bughunt.output import check_output_dir, check_output_file, write_output_dir, write_output_file
 from bughunt.tiny import TINY_FAMILIES
 
 BASELINE_SCHEMA = "bughunt.baseline"
@@ -713,6 +714,9 @@ class CiRun:
 
     @property
     def exit_code(self) -> int:
+        """0 every cell passes; 1 a regression (or a failed cell among compared ones); 2 nothing could be compared."""
+        if self.outcomes and all(o.status == "error" for o in self.outcomes):
+            return 2
         return 1 if self.failed else 0
 
 
@@ -758,6 +762,7 @@ def _plan(matrix: Matrix, baseline_dir: Path, update: bool) -> list[_Group]:
             if matched and any(fnmatch.fnmatchcase(p, rule.points) for p in points):
                 points_seen[rule.index] = True
         for device in entry.devices:
+            require_device(device, f"{where}: devices")
             cells = [c for c in cells_all if c.device == device]
             baselines = {c.id: None if update else read_baseline(baseline_dir / c.baseline_name, c, tokens, matrix.branches,
                                                                   matrix.source, baseline_dir) for c in cells}
@@ -828,11 +833,13 @@ def _run_group(group: _Group, matrix: Matrix, out: Path, log: Callable[[str], No
 
 
 def run_ci(matrix_path: str | Path, baseline_dir: str | Path, update_baseline: bool = False, out: str | Path | None = None,
-           log: Callable[[str], None] = print, shard: tuple[int, int] | None = None) -> CiRun:
+           log: Callable[[str], None] = print, shard: tuple[int, int] | None = None,
+           finish: Callable[[CiRun, Path], None] | None = None) -> CiRun:
     """Run every cell of the matrix, judge it, write the outputs (and, when asked, the baselines). Bad input raises
     BughuntError before anything runs; regressions are in the returned CiRun (exit_code 1). With `shard` = (K, N),
     run only shard K's cells (see `assign_shards`); the whole matrix is still checked, so every shard refuses the same
-    bad input."""
+    bad input. The outputs are built in a temporary directory and moved to `out` when complete (bughunt.output);
+    `finish(run, directory)` may add files of its own there first."""
     from bughunt import progress
     from bughunt.result import environment
 
@@ -844,6 +851,17 @@ def run_ci(matrix_path: str | Path, baseline_dir: str | Path, update_baseline: b
                            f"`bughunt ci {matrix.source} --baseline {baseline_dir} --update-baseline`, review them and commit them.")
     out = Path(out) if out is not None else Path("reports") / "ci"
     groups = _plan(matrix, baseline_dir, update_baseline)
+    checkpoints = [("the checkpoint", g.path) for g in groups]
+    protect = checkpoints + [("the matrix file", matrix.source), ("the baseline directory", baseline_dir)]
+    check_output_dir(out, "ci", protect)
+    baseline_protect = checkpoints + [("the --out directory", out)]
+    if update_baseline:
+        if baseline_dir.exists() and not baseline_dir.is_dir():
+            raise BughuntError(f"--baseline {baseline_dir} is a file, not a directory. Give the directory that holds (or will hold) "
+                               "the baseline files.")
+        for g in groups:
+            for c in g.cells:
+                check_output_file(baseline_dir / c.baseline_name, BASELINE_SCHEMA, baseline_protect, "--baseline")
     todo = groups if shard is None else [g for g, k in zip(groups, assign_shards([len(g.cells) for g in groups], shard[1])) if k == shard[0]]
     slice_ = "" if shard is None else f"shard {shard[0]}/{shard[1]}: {sum(len(g.cells) for g in todo)} of "
     log(f"bughunt ci: {slice_}{sum(len(g.cells) for g in groups)} cells from {matrix.source}"
@@ -851,32 +869,35 @@ def run_ci(matrix_path: str | Path, baseline_dir: str | Path, update_baseline: b
     if shard is not None and not todo:
         log(f"note: shard {shard[0]}/{shard[1]} has no cells: each checkpoint and device runs whole in one shard, "
             f"and this matrix has {len(groups)}. Use at most {len(groups)} shards.")
-    out.mkdir(parents=True, exist_ok=True)
-    outcomes: list[CellOutcome] = []
+    run = CiRun(matrix, baseline_dir, out, update_baseline, [], 0.0, shard=shard, packages=environment()["packages"])
     from bughunt.worker import WorkerPool
 
-    with WorkerPool() as pool, progress.task("bughunt ci", total=sum(len(g.cells) for g in todo), unit="cell") as bar:
-        shown = progress.printer(log)
-        for group in todo:  # one worker per implementation and interpreter serves every cell
-            bar.update(stage=group.name)
-            outcomes += _run_group(group, matrix, out, shown, pool)
-            bar.advance(len(group.cells))
+    def write(tmp: Path) -> None:
+        with WorkerPool() as pool, progress.task("bughunt ci", total=sum(len(g.cells) for g in todo), unit="cell") as bar:
+            shown = progress.printer(log)
+            for group in todo:  # one worker per implementation and interpreter serves every cell
+                bar.update(stage=group.name)
+                run.outcomes += _run_group(group, matrix, tmp, shown, pool)
+                bar.advance(len(group.cells))
+        if update_baseline:  # each file replaced atomically, and only if it is a bughunt baseline (checked above)
+            by_id = {g_cell.id: g for g in groups for g_cell in g.cells}
+            for o in run.outcomes:
+                if o.comparison is None:
+                    continue
+                path = baseline_dir / o.cell.baseline_name
+                write_output_file(path, dump_baseline(baseline_document(o.cell, o.comparison, by_id[o.cell.id].tokens, matrix.branches)),
+                                  BASELINE_SCHEMA, baseline_protect, "--baseline")
+                run.written_baselines.append(path)
+        if baseline_dir.is_dir():
+            names = {c.baseline_name for g in groups for c in g.cells}
+            run.stale_baselines = sorted(p for p in baseline_dir.glob("*.json") if p.name not in names)
+        run.seconds = time.perf_counter() - t0
+        write_outputs(run, tmp)
+        if finish is not None:
+            finish(run, tmp)
 
-    run = CiRun(matrix, baseline_dir, out, update_baseline, outcomes, 0.0, shard=shard, packages=environment()["packages"])
-    if update_baseline:
-        baseline_dir.mkdir(parents=True, exist_ok=True)
-        by_id = {g_cell.id: g for g in groups for g_cell in g.cells}
-        for o in outcomes:
-            if o.comparison is None:
-                continue
-            path = baseline_dir / o.cell.baseline_name
-            _write_file(path, dump_baseline(baseline_document(o.cell, o.comparison, by_id[o.cell.id].tokens, matrix.branches)))
-            run.written_baselines.append(path)
-    if baseline_dir.is_dir():
-        names = {c.baseline_name for g in groups for c in g.cells}
-        run.stale_baselines = sorted(p for p in baseline_dir.glob("*.json") if p.name not in names)
-    run.seconds = time.perf_counter() - t0
-    write_outputs(run)
+    write_output_dir(out, "ci", write, protect)
+    outcomes = run.outcomes
     for o in run.failed:
         log(o.details)
     if run.written_baselines:
@@ -966,8 +987,10 @@ def index_html(run: CiRun) -> str:
             + "".join(rows) + "</table>\n")
 
 
-def write_outputs(run: CiRun) -> None:
-    run.out.mkdir(parents=True, exist_ok=True)
-    _write_file(run.out / "junit.xml", junit_xml(run))
-    _write_file(run.out / "summary.md", markdown_summary(run))
-    _write_file(run.out / "index.html", index_html(run))
+def write_outputs(run: CiRun, directory: Path | None = None) -> None:
+    """JUnit XML, the Markdown summary and the HTML index, into `directory` (default run.out)."""
+    directory = Path(directory) if directory is not None else run.out
+    directory.mkdir(parents=True, exist_ok=True)
+    _write_file(directory / "junit.xml", junit_xml(run))
+    _write_file(directory / "summary.md", markdown_summary(run))
+    _write_file(directory / "index.html", index_html(run))

@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from bughunt.ci import Cell, CellOutcome, CiRun, Matrix, Threshold, Violation, assign_shards, cells_of, run_ci, write_outputs
 from bughunt.errors import BughuntError
 from bughunt.implementations import ImplChoice
+from bughunt.output import check_output_dir, write_output_dir
 
 SHARD_FILE = "shard.json"
 SHARD_SCHEMA = "bughunt.ci-shard"
@@ -158,9 +159,10 @@ def run_shard(matrix_path: str | Path, baseline_dir: str | Path, shard: tuple[in
     """`run_ci` on shard K of N, then its shard document beside the other outputs."""
     from bughunt.ci import _write_file
 
-    run = run_ci(matrix_path, baseline_dir, update_baseline=update_baseline, out=out, log=log, shard=shard)
-    _write_file(run.out / SHARD_FILE, json.dumps(shard_document(run), indent=1, sort_keys=True) + "\n")
-    return run
+    def finish(run: CiRun, directory: Path) -> None:  # inside the output, before it is moved into place
+        _write_file(directory / SHARD_FILE, json.dumps(shard_document(run), indent=1, sort_keys=True) + "\n")
+
+    return run_ci(matrix_path, baseline_dir, update_baseline=update_baseline, out=out, log=log, shard=shard, finish=finish)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -259,6 +261,7 @@ def merge(directories: list[str | Path], out: str | Path | None = None, log: Cal
         if out.resolve() == d.resolve():
             raise BughuntError(f"--out {out} is one of the shard directories; merging there would overwrite that shard's "
                                "summary. Choose another --out.")
+    check_output_dir(out, "ci", [("a shard directory", d) for d in dirs])  # not a shard, not inside or around one
     _same_run(docs)
     _check_cover(docs)
     docs.sort(key=lambda x: x[1].shard.index)
@@ -273,7 +276,7 @@ def merge(directories: list[str | Path], out: str | Path | None = None, log: Cal
             if not (d / rel).is_file():
                 raise BughuntError(f"{d} lacks {rel}, the report of shard {doc.shard.index}'s cells. "
                                    "Upload each shard's whole --out directory as its artifact.")
-            reports.append((source, out / Path(rel).parent))
+            reports.append((source, Path(rel).parent))
     first = docs[0][1].run
     matrix = Matrix(source=Path(first.source), checkpoints=(),
                     thresholds=tuple(Threshold(**t.model_dump()) for t in first.thresholds))
@@ -282,10 +285,12 @@ def merge(directories: list[str | Path], out: str | Path | None = None, log: Cal
     stale = sorted({baseline_dir / name for _, doc in docs for name in doc.stale_baselines})
     run = CiRun(matrix, baseline_dir, out, first.update_baseline, outcomes, max(doc.seconds for _, doc in docs),
                 stale_baselines=stale, packages=_packages(docs))
-    out.mkdir(parents=True, exist_ok=True)
-    for source, target in reports:
-        shutil.copytree(source, target, dirs_exist_ok=True)
-    write_outputs(run)
+    def write(tmp: Path) -> None:
+        for source, target in reports:
+            shutil.copytree(source, tmp / target, dirs_exist_ok=True)
+        write_outputs(run, tmp)
+
+    write_output_dir(out, "ci", write, [("a shard directory", d) for d in dirs])
     for o in run.failed:
         log(o.details)
     log(f"{len(outcomes) - len(run.failed)}/{len(outcomes)} cells pass, {len(run.failed)} fail, over {len(docs)} shards "

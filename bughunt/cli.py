@@ -9,6 +9,62 @@ from pathlib import Path
 
 from bughunt.errors import BughuntError
 
+EXIT_CODES = """\
+exit codes (the same for every bughunt command):
+  0    compared, and within thresholds (findings are reported; they fail only a command that gates on them)
+  1    a finding or regression, where the command gates on it: compare, sweep and decode with --fail-on-finding,
+       lint on an error-severity check, ci on a regression
+  2    bad input (one message says what was wrong and how to fix it; nothing is written), or nothing could be
+       compared (every candidate refused or failed)
+  130  interrupted by SIGINT (Ctrl-C), 143 by SIGTERM: workers stopped, temporary files removed, nothing half-written
+
+--out: bughunt writes a new directory, or replaces its own earlier output (marked by a .bughunt-output file) once
+the new one is complete. It refuses a file, the checkpoint, a path inside or around the checkpoint, a non-empty
+directory it did not write, and a place it cannot create, before any work starts. Outputs follow your umask.
+"""
+
+
+def _positive_seconds(text: str) -> float:
+    """argparse type for --timeout: a finite number of seconds above zero."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, e.g. 600; got {text!r}")
+    return value
+
+
+def _seed(text: str) -> int:
+    """argparse type for --seed: a non-negative integer (numpy's generators take no negative seeds)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, e.g. 0; got {text!r}")
+    return value
+
+
+def _path(text: str) -> str:
+    """argparse type for --out, --json, --baseline: an empty path would silently mean the default (or the cwd)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("is empty; give a path, e.g. reports/run")
+    return text
+
+
+def _require_device(device: str) -> None:
+    from bughunt.implementations import require_device
+
+    require_device(device)
+
+
+def _gate(args, result) -> int:
+    """Exit 1 when the command was asked to gate on findings (--fail-on-finding) and one fired, else 0."""
+    if getattr(args, "fail_on_finding", False) and any(f["severity"] in ("error", "warning") for f in result.findings):
+        return 1
+    return 0
+
 
 def format_summary(result) -> str:
     """The short terminal table: one row per candidate, naming the first capture point above the floor."""
@@ -58,22 +114,25 @@ def _max_memory(args) -> int | None:
 
 def cmd_compare(args) -> int:
     from bughunt.compare import compare
+    from bughunt.output import describe_written
 
+    _require_device(args.device)
     out = Path(args.out) if args.out else Path("reports") / f"{Path(args.checkpoint).resolve().name}-{args.dtype}"
     result = compare(args.checkpoint, implementations=args.impl or ["hf", "reference"], reference=args.reference,
                      dtype=args.dtype, device=args.device, tokens=_tokens(args), out=out, floor_factor=args.floor_factor,
                      branches=not args.no_branches, allow_pickle=args.allow_pickle, isolate=not args.in_process,
-                     timeout=args.timeout, max_memory=_max_memory(args), device_map=args.device_map)
+                     timeout=args.timeout, max_memory=_max_memory(args), device_map=args.device_map,
+                     require_comparison=True)
     print(format_summary(result))
-    print(f"wrote {out}/result.json, {out}/layers.png, {out}/layers.svg, {out}/report.html")
-    if args.fail_on_finding and any(f["severity"] in ("error", "warning") for f in result.findings):
-        return 1
-    return 0
+    print(describe_written(out))
+    return _gate(args, result)
 
 
 def cmd_sweep(args) -> int:
+    from bughunt.output import describe_written
     from bughunt.sweep import sweep
 
+    _require_device(args.device)
     out = Path(args.out) if args.out else Path("reports") / f"{Path(args.checkpoint).resolve().name}-sweep-{args.mode}"
     result = sweep(args.checkpoint, impl=args.impl, reference=args.reference, dtype=args.dtype, device=args.device,
                    toggles=args.toggle or [], mode=args.mode, side=args.side, candidate_toggles=args.candidate_toggle or [],
@@ -90,13 +149,15 @@ def cmd_sweep(args) -> int:
         for a in s["ablation"]:
             print(f"  without {a['toggle']}={a['value']}: fit worse by {a['delta']:.2f} decades (first above floor: {a['first_above_floor_without']})")
         print(f"DIAGNOSIS: {s['diagnosis']}")
-    print(f"wrote {out}/result.json, {out}/layers.png, {out}/report.html")
-    return 0
+    print(describe_written(out))
+    return _gate(args, result)
 
 
 def cmd_decode(args) -> int:
     from bughunt.decode import decode_check
+    from bughunt.output import describe_written
 
+    _require_device(args.device)
     config = {}
     for item in args.decode_config or []:
         key, sep, value = item.partition("=")
@@ -120,8 +181,8 @@ def cmd_decode(args) -> int:
         print(f"  first step departing from {d['reference']['label']}: {d['reference']['first_departing_step']}")
     for f in result.findings:
         print(f"  {f['severity'].upper()}: {f['message']}")
-    print(f"wrote {out}/result.json, {out}/report.html")
-    return 0
+    print(describe_written(out))
+    return _gate(args, result)
 
 
 def cmd_demo(args) -> int:
@@ -132,24 +193,45 @@ def cmd_demo(args) -> int:
 
 
 def cmd_tiny(args) -> int:
-    from bughunt.tiny import make_tiny_checkpoint
+    from bughunt.output import check_output_dir, describe_written, write_output_dir
+    from bughunt.tiny import TINY_FAMILIES, make_tiny_checkpoint
 
+    if args.family not in TINY_FAMILIES:
+        raise BughuntError(f"no tiny checkpoint for family '{args.family}'. Choose one of: {', '.join(TINY_FAMILIES)}.")
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()):
-        raise BughuntError(f"{out} exists and is not empty. Choose a new directory for the checkpoint.")
-    make_tiny_checkpoint(args.family, out, seed=args.seed)
-    print(f"wrote tiny {args.family} checkpoint (seed {args.seed}) to {out}")
+    check_output_dir(out, "tiny")
+    write_output_dir(out, "tiny", lambda tmp: make_tiny_checkpoint(args.family, tmp, seed=args.seed))
+    print(f"tiny {args.family} checkpoint (seed {args.seed}): {describe_written(out)}")
     return 0
 
 
 def cmd_render(args) -> int:
+    import shutil
+
     from bughunt import report
+    from bughunt.output import check_output_dir, describe_written, read_marker, write_output_dir
     from bughunt.result import Result
 
-    result = Result.load(Path(args.result))
-    out = Path(args.out) if args.out else (Path(args.result) if Path(args.result).is_dir() else Path(args.result).parent)
-    report.render(result, out)
-    print(f"rendered {out}/report.html")
+    source = Path(args.result)
+    source_dir = source if source.is_dir() else source.parent
+    out = Path(args.out) if args.out else source_dir
+    result = Result.load(source)
+    if not args.out and read_marker(source_dir) is None and source_dir.is_dir() and any(source_dir.iterdir()):
+        raise BughuntError(f"{source_dir} was not written by bughunt (no .bughunt-output file), so it is not re-rendered in place. "
+                           "Give --out NEWDIR to render into a new directory.")
+    named = result.data.get("checkpoint")
+    checkpoint = named.get("path") if isinstance(named, dict) else None
+    protect = [("the checkpoint", Path(checkpoint))] if isinstance(checkpoint, str) and checkpoint else []
+    check_output_dir(out, "render", protect)
+
+    def write(tmp: Path) -> None:
+        if (source_dir / "traces").is_dir():
+            shutil.copytree(source_dir / "traces", tmp / "traces")  # the result names them; keep the output whole
+        (tmp / "result.json").write_text(result.to_json())
+        report.render(result, tmp)
+
+    write_output_dir(out, "render", write, protect)  # a fresh directory: no stale plot survives beside the new report
+    print(describe_written(out))
     return 0
 
 
@@ -159,10 +241,14 @@ def cmd_ci(args) -> int:
     if args.shard is not None:
         from bughunt.ci_shard import parse_shard, run_shard
 
-        return run_shard(Path(args.matrix), Path(args.baseline), parse_shard(args.shard), update_baseline=args.update_baseline,
-                         out=Path(args.out) if args.out else None).exit_code
-    run = run_ci(Path(args.matrix), Path(args.baseline), update_baseline=args.update_baseline,
-                 out=Path(args.out) if args.out else None)
+        run = run_shard(Path(args.matrix), Path(args.baseline), parse_shard(args.shard), update_baseline=args.update_baseline,
+                        out=Path(args.out) if args.out else None)
+    else:
+        run = run_ci(Path(args.matrix), Path(args.baseline), update_baseline=args.update_baseline,
+                     out=Path(args.out) if args.out else None)
+    if run.exit_code == 2:
+        print("bughunt: error: nothing could be compared: every cell of the matrix failed (each cell's error is above).",
+              file=sys.stderr)
     return run.exit_code
 
 
@@ -173,15 +259,18 @@ def cmd_ci_merge(args) -> int:
 
 
 def cmd_lint(args) -> int:
-    from bughunt.lint import format_table, lint
+    from bughunt.lint import LINT_SCHEMA, format_table, lint
+    from bughunt.output import check_output_file
     from bughunt.tokenizer_parity import format_parity_dict
 
+    if args.json:
+        check_output_file(args.json, LINT_SCHEMA, [("the checkpoint", Path(args.checkpoint))])
     report = lint(Path(args.checkpoint), tokenizers=args.tokenizers)
     print(format_table(report))
     if report.tokenizer_parity is not None:
         print(format_parity_dict(report.tokenizer_parity))
     if args.json:
-        report.write_json(Path(args.json))
+        report.write_json(Path(args.json), protect=[("the checkpoint", Path(args.checkpoint))])
         print(f"wrote {args.json}")
     return report.exit_code
 
@@ -189,10 +278,15 @@ def cmd_lint(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from bughunt.implementations import DEVICES, DTYPES
 
-    p = argparse.ArgumentParser(prog="bughunt", description="Find numerics bugs in transformer implementations, layer by layer.")
+    p = argparse.ArgumentParser(prog="bughunt", description="Find numerics bugs in transformer implementations, layer by layer.",
+                                epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
 
-    c = sub.add_parser("compare", help="compare implementations of one checkpoint against a reference")
+    def command(name: str, **kwargs) -> argparse.ArgumentParser:
+        """A sub-command whose --help ends with the exit codes and the --out policy."""
+        return sub.add_parser(name, epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
+
+    c = command("compare", help="compare implementations of one checkpoint against a reference")
     c.add_argument("checkpoint", help="Hugging Face-format checkpoint directory (config.json + *.safetensors)")
     c.add_argument("--impl", action="append", metavar="NAME[:DTYPE][@PYTHON]",
                    help="implementation to run (repeatable): hf, reference; default: hf and reference")
@@ -201,13 +295,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--device", default="cpu", choices=DEVICES)
     c.add_argument("--tokens", help="token ids, comma-separated; several equal-length rows separated by ';'")
     c.add_argument("--tokens-file", help="file of token ids: a JSON list (of lists), or one row per line")
-    c.add_argument("--out", help="output directory (default reports/<checkpoint>-<dtype>)")
+    c.add_argument("--out", type=_path, help="output directory (default reports/<checkpoint>-<dtype>)")
     c.add_argument("--floor-factor", type=float, default=10.0, help="a finding is a point above this multiple of the noise floor")
     c.add_argument("--no-branches", action="store_true", help="capture only the residual stream, not layer.{i}.attn/.mlp")
     c.add_argument("--allow-pickle", action="store_true", help="allow loading pickled (.bin) weights; runs code from the file")
     c.add_argument("--fail-on-finding", action="store_true", help="exit 1 when any implementation departs or fails")
     c.add_argument("--in-process", action="store_true", help="run every implementation in this process instead of worker processes")
-    c.add_argument("--timeout", type=float, default=600.0, help="seconds an implementation's worker may take per run (default 600)")
+    c.add_argument("--timeout", type=_positive_seconds, default=600.0, help="seconds an implementation's worker may take per run (default 600)")
     c.add_argument("--max-memory", metavar="SIZE", help="memory the run may use, e.g. 20G (default: what the OS reports available); "
                    "implementations run side by side only when their estimated peaks fit, one after another otherwise, "
                    "and a run that cannot fit is refused before it starts")
@@ -215,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "CPU and disk offload for a model larger than memory (hooks still capture every layer)")
     c.set_defaults(func=cmd_compare)
 
-    w = sub.add_parser("sweep", help="run one implementation under toggle settings; search for the ones that explain a divergence")
+    w = command("sweep", help="run one implementation under toggle settings; search for the ones that explain a divergence")
     w.add_argument("checkpoint")
     w.add_argument("--impl", default="hf", metavar="NAME[:DTYPE]", help="the candidate implementation (default hf)")
     w.add_argument("--reference", default=None, help="reference implementation (default reference:<dtype>, the reference emulating the dtype)")
@@ -230,11 +324,12 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--device", default="cpu", choices=DEVICES)
     w.add_argument("--tokens")
     w.add_argument("--tokens-file")
-    w.add_argument("--out")
+    w.add_argument("--out", type=_path)
     w.add_argument("--floor-factor", type=float, default=10.0)
+    w.add_argument("--fail-on-finding", action="store_true", help="exit 1 when the candidate as is departs from the reference")
     w.set_defaults(func=cmd_sweep)
 
-    k = sub.add_parser("decode", help="full forward pass vs incremental decoding (prefill, then one token at a time)")
+    k = command("decode", help="full forward pass vs incremental decoding (prefill, then one token at a time)")
     k.add_argument("checkpoint")
     k.add_argument("--impl", default="hf", metavar="NAME[:DTYPE][toggles]")
     k.add_argument("--reference", default=None, help="also compare each decoding step against this implementation")
@@ -246,28 +341,29 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--tokens")
     k.add_argument("--tokens-file")
     k.add_argument("--floor-factor", type=float, default=10.0)
-    k.add_argument("--out")
+    k.add_argument("--out", type=_path)
+    k.add_argument("--fail-on-finding", action="store_true", help="exit 1 when a decoding step departs")
     k.set_defaults(func=cmd_decode)
 
-    d = sub.add_parser("demo", help="generate tiny checkpoints and compare every installed implementation on each")
-    d.add_argument("--out", default="reports/demo")
+    d = command("demo", help="generate tiny checkpoints and compare every installed implementation on each")
+    d.add_argument("--out", type=_path, default="reports/demo")
     d.add_argument("--family", action="append", help="limit to these families (repeatable)")
     d.set_defaults(func=cmd_demo)
 
-    t = sub.add_parser("tiny", help="write a tiny seeded checkpoint of a family")
+    t = command("tiny", help="write a tiny seeded checkpoint of a family")
     t.add_argument("family")
-    t.add_argument("--out", required=True)
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--out", type=_path, required=True)
+    t.add_argument("--seed", type=_seed, default=0, help="seed of the weights (a non-negative integer, default 0)")
     t.set_defaults(func=cmd_tiny)
 
-    r = sub.add_parser("render", help="re-render plots and report.html from a result.json")
+    r = command("render", help="re-render plots and report.html from a result.json")
     r.add_argument("result", help="result.json or the directory holding it")
-    r.add_argument("--out", help="where to write (default: beside result.json)")
+    r.add_argument("--out", type=_path, help="where to write (default: beside result.json)")
     r.set_defaults(func=cmd_render)
 
-    lt = sub.add_parser("lint", help="static checks of a checkpoint's config, weights and tokenizer: exit 0 clean, 1 an error fired, 2 bad input")
+    lt = command("lint", help="static checks of a checkpoint's config, weights and tokenizer: exit 0 clean, 1 an error fired, 2 bad input")
     lt.add_argument("checkpoint", help="Hugging Face-format checkpoint directory")
-    lt.add_argument("--json", metavar="FILE", help="also write the versioned lint document to FILE")
+    lt.add_argument("--json", type=_path, metavar="FILE", help="also write the versioned lint document to FILE")
     lt.add_argument("--tokenizers", action="store_true",
                     help="also encode a corpus of tricky strings with every available tokenizer implementation and report disagreements")
     lt.set_defaults(func=cmd_lint)
@@ -275,13 +371,13 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("ci", help="run a TOML matrix of cells against stored baselines: exit 0 pass, 1 regression, 2 bad input",
                        usage="bughunt ci MATRIX --baseline DIR [--update-baseline] [--shard K/N] [--out DIR]\n"
                              "       bughunt ci merge DIR... [--out DIR]",
-                       epilog=CI_MERGE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       epilog=CI_MERGE_HELP + "\n\n" + EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     g.add_argument("matrix", help="the matrix file (TOML; see examples/bughunt.toml); a file named merge is written ./merge")
-    g.add_argument("--baseline", required=True, metavar="DIR", help="directory of baseline JSON, one file per cell")
+    g.add_argument("--baseline", type=_path, required=True, metavar="DIR", help="directory of baseline JSON, one file per cell")
     g.add_argument("--update-baseline", action="store_true", help="record the baselines from this run (review and commit them)")
     g.add_argument("--shard", metavar="K/N", help="run only shard K of N (K from 1): whole checkpoint-device groups, about 1/N "
                    "of the cells; also writes shard.json for `bughunt ci merge`")
-    g.add_argument("--out", metavar="DIR", help="where to write junit.xml, summary.md, index.html and the reports (default reports/ci)")
+    g.add_argument("--out", type=_path, metavar="DIR", help="where to write junit.xml, summary.md, index.html and the reports (default reports/ci)")
     g.set_defaults(func=cmd_ci)
     return p
 
@@ -298,9 +394,10 @@ sharding over a CI job matrix:
 def build_ci_merge_parser() -> argparse.ArgumentParser:
     m = argparse.ArgumentParser(prog="bughunt ci merge", description="Combine the --out directories of the N shards of one "
                                 "`bughunt ci MATRIX --shard K/N` run into one summary, JUnit file, HTML index and exit code "
-                                "(0 pass, 1 regression, 2 bad input). A matrix file named merge is run as `bughunt ci ./merge`.")
+                                "(0 pass, 1 regression, 2 bad input). A matrix file named merge is run as `bughunt ci ./merge`.",
+                                epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     m.add_argument("shards", nargs="+", metavar="DIR", help="each shard's --out directory (holding its shard.json), in any order")
-    m.add_argument("--out", metavar="DIR", help="where to write junit.xml, summary.md, index.html and the reports (default reports/ci)")
+    m.add_argument("--out", type=_path, metavar="DIR", help="where to write junit.xml, summary.md, index.html and the reports (default reports/ci)")
     m.set_defaults(func=cmd_ci_merge)
     return m
 
@@ -313,6 +410,8 @@ def quiet_libraries() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from bughunt.interrupt import Interrupted, handled
+
     quiet_libraries()
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:2] == ["ci", "merge"]:  # `bughunt ci merge DIR...`; a matrix file named merge is `bughunt ci ./merge`
@@ -324,11 +423,16 @@ def main(argv: list[str] | None = None) -> int:
     else:
         args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        with handled():
+            return args.func(args)
     except BughuntError as e:
         print(f"bughunt: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except Interrupted as e:
+        print(f"bughunt: interrupted by {e}: stopped the workers and removed temporary files; no half-written output remains.",
+              file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:  # outside the main thread no handler is installed
         return 130
 
 

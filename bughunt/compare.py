@@ -22,6 +22,7 @@ from bughunt.inputs.flags import positive
 from bughunt.inputs.tokens import parse_token_text, read_token_file
 from bughunt.implementations import DEVICES, DTYPES, ImplChoice, runner_class
 from bughunt.metrics import UNIT_ROUNDOFF, compare_traces
+from bughunt.output import check_output_dir
 from bughunt.result import SCHEMA_VERSION, Result, environment, write_atomically
 from bughunt.spec import Spec, load_spec
 from bughunt.trace import Trace
@@ -193,14 +194,18 @@ def compare(checkpoint: str | Path, implementations: Sequence[str | ImplChoice] 
             tokens: Sequence[int] | np.ndarray | None = None, out: str | Path | None = None,
             floor_factor: float = DEFAULT_FLOOR_FACTOR, branches: bool = True, allow_pickle: bool = False,
             render: bool = True, isolate: bool = True, timeout: float | None = None, pool=None,
-            max_memory: int | None = None, device_map: str | None = None) -> Result:
+            max_memory: int | None = None, device_map: str | None = None, require_comparison: bool = False) -> Result:
     """Compare implementations of one checkpoint layer by layer. Returns the Result; writes files when `out` is set.
 
     With `isolate` (the default) every implementation except the in-process float64 reference runs in a worker
     process (`pool`, a bughunt.worker.WorkerPool, may be shared across calls so libraries load once). Workers run
     side by side when their estimated peaks fit in memory (`max_memory` bytes, default what is available), one
-    after another otherwise; a run that cannot fit is refused before anything starts. Traces stream to disk."""
+    after another otherwise; a run that cannot fit is refused before anything starts. Traces stream to disk.
+    With `require_comparison` (the CLI), a run in which no candidate could be compared raises BughuntError and
+    writes nothing."""
     checkpoint = Path(checkpoint)
+    if out is not None:
+        check_output_dir(out, "compare", [("the checkpoint", checkpoint)])
     if dtype not in DTYPES:
         raise BughuntError(f"unknown dtype '{dtype}'. Use one of: {', '.join(DTYPES)}.")
     if device not in DEVICES:
@@ -216,6 +221,8 @@ def compare(checkpoint: str | Path, implementations: Sequence[str | ImplChoice] 
     if tokens.min() < 0 or tokens.max() >= spec.vocab_size:
         raise BughuntError(f"token ids must lie in [0, {spec.vocab_size}) for this checkpoint (vocab_size); got [{tokens.min()}, {tokens.max()}].")
     choices, ref_choice = _choices(implementations, reference)
+    if require_comparison and all(c.label == ref_choice.label for c in choices):
+        raise BughuntError(f"nothing to compare: only the reference {ref_choice.label} was given. Add a candidate, e.g. --impl hf.")
 
     from bughunt import memory
     from bughunt.worker import WorkerFailure, WorkerPool
@@ -295,6 +302,9 @@ def compare(checkpoint: str | Path, implementations: Sequence[str | ImplChoice] 
         result = _judge_and_report(checkpoint, spec, choices, ref_choice, entries, traces, tokens, dtype, device,
                                    floor_factor, branches, allow_pickle, Path(scratch.name),
                                    {**schedule.as_dict(), "order": order}, floor_traces)
+        if require_comparison and not result.comparisons:
+            failed = "; ".join(f"{e['label']}: {(e['error'] or '').splitlines()[0][:300].rstrip('.')}" for e in entries if e["status"] != "ok")
+            raise BughuntError(f"nothing could be compared: every candidate failed or was refused ({failed}). Nothing was written.")
         if weights.unexpected:  # every implementation ignores them, so the comparison stands; the mismatch is still reported
             result.findings.append({"severity": "warning", "kind": "weights", "implementation": None, "point": None,
                                     "message": "the weights hold tensors config.json does not describe, which no implementation "
@@ -388,7 +398,7 @@ def save(result: Result, out: Path, traces: dict[str, Trace] | None = None, rend
         if render:
             report.render(result, tmp)
 
-    write_atomically(out, write)
+    write_atomically(out, write, kind=result.kind, protect=[("the checkpoint", Path(result.data["checkpoint"]["path"]))])
 
 
 def _safe(label: str) -> str:

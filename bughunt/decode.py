@@ -19,6 +19,7 @@ from bughunt.inputs.flags import positive
 from bughunt.inputs.tokens import check_token_range
 from bughunt.implementations import ImplChoice, runner_class
 from bughunt.metrics import UNIT_ROUNDOFF
+from bughunt.output import check_output_dir
 from bughunt.result import SCHEMA_VERSION, Result, environment
 from bughunt.spec import load_config, load_spec
 
@@ -49,6 +50,8 @@ def decode_check(checkpoint: str | Path, impl: str = "hf", reference: str | None
                  tokens=None, prefill: int = 1, decode_config: dict | None = None, floor_factor: float = DEFAULT_FLOOR_FACTOR,
                  out: str | Path | None = None) -> Result:
     checkpoint = Path(checkpoint)
+    if out is not None:
+        check_output_dir(out, "decode", [("the checkpoint", checkpoint)])
     spec = load_spec(checkpoint)
     validate_weights(checkpoint, spec)
     decode_config = validate_decode_config(decode_config or {}, load_config(checkpoint), str(checkpoint / "config.json"))

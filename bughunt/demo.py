@@ -58,7 +58,7 @@ def run_demo(out: Path, families: list[str] | None = None) -> list:
     from bughunt.worker import WorkerPool
 
     with WorkerPool() as pool:  # one worker per implementation serves every family: libraries load once
-        write_atomically(out, write)
+        write_atomically(out, write, kind="demo")
     print(f"demo: {len(results)} families, implementations {', '.join(impls + ['reference'])}, "
           f"{time.perf_counter() - t0:.1f}s; open {out}/index.html")
     return results

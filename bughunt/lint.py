@@ -23,6 +23,7 @@ import numpy as np
 from bughunt.spec import _ACTIVATIONS, Spec, load_config, spec_from_config
 
 SCHEMA_VERSION = 1
+LINT_SCHEMA = "bughunt.lint"
 SEVERITIES = ("error", "warning", "info")
 # Families whose released tokenizers put BOS first and whose models were trained that way.
 EXPECTS_BOS = ("gemma", "gemma2", "gemma3", "llama", "mistral")
@@ -739,15 +740,17 @@ class LintReport:
         return 1 if self.count("error") else 0
 
     def to_dict(self) -> dict:
-        return {"schema": "bughunt.lint", "version": SCHEMA_VERSION, "checkpoint": self.checkpoint, "family": self.family,
+        return {"schema": LINT_SCHEMA, "version": SCHEMA_VERSION, "checkpoint": self.checkpoint, "family": self.family,
                 "versions": self.versions, "summary": {s: self.count(s) for s in SEVERITIES} | {"exit_code": self.exit_code},
                 "checks": self.checks, "findings": [asdict(f) for f in self.findings],
                 "tokenizer_parity": self.tokenizer_parity}
 
-    def write_json(self, path: Path) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=1, ensure_ascii=False, default=_json_default) + "\n", encoding="utf-8")
+    def write_json(self, path: Path, protect=()) -> None:
+        """Write the document atomically; an existing file is replaced only if it is an earlier lint document."""
+        from bughunt.output import write_output_file
+
+        write_output_file(path, json.dumps(self.to_dict(), indent=1, ensure_ascii=False, default=_json_default) + "\n",
+                          LINT_SCHEMA, protect)
 
     def fired(self) -> set[str]:
         return {f.check for f in self.findings}

@@ -5,11 +5,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import platform
-import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -96,21 +93,9 @@ class Result:
         jsonschema.validate(json.loads(self.to_json()), json.loads(SCHEMA_PATH.read_text()))
 
 
-def write_atomically(out: Path, write) -> None:
-    """Build the output directory in a temporary sibling and move it into place only when complete,
-    so a failed run never leaves a half-written report behind (a previous report at `out` survives)."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        write(tmp)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old.{os.getpid()}")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+def write_atomically(out: Path, write, kind: str = "compare", protect=()) -> Path:
+    """Build the output directory in a temporary sibling and move it into place only when complete, under the
+    `--out` policy of bughunt.output (a failed run leaves nothing; only bughunt's own earlier output is replaced)."""
+    from bughunt.output import write_output_dir
+
+    return write_output_dir(out, kind, write, protect)

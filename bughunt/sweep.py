@@ -87,8 +87,11 @@ def sweep(checkpoint: str | Path, impl: str = "hf", reference: str | None = None
           max_exhaustive: int = MAX_EXHAUSTIVE, render: bool = True, isolate: bool = True, timeout: float | None = None) -> Result:
     """Run a toggle sweep; see the module docstring. `reference` defaults to the reference emulating `dtype`.
     Implementations other than the reference run in worker processes unless `isolate` is False."""
+    from bughunt.output import check_output_dir
     from bughunt.worker import WorkerPool
 
+    if out is not None:
+        check_output_dir(out, "sweep", [("the checkpoint", Path(checkpoint))])
     with WorkerPool() as pool, tempfile.TemporaryDirectory(prefix="bughunt-sweep-") as scratch, \
             progress.task(f"sweep {impl}", unit="setting") as bar:
         return _sweep(checkpoint, impl, reference, dtype, device, toggles, mode, side, candidate_toggles, reference_toggles,

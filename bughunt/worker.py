@@ -21,9 +21,23 @@ import traceback
 from pathlib import Path
 
 from bughunt.errors import BughuntError
+from bughunt.interrupt import on_interrupt, requested
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_TIMEOUT = 600.0
+_LIVE: set["Worker"] = set()  # every worker process started and not yet closed
+
+
+def stop_all_workers() -> None:
+    """Kill every live worker process now (SIGINT/SIGTERM): threads waiting on them see EOF and return at once."""
+    for w in list(_LIVE):
+        try:
+            w.proc.kill()
+        except OSError:
+            pass
+
+
+on_interrupt(stop_all_workers)
 
 
 class WorkerFailure(Exception):
@@ -40,7 +54,10 @@ class Worker:
             self.proc = subprocess.Popen([self.python, "-m", "bughunt.worker"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                          stderr=self.stderr, env=child_env, text=True, bufsize=1)
         except OSError as e:
+            self.stderr.close()
+            os.unlink(self.stderr.name)
             raise WorkerFailure(f"could not start worker with interpreter {self.python}: {e}") from None
+        _LIVE.add(self)
         self.lines: queue.Queue = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
 
@@ -90,6 +107,9 @@ class Worker:
                 self.proc.wait(timeout=10)
             except (OSError, subprocess.TimeoutExpired):
                 self.kill()
+        self.proc.wait()
+        _LIVE.discard(self)
+        self.stderr.close()
         try:
             os.unlink(self.stderr.name)
         except OSError:
@@ -109,8 +129,14 @@ class WorkerPool:
         key = (name, python)
         worker = self.workers.get(key)
         if worker is None or not worker.alive():
+            if worker is not None:
+                worker.close()  # reap the dead one and remove its log
+            if requested():
+                raise WorkerFailure("the run was interrupted; no new worker is started")
             env = REGISTRY[name][2]
             worker = self.workers[key] = Worker(name, python, env)
+            if requested():  # the signal came while it started: stop_all_workers may have missed it
+                worker.kill()
         answer = worker.call(job, timeout or self.timeout)
         if not answer.get("ok"):
             failure = WorkerFailure(answer.get("error", "worker reported an unknown error"))

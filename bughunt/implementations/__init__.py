@@ -64,6 +64,20 @@ class ImplChoice:
         return cls(name=name, dtype=dtype or None, python=python or None, toggles=pairs)
 
 
+def require_device(device: str, where: str = "--device") -> None:
+    """Refuse a device that is unknown or absent on this machine, before anything runs. torch is asked only when
+    cuda is, so a CPU run never pays for the check."""
+    if device not in DEVICES:
+        raise BughuntError(f"{where}: unknown device '{device}'. Use one of: {', '.join(DEVICES)}.")
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            fix = "--device cpu" if where == "--device" else 'devices = ["cpu"]'
+            raise BughuntError(f"{where} cuda was asked for, but torch sees no CUDA device on this machine. Ask for {fix}, "
+                               "or run on a machine with a GPU.")
+
+
 def available(name: str) -> bool:
     """Whether the libraries an implementation needs are importable here."""
     return all(importlib.util.find_spec(m) is not None for m in REGISTRY[name][1])
