@@ -244,3 +244,14 @@ def test_the_documented_api_call_survives_importing_the_compare_module(tiny):
 
     result = bughunt.compare(tiny["llama"], ["reference:fp32", "reference"], tokens=[[2, 5, 7]], render=False)
     assert result.first_above_floor("reference:fp32") is None
+
+
+def test_device_map_auto_captures_every_layer_like_a_plain_load(tiny, tokens):
+    from bughunt.compare import compare
+
+    plain = compare(tiny["qwen3"], ["hf", "reference"], tokens=tokens, render=False)
+    mapped = compare(tiny["qwen3"], ["hf", "reference"], tokens=tokens, render=False, device_map="auto")
+    points = [p["point"] for p in plain.comparison("hf")["points"]]
+    assert points == [p["point"] for p in mapped.comparison("hf")["points"]] and len(points) > 5
+    for p in points:
+        assert mapped.metric("hf", p) == plain.metric("hf", p), p

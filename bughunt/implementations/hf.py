@@ -10,6 +10,7 @@ import numpy as np
 from bughunt.errors import BughuntError
 from bughunt.implementations.base import Runner
 
+CPU_SHARE_WITH_OFFLOAD = 0.35  # of available RAM that --device-map auto may fill with layers before offloading to disk
 TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "fp64": "float64"}
 
 
@@ -78,8 +79,16 @@ class HFRunner(Runner):
         # for at fp32 is converted tensor by tensor. device_map="auto" lets accelerate offload what does not fit.
         placement: dict = {"device_map": self.device_map or self.device}
         if self.device_map == "auto":
+            import psutil
+
+            # accelerate would otherwise fill all of the available RAM with layers before it offloads any to disk;
+            # leave room for the reference, the traces and the page cache that reads the offloaded weights.
             self._offload = tempfile.TemporaryDirectory(prefix="bughunt-offload-")
-            placement.update(offload_folder=self._offload.name, offload_state_dict=True)
+            cpu = int(psutil.virtual_memory().available * CPU_SHARE_WITH_OFFLOAD) >> 20
+            gpus = {i: torch.cuda.mem_get_info(i)[0] * 9 // 10 >> 20 for i in range(torch.cuda.device_count())} \
+                if self.device == "cuda" else {}
+            placement.update(offload_folder=self._offload.name, offload_state_dict=True,
+                             max_memory={**{i: f"{m}MiB" for i, m in gpus.items()}, "cpu": f"{cpu}MiB"})
         try:
             self.model = transformers.AutoModelForCausalLM.from_pretrained(
                 self.checkpoint, config=config, dtype=dtype, attn_implementation="eager",
