@@ -276,8 +276,8 @@ FLAG_CASES = {
     "tokens-file-text-junk": ("compare", [token_file("2 3\nfour 5\n")], r"row 1 item 0 is 'four'"),
     "tokens-file-ragged-json": ("compare", [token_file("[[2, 3], [4]]")], r"same length"),
     "tokens-file-empty-list": ("compare", [token_file("[]")], r"at least 1"),
-    "timeout-negative": ("compare", ["--timeout", "-5"], r"--timeout must be a finite positive number"),
-    "timeout-nan": ("compare", ["--timeout", "nan"], r"--timeout must be a finite positive number"),
+    "timeout-negative": ("compare", ["--timeout", "-5"], r"--timeout: must be a positive number of seconds.*got '-5'"),
+    "timeout-nan": ("compare", ["--timeout", "nan"], r"--timeout: must be a positive number of seconds.*got 'nan'"),
     "floor-factor-negative-sweep": ("sweep", ["--floor-factor", "-1"], r"--floor-factor must be a finite positive number"),
     "floor-factor-inf-decode": ("decode", ["--floor-factor", "inf"], r"--floor-factor must be a finite positive number"),
     "decode-config-string-for-int": ("decode", ["--decode-config", "sliding_window=abc"], r"sliding_window is an integer .* found a string 'abc'"),
@@ -439,15 +439,15 @@ def test_the_good_result_renders(good_result, tmp_path, capsys):
     from bughunt.cli import main
 
     (tmp_path / "result.json").write_text(json.dumps(good_result))
-    assert main(["render", str(tmp_path)]) == 0
-    assert (tmp_path / "report.html").exists()
+    assert main(["render", str(tmp_path), "--out", str(tmp_path / "rendered")]) == 0
+    assert (tmp_path / "rendered" / "report.html").exists()
 
 
 # ---- tiny --------------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("argv_tail, message", [
-    pytest.param(["llama", "--seed", "-1"], r"--seed must be an integer from 0", id="tiny-negative-seed"),
+    pytest.param(["llama", "--seed", "-1"], r"--seed: must be a non-negative integer.*got '-1'", id="tiny-negative-seed"),
     pytest.param(["gpt2"], r"no tiny checkpoint for family 'gpt2'", id="tiny-unknown-family"),
 ])
 def test_bad_tiny_request_is_refused(argv_tail, message, tmp_path, capsys):

@@ -23,9 +23,18 @@ ROOT = Path(__file__).resolve().parents[1]
 def terminal():
     """A real terminal (the secondary side of a pseudo-terminal, 0 columns wide until someone sizes it) to draw on;
     `stream.screen()` reads what was drawn."""
+    import select
+
     primary, secondary = os.openpty()
     stream = os.fdopen(secondary, "w")
-    stream.screen = lambda: os.read(primary, 65536).decode()
+
+    def screen() -> str:  # the kernel delivers pty output asynchronously: read until it has been quiet for a moment
+        chunks = []
+        while select.select([primary], [], [], 0.5)[0]:
+            chunks.append(os.read(primary, 65536))
+        return b"".join(chunks).decode()
+
+    stream.screen = screen
     yield stream
     stream.close()
     os.close(primary)
