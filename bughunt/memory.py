@@ -20,6 +20,9 @@ BYTES = {"fp64": 8, "fp32": 4, "bf16": 2, "fp16": 2}
 # Resident cost of importing each stack and building its model objects, measured on this project's tiny checkpoints
 # (a bare `import torch, transformers` is ~0.5 GB of RSS; JAX with Flax or Keras ~0.8 GB).
 LIBRARY_GB = {"hf": 0.6, "reference": 0.25, "deepmind": 1.2, "keras-jax": 1.2, "keras-torch": 1.0}
+# Of the RAM available, what `--device-map auto` lets accelerate fill with layers before it offloads the rest to disk:
+# the remainder is left to the reference, the traces and the page cache that reads the offloaded weights back.
+CPU_SHARE_WITH_OFFLOAD = 0.35
 PARENT_GB = 0.5  # the comparing process itself: numpy, the spec, per-position metrics, a block of each trace
 
 
@@ -84,8 +87,10 @@ def estimate(name: str, label: str, spec: Spec, dtype: str, tokens_shape: tuple[
         peak = layer + acts + chunks + logits + lib
         formula = "largest layer x 10 B + activations (6 h + 4 i) x 8 B x tokens + chunks + library"
     else:
-        on_host = 0 if device == "cuda" or device_map == "auto" else 1
+        on_host = 0 if device == "cuda" else 1
         weights = params * width * on_host
+        if device_map == "auto" and device == "cpu":  # at most its share of RAM; the rest is offloaded to disk
+            weights = min(weights, int(available_memory() * CPU_SHARE_WITH_OFFLOAD))
         acts = b * s * (8 * h + 3 * i) * width + b * heads * s * s * width * 3  # eager attention keeps scores and probs
         logits = b * s * v * (width + 4 + 4)  # model-dtype logits, their fp32 copy, and the trace's copy on its way out
         extra = params * width // 8 if name in ("deepmind", "keras-jax", "keras-torch") else 0  # conversion buffers

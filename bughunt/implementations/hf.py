@@ -10,7 +10,6 @@ import numpy as np
 from bughunt.errors import BughuntError
 from bughunt.implementations.base import Runner
 
-CPU_SHARE_WITH_OFFLOAD = 0.35  # of available RAM that --device-map auto may fill with layers before offloading to disk
 TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "fp64": "float64"}
 
 
@@ -84,6 +83,8 @@ class HFRunner(Runner):
             # accelerate would otherwise fill all of the available RAM with layers before it offloads any to disk;
             # leave room for the reference, the traces and the page cache that reads the offloaded weights.
             self._offload = tempfile.TemporaryDirectory(prefix="bughunt-offload-")
+            from bughunt.memory import CPU_SHARE_WITH_OFFLOAD
+
             cpu = int(psutil.virtual_memory().available * CPU_SHARE_WITH_OFFLOAD) >> 20
             gpus = {i: torch.cuda.mem_get_info(i)[0] * 9 // 10 >> 20 for i in range(torch.cuda.device_count())} \
                 if self.device == "cuda" else {}
