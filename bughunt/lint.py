@@ -555,11 +555,11 @@ def check_nonfinite_weights(ctx: _Context) -> list[Finding]:
     """NaN/Inf in every floating tensor, memory-mapped and scanned a block of rows at a time."""
     from bughunt.checkpoint import weight_files
     from bughunt.inputs.weights import scan_nonfinite
-    from bughunt.safetensors_io import _DTYPES, read_header
+    from bughunt.safetensors_io import map_safetensors
 
     out = []
     for f in weight_files(ctx.checkpoint):
-        for bad in scan_nonfinite(f, read_header(f), _DTYPES):
+        for bad in scan_nonfinite(map_safetensors(f)):
             row = f"row {bad.first_row}" + (f" (token id {bad.first_row})" if bad.tensor in (_EMBED, _HEAD) else "")
             out.append(_finding("weights-nonfinite", f"{bad.tensor}: {bad.nan} NaN and {bad.inf} Inf values, first in {row}",
                                 tensor=bad.tensor, file=f.name, nan=bad.nan, inf=bad.inf, first_row=bad.first_row))

@@ -263,14 +263,14 @@ def test_nonfinite_scan_reads_in_chunks_and_handles_bf16(tmp_path):
     import ml_dtypes
 
     from bughunt.inputs.weights import scan_nonfinite
-    from bughunt.safetensors_io import _DTYPES
+    from bughunt.safetensors_io import map_safetensors
 
     w = np.zeros((64, 8), dtype=ml_dtypes.bfloat16)
     w[41, 2] = np.inf
     w[50] = np.nan
     path = tmp_path / "w.safetensors"
     write_safetensors(path, {"w": w, "ok": np.ones((3, 3), dtype=np.float32), "ids": np.arange(4)})
-    found = list(scan_nonfinite(path, read_header(path), _DTYPES, chunk_bytes=16 * 5))  # 5 rows per block
+    found = list(scan_nonfinite(map_safetensors(path), chunk_bytes=16 * 5))  # 5 rows per block
     assert [(f.tensor, f.nan, f.inf, f.first_row) for f in found] == [("w", 8, 1, 41)]
 
 

@@ -126,35 +126,26 @@ class NonFinite:
     first_row: int  # the first row (index along the first axis) holding one
 
 
-def scan_nonfinite(path: Path, header: dict, dtypes: dict[str, np.dtype], chunk_bytes: int = CHUNK_BYTES) -> Iterator[NonFinite]:
-    """Every floating tensor of one safetensors file (its header already validated), memory-mapped and checked a
+def scan_nonfinite(tensors: dict[str, np.ndarray], chunk_bytes: int = CHUNK_BYTES) -> Iterator[NonFinite]:
+    """Every floating tensor of one safetensors file (`safetensors_io.map_safetensors`: memory-mapped), checked a
     block of rows at a time, so no tensor is ever read whole."""
-    data = np.memmap(path, dtype=np.uint8, mode="r")
-    base = 8 + int.from_bytes(bytes(data[:8]), "little")
-    try:
-        for name, info in header.items():
-            if name == "__metadata__" or not info["shape"]:
-                continue
-            dt = dtypes[info["dtype"]]
-            if not (dt.kind == "f" or dt.name == "bfloat16"):
-                continue
-            start, end = info["data_offsets"]
-            shape = tuple(info["shape"])
-            if math.prod(shape) == 0:
-                continue
-            tensor = data[base + start:base + end].view(dt).reshape(shape)
-            row_bytes = max(1, (end - start) // shape[0])
-            step = max(1, chunk_bytes // row_bytes)
-            nan = inf = 0
-            first = None
-            for i in range(0, shape[0], step):
-                block = np.asarray(tensor[i:i + step], dtype=np.float32)
-                n, f = np.isnan(block), np.isinf(block)
-                nan, inf = nan + int(n.sum()), inf + int(f.sum())
-                if first is None and (n.any() or f.any()):
-                    bad = (n | f).reshape(block.shape[0], -1).any(axis=1)
-                    first = i + int(np.argmax(bad))
-            if nan or inf:
-                yield NonFinite(name, nan, inf, first if first is not None else 0)
-    finally:
-        del data
+    from bughunt.safetensors_io import release
+
+    for name, tensor in tensors.items():
+        dt = tensor.dtype
+        if not tensor.shape or tensor.size == 0 or not (dt.kind == "f" or dt.name == "bfloat16"):
+            continue
+        row_bytes = max(1, tensor.nbytes // tensor.shape[0])
+        step = max(1, chunk_bytes // row_bytes)
+        nan = inf = 0
+        first = None
+        for i in range(0, tensor.shape[0], step):
+            block = np.asarray(tensor[i:i + step], dtype=np.float32)
+            release(tensor[i:i + step])
+            n, f = np.isnan(block), np.isinf(block)
+            nan, inf = nan + int(n.sum()), inf + int(f.sum())
+            if first is None and (n.any() or f.any()):
+                bad = (n | f).reshape(block.shape[0], -1).any(axis=1)
+                first = i + int(np.argmax(bad))
+        if nan or inf:
+            yield NonFinite(name, nan, inf, first if first is not None else 0)
