@@ -43,12 +43,6 @@ def _logits_block(c: np.ndarray, r: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     return kl, (r.argmax(-1) == c.argmax(-1)).astype(np.float64)
 
 
-def logits_metrics(cand: np.ndarray, ref: np.ndarray) -> dict:
-    """KL(P_ref || P_cand) of the next-token distributions and top-1 agreement, overall and per position."""
-    kl, top1 = _logits_block(np.asarray(cand, dtype=np.float64), np.asarray(ref, dtype=np.float64))
-    return _logits_summary(kl, top1)
-
-
 def _logits_summary(kl: np.ndarray, top1: np.ndarray) -> dict:
     return {
         "kl": _finite(float(kl.mean())),

@@ -56,28 +56,8 @@ def read_header(path: Path) -> dict:
 
 
 def read_safetensors(path: Path, names: set[str] | None = None) -> dict[str, np.ndarray]:
-    """Load tensors (all, or only `names`) from one safetensors file as numpy arrays in their stored dtype."""
-    path = Path(path)
-    header = read_header(path)
-    out: dict[str, np.ndarray] = {}
-    with open(path, "rb") as f:
-        (hlen,) = struct.unpack("<Q", f.read(8))
-        base = 8 + hlen
-        for name, info in header.items():
-            if name == "__metadata__" or (names is not None and name not in names):
-                continue
-            dtype = _DTYPES.get(info["dtype"])
-            if dtype is None:
-                raise BughuntError(f"{path}: tensor {name} has dtype {info['dtype']}, which bughunt cannot read. Convert the checkpoint to float32, bfloat16 or float16.")
-            start, end = info["data_offsets"]
-            f.seek(base + start)
-            buf = f.read(end - start)
-            shape = tuple(info["shape"])
-            expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-            if len(buf) != expected:
-                raise BughuntError(f"{path}: tensor {name} is truncated ({len(buf)} of {expected} bytes). The file is damaged; download or export it again.")
-            out[name] = np.frombuffer(buf, dtype=dtype).reshape(shape)
-    return out
+    """Load tensors (all, or only `names`) from one safetensors file into memory, in their stored dtype."""
+    return {name: np.array(arr) for name, arr in map_safetensors(path).items() if names is None or name in names}
 
 
 def map_safetensors(path: Path) -> dict[str, np.ndarray]:
