@@ -20,6 +20,7 @@ REGISTRY: dict[str, tuple[str, tuple[str, ...], dict[str, str]]] = {
     "hf+sdpa": ("bughunt.implementations.hf_variants:HFSdpaRunner", ("torch", "transformers"), {}),
     "hf+flex": ("bughunt.implementations.hf_variants:HFFlexRunner", ("torch", "transformers"), {}),
     "hf+compile": ("bughunt.implementations.hf_variants:HFCompileRunner", ("torch", "transformers"), {}),
+    "mlx": ("bughunt.implementations.mlx:MLXRunner", ("mlx", "mlx_lm"), {}),
     "deepmind": ("bughunt.implementations.deepmind:DeepMindRunner", ("jax", "flax", "gemma", "kauldron"), {}),
     "keras-jax": ("bughunt.implementations.keras:KerasJaxRunner", ("keras", "keras_hub", "jax"), {"KERAS_BACKEND": "jax"}),
     "keras-torch": ("bughunt.implementations.keras:KerasTorchRunner", ("keras", "keras_hub", "torch"), {"KERAS_BACKEND": "torch"}),

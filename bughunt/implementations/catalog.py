@@ -23,6 +23,7 @@ INSTALL = {
     "deepmind": "pip install --no-deps -r requirements/jax.txt",
     "keras-jax": "pip install --no-deps -r requirements/keras.txt",
     "keras-torch": "pip install --no-deps -r requirements/keras.txt",
+    "mlx": "pip install --no-deps -r requirements/mlx.txt",
 }
 
 
