@@ -177,3 +177,12 @@ def test_ci_skips_a_cell_whose_implementation_refuses_the_family(tmp_path):
     summary = (tmp_path / "gate" / "summary.md").read_text()
     assert "skipped" in summary and "soft-cap" in summary
     assert 'skipped="1"' in (tmp_path / "gate" / "junit.xml").read_text()
+
+
+def test_readme_lists_every_registered_implementation():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    paragraph = readme.split("The implementations, each in its own worker process")[1].split("\n\n")[0]
+    for name in REGISTRY:
+        assert f"`{name}`" in paragraph, f"README's implementation list misses {name}"
