@@ -63,7 +63,10 @@ def _versions(modules: tuple[str, ...]) -> dict[str, str]:
 def describe(name: str) -> ImplementationInfo:
     modules = REGISTRY[name][1]
     missing = [m for m in modules if importlib.util.find_spec(m) is None]
-    cls = _runner_class_unchecked(name)
+    try:
+        cls = _runner_class_unchecked(name)
+    except ImportError:  # a runner module that imports its library at the top cannot even be read without it
+        cls = type(name, (), {"families": (), "dtypes": (), "devices": ()})
     support = getattr(cls, "toggle_support", {})
     return ImplementationInfo(
         name=name, installed=available(name), versions=_versions(modules), missing=missing,
