@@ -25,8 +25,10 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_IMPLS = ("hf", "hf+sdpa", "hf+flex", "hf+compile", "mlx")
 
 
-def child(impl: str, checkpoint: str, dtype: str, tokens: int, reps: int) -> dict:
-    """Runs in the measured process: open, first forward, warm forwards; returns seconds."""
+def child(impl: str, checkpoint: str, dtype: str, tokens: int, reps: int, beside_hf: bool = False) -> dict:
+    """Runs in the measured process: open, first forward, warm forwards; returns seconds. With `beside_hf`, a plain
+    `hf` runner of the same checkpoint is opened after the measured ones and its warm forwards are interleaved with
+    the implementation's, so their ratio is taken under the same load (a shared machine's load moves by the minute)."""
     import numpy as np
 
     from bughunt.implementations import runner_class
@@ -42,23 +44,36 @@ def child(impl: str, checkpoint: str, dtype: str, tokens: int, reps: int) -> dic
     opened = time.perf_counter()
     runner.run(ids)
     first = time.perf_counter()
-    warm = []
+    warm, hf_warm = [], []
+    hf = runner_class("hf")(Path(checkpoint), spec, dtype, "cpu", branches=True).open() if beside_hf else None
+    if hf is not None:
+        hf.run(ids)
     for _ in range(reps):
         t = time.perf_counter()
         runner.run(ids)
         warm.append(time.perf_counter() - t)
+        if hf is not None:
+            t = time.perf_counter()
+            hf.run(ids)
+            hf_warm.append(time.perf_counter() - t)
     runner.close()
-    return {"import_s": imported - t0, "open_s": opened - imported, "first_forward_s": first - opened,
-            "warm_forward_s": statistics.median(warm)}
+    out = {"import_s": imported - t0, "open_s": opened - imported, "first_forward_s": first - opened,
+           "warm_forward_s": statistics.median(warm)}
+    if hf is not None:
+        hf.close()
+        out["hf_warm_forward_s"] = statistics.median(hf_warm)
+        out["warm_vs_hf_same_process"] = out["warm_forward_s"] / out["hf_warm_forward_s"]
+    return out
 
 
-def measure(impl: str, checkpoint: Path, dtype: str, tokens: int, reps: int, timeout: float) -> dict:
+def measure(impl: str, checkpoint: Path, dtype: str, tokens: int, reps: int, timeout: float, beside_hf: bool = False) -> dict:
     with tempfile.TemporaryDirectory(prefix="bughunt-impl-cost-") as inductor:
         env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": inductor, "PYTHONPATH": os.pathsep.join(
             filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
         t = time.perf_counter()
         try:
-            done = subprocess.run([sys.executable, __file__, "--child", impl, str(checkpoint), dtype, str(tokens), str(reps)],
+            done = subprocess.run([sys.executable, __file__, "--child", impl, str(checkpoint), dtype, str(tokens), str(reps)]
+                                  + (["beside-hf"] if beside_hf else []),
                                   capture_output=True, text=True, env=env, timeout=timeout)
         except subprocess.TimeoutExpired:
             return {"error": f"timed out after {timeout:g} s"}
@@ -73,21 +88,22 @@ def table(rows: dict[str, dict], label: str) -> str:
     base = rows.get("hf", {}).get("warm_forward_s")
     out = [f"{label}: multiples of the warm plain hf forward ({base * 1e3:.1f} ms)" if base else label,
            f"  {'implementation':<12} {'open s':>8} {'first fwd s':>12} {'warm fwd s':>11} {'open x':>8} {'first x':>9} "
-           f"{'warm x':>8} {'process s':>10}"]
+           f"{'warm x':>8} {'process s':>10} {'warm / hf, same process':>24}"]
     for impl, r in rows.items():
         if "error" in r:
             out.append(f"  {impl:<12} FAILED: {r['error']}")
             continue
         x = (lambda v: f"{v / base:.1f}x") if base else (lambda v: "–")
         out.append(f"  {impl:<12} {r['open_s']:>8.2f} {r['first_forward_s']:>12.2f} {r['warm_forward_s']:>11.3f} "
-                   f"{x(r['open_s']):>8} {x(r['first_forward_s']):>9} {x(r['warm_forward_s']):>8} {r['process_wall_s']:>10.1f}")
+                   f"{x(r['open_s']):>8} {x(r['first_forward_s']):>9} {x(r['warm_forward_s']):>8} {r['process_wall_s']:>10.1f}"
+                   + (f" {r['warm_vs_hf_same_process']:>23.2f}x" if "warm_vs_hf_same_process" in r else ""))
     return "\n".join(out)
 
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         impl, checkpoint, dtype, tokens, reps = sys.argv[2:7]
-        print(json.dumps(child(impl, checkpoint, dtype, int(tokens), int(reps))), flush=True)
+        print(json.dumps(child(impl, checkpoint, dtype, int(tokens), int(reps), sys.argv[7:8] == ["beside-hf"])), flush=True)
         return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--family", default="llama", help="tiny family (default llama), when no --shape is given")
@@ -97,6 +113,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--reps", type=int, default=3, help="warm forwards (median)")
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds per implementation")
+    ap.add_argument("--beside-hf", action="store_true", help="also time plain hf's warm forward in each measured process, "
+                    "interleaved, and report the ratio taken under the same load (memory: two models at once)")
     ap.add_argument("--json", help="write the figures here")
     args = ap.parse_args()
     from bughunt.implementations import available
@@ -115,7 +133,7 @@ def main() -> None:
         impls = ["hf", *impls]
     rows = {}
     for impl in impls:
-        rows[impl] = measure(impl, checkpoint, args.dtype, args.tokens, args.reps, args.timeout)
+        rows[impl] = measure(impl, checkpoint, args.dtype, args.tokens, args.reps, args.timeout, args.beside_hf)
         print(f"{impl}: {rows[impl]}", file=sys.stderr, flush=True)
     print(table(rows, f"{label}, {args.dtype}, {args.tokens} tokens, {args.reps} warm forwards"))
     if args.json:
