@@ -86,14 +86,17 @@ def measure(impl: str, checkpoint: Path, dtype: str, tokens: int, reps: int, tim
 
 def table(rows: dict[str, dict], label: str) -> str:
     base = rows.get("hf", {}).get("warm_forward_s")
-    out = [f"{label}: multiples of the warm plain hf forward ({base * 1e3:.1f} ms)" if base else label,
+    same = all("hf_warm_forward_s" in r for r in rows.values() if "error" not in r)
+    out = [f"{label}: multiples of the warm plain hf forward "
+           + ("timed in the same process, interleaved (--beside-hf)" if same else f"({base * 1e3:.1f} ms)" if base else ""),
            f"  {'implementation':<12} {'open s':>8} {'first fwd s':>12} {'warm fwd s':>11} {'open x':>8} {'first x':>9} "
            f"{'warm x':>8} {'process s':>10} {'warm / hf, same process':>24}"]
     for impl, r in rows.items():
         if "error" in r:
             out.append(f"  {impl:<12} FAILED: {r['error']}")
             continue
-        x = (lambda v: f"{v / base:.1f}x") if base else (lambda v: "–")
+        b = r["hf_warm_forward_s"] if same else base
+        x = (lambda v, b=b: f"{v / b:.1f}x") if b else (lambda v: "–")
         out.append(f"  {impl:<12} {r['open_s']:>8.2f} {r['first_forward_s']:>12.2f} {r['warm_forward_s']:>11.3f} "
                    f"{x(r['open_s']):>8} {x(r['first_forward_s']):>9} {x(r['warm_forward_s']):>8} {r['process_wall_s']:>10.1f}"
                    + (f" {r['warm_vs_hf_same_process']:>23.2f}x" if "warm_vs_hf_same_process" in r else ""))
