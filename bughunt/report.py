@@ -190,10 +190,26 @@ def render_html(result: Result, images: dict[str, bytes]) -> str:
     env.filters["short"] = _short
     template = env.get_template("report.html")
     b64 = {k: base64.b64encode(v).decode() for k, v in images.items()}
-    sections = list(result.data.get("extra_sections", []))
+    sections = [{"title": s["title"], "html": safe_section_html(s["html"])} for s in result.data.get("extra_sections", [])]
     if result.data.get("sweep"):
         sections.insert(0, {"title": "Sweep", "html": sweep_section(result)})
     return template.render(r=result.data, images=b64, extra_sections=sections)
+
+
+# What a report section written by bughunt contains; anything else in a section read from result.json is dropped.
+SECTION_TAGS = {"a", "b", "br", "code", "details", "div", "em", "h3", "h4", "i", "li", "ol", "p", "pre", "span",
+                "strong", "summary", "table", "tbody", "td", "th", "thead", "tr", "ul"}
+SECTION_ATTRIBUTES = {"*": {"class", "title", "colspan", "rowspan"}, "a": {"href"}}
+
+
+def safe_section_html(fragment: str) -> str:
+    """An extra section's HTML with scripts, event handlers, styles and other URL schemes removed. Sections are
+    stored in result.json as HTML, and `bughunt render` may be given a result.json from anyone: a report must never
+    run what such a file carries."""
+    import nh3
+
+    return nh3.clean(str(fragment), tags=SECTION_TAGS, attributes=SECTION_ATTRIBUTES, url_schemes={"http", "https"},
+                     link_rel="noopener noreferrer")
 
 
 def sweep_section(result: Result) -> str:
