@@ -50,6 +50,14 @@ class ReferenceRunner(Runner):
 
         forward(self.weights, self.spec, tokens, self.policy, out)
 
+    def _close(self) -> None:
+        self.weights = None
+
+    def versions(self) -> dict[str, str]:
+        import ml_dtypes
+
+        return {"numpy": np.__version__, "ml_dtypes": ml_dtypes.__version__, "policy": repr(self.policy)}
+
 
 def run_together(runners: list[ReferenceRunner], tokens: np.ndarray, stems: list[Path | None], on_step=None) -> list[Trace]:
     """Run several open reference runners of one checkpoint (different toggles or emulated dtypes) side by side, a
@@ -69,11 +77,3 @@ def run_together(runners: list[ReferenceRunner], tokens: np.ndarray, stems: list
     seconds = time.perf_counter() - t
     return [r.finish(out, ids, own, together_s=seconds, together_with=len(runners))
             for r, (ids, out), own in zip(runners, prepared, each)]
-
-    def _close(self) -> None:
-        self.weights = None
-
-    def versions(self) -> dict[str, str]:
-        import ml_dtypes
-
-        return {"numpy": np.__version__, "ml_dtypes": ml_dtypes.__version__, "policy": repr(self.policy)}
