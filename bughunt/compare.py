@@ -63,26 +63,36 @@ def _choices(implementations: Iterable[str | ImplChoice], reference: str) -> tup
 
 
 def run_implementation(choice: ImplChoice, checkpoint: Path, spec: Spec, dtype: str, device: str, tokens: np.ndarray,
-                       branches: bool = True, allow_pickle: bool = False, stem: Path | None = None, **runner_kwargs) -> Trace:
-    """Open, run and close one implementation in this process. With `stem` the trace streams to disk there."""
+                       branches: bool = True, allow_pickle: bool = False, stem: Path | None = None,
+                       check_weights: bool = False, **runner_kwargs) -> Trace:
+    """Open, run and close one implementation in this process. With `stem` the trace streams to disk there. With
+    `check_weights`, the loaded parameters are checked against the checkpoint (trace.meta["weight_check"])."""
     cls = runner_class(choice.name)
     with cls(checkpoint, spec, dtype, device, branches=branches, label=choice.label, allow_pickle=allow_pickle, **runner_kwargs) as runner:
-        return runner.run(tokens, stem)
+        trace = runner.run(tokens, stem)
+        if check_weights and runner.exposes_weights:
+            from bughunt.weightcheck import check_for_trace
+
+            trace.meta["weight_check"] = check_for_trace(runner)
+            if trace.stem is not None:
+                trace.save_meta()
+        return trace
 
 
 def run_choice(choice: ImplChoice, checkpoint: Path, spec: Spec, dtype: str, device: str, tokens: np.ndarray, pool=None,
                stem: Path | None = None, branches: bool = True, allow_pickle: bool = False, timeout: float | None = None,
-               toggles: dict | None = None, device_map: str | None = None) -> Trace:
+               toggles: dict | None = None, device_map: str | None = None, check_weights: bool = False) -> Trace:
     """Run one implementation: in this process when `pool` is None or it is the plain in-process reference, otherwise
     as a job for its worker (the trace comes back through the file `stem`)."""
     toggles = {**choice.toggle_dict, **(toggles or {})}
     extra = {"device_map": device_map} if device_map and choice.name == "hf" else {}
     if pool is None or (choice.name == "reference" and choice.python is None):
         return run_implementation(choice, checkpoint, spec, dtype, device, tokens, branches, allow_pickle, stem,
-                                  toggles=toggles, **extra)
+                                  check_weights, toggles=toggles, **extra)
     job = {"checkpoint": str(Path(checkpoint).resolve()), "name": choice.name, "choice_dtype": choice.dtype, "dtype": dtype,
            "device": device, "tokens": np.asarray(tokens).tolist(), "branches": branches, "allow_pickle": allow_pickle,
-           "label": choice.label, "out_stem": str(stem), "toggles": toggles, "runner_kwargs": extra}
+           "label": choice.label, "out_stem": str(stem), "toggles": toggles, "runner_kwargs": extra,
+           "check_weights": check_weights}
     pool.run(choice.name, choice.python, job, timeout)
     return Trace.load(stem)
 
@@ -194,7 +204,8 @@ def compare(checkpoint: str | Path, implementations: Sequence[str | ImplChoice] 
             tokens: Sequence[int] | np.ndarray | None = None, out: str | Path | None = None,
             floor_factor: float = DEFAULT_FLOOR_FACTOR, branches: bool = True, allow_pickle: bool = False,
             render: bool = True, isolate: bool = True, timeout: float | None = None, pool=None,
-            max_memory: int | None = None, device_map: str | None = None, require_comparison: bool = False) -> Result:
+            max_memory: int | None = None, device_map: str | None = None, require_comparison: bool = False,
+            weight_check: bool = True) -> Result:
     """Compare implementations of one checkpoint layer by layer. Returns the Result; writes files when `out` is set.
 
     With `isolate` (the default) every implementation except the in-process float64 reference runs in a worker
@@ -202,7 +213,9 @@ def compare(checkpoint: str | Path, implementations: Sequence[str | ImplChoice] 
     side by side when their estimated peaks fit in memory (`max_memory` bytes, default what is available), one
     after another otherwise; a run that cannot fit is refused before anything starts. Traces stream to disk.
     With `require_comparison` (the CLI), a run in which no candidate could be compared raises BughuntError and
-    writes nothing."""
+    writes nothing.
+    With `weight_check` (the default), every implementation that exposes its loaded parameters also checks them
+    against the checkpoint (bughunt/weightcheck.py); the result names each relation and a finding per departure."""
     checkpoint = Path(checkpoint)
     if out is not None:
         check_output_dir(out, "compare", [("the checkpoint", checkpoint)])
@@ -259,7 +272,8 @@ def compare(checkpoint: str | Path, implementations: Sequence[str | ImplChoice] 
                 else:
                     bar.update(stage="loading and running" + ("" if in_process else " in its worker"))
                     trace = run_choice(choice, checkpoint, spec, impl_dtype, device, tokens, None if in_process else pool,
-                                       Path(scratch.name) / f"trace{index}", branches, allow_pickle, timeout, device_map=device_map)
+                                       Path(scratch.name) / f"trace{index}", branches, allow_pickle, timeout, device_map=device_map,
+                                       check_weights=weight_check)
             entry["meta"] = trace.meta
         except BughuntError as e:
             entry.update(status="failed", error=str(e))
@@ -353,6 +367,7 @@ def _judge_and_report(checkpoint, spec, choices, ref_choice, entries, traces, to
             findings.append({"severity": "warning", "kind": "divergence", "implementation": entry["label"], "point": first,
                              "message": (f"{entry['label']} departs from {ref_choice.label} at {first}: relative L2 {p['rel_l2']:.2e} "
                                          f"is {p['ratio_to_floor']:.1f}x the {entry['dtype']} noise floor ({p['floor_rel_l2']:.1e})")})
+    findings += weight_findings(entries)
     for note in spec.notes:
         findings.append({"severity": "info", "kind": "config", "implementation": None, "point": None, "message": note})
 
@@ -373,6 +388,22 @@ def _judge_and_report(checkpoint, spec, choices, ref_choice, entries, traces, to
         "findings": findings,
     }
     return Result(data)
+
+
+def weight_findings(entries: list[dict]) -> list[dict]:
+    """A finding for each implementation whose loaded parameters depart from the checkpoint (or could not be checked)."""
+    out = []
+    for entry in entries:
+        wc = (entry.get("meta") or {}).get("weight_check")
+        if not wc:
+            continue
+        if wc.get("error"):
+            out.append({"severity": "info", "kind": "weights", "implementation": entry["label"], "point": None,
+                        "message": f"{entry['label']}: the weight check could not run: {wc['error']}"})
+        elif wc["rows"]:
+            out.append({"severity": "warning", "kind": "weights", "implementation": entry["label"], "point": None,
+                        "message": wc["summary"]})
+    return out
 
 
 def _summary(points: list[dict]) -> dict:

@@ -193,6 +193,9 @@ def render_html(result: Result, images: dict[str, bytes]) -> str:
     sections = list(result.data.get("extra_sections", []))
     if result.data.get("sweep"):
         sections.insert(0, {"title": "Sweep", "html": sweep_section(result)})
+    checks = [e["meta"]["weight_check"] for e in result.data.get("implementations", []) if (e.get("meta") or {}).get("weight_check")]
+    if checks:
+        sections.append({"title": "Weights", "html": weights_section(checks)})
     return template.render(r=result.data, images=b64, extra_sections=sections)
 
 
@@ -222,4 +225,27 @@ def sweep_section(result: Result) -> str:
         rows.append(f"<tr><td class='l'>{e(c['label'])}</td><td>{c['score']:.3f}</td><td class='l'>{e(c['first_above_floor'] or 'none')}</td>{cells}</tr>")
     parts.append("<details><summary>every configuration's per-layer curve (log10 L2)</summary><table><tr><th class='l'>toggles</th>"
                  f"<th>score</th><th class='l'>first above floor</th>{head}</tr>{''.join(rows)}</table></details>")
+    return "".join(parts)
+
+
+def weights_section(checks: list[dict]) -> str:
+    """Each implementation's loaded parameters against the checkpoint (bughunt/weightcheck.py): a count per relation
+    and every parameter that departs."""
+    import html
+
+    e = html.escape
+    parts = ["<p>Each parameter an implementation loaded, back in the checkpoint's layout, against the checkpoint's tensor "
+             "(the checkpoint rounded to the implementation's dtype counts as identical).</p>"]
+    for wc in checks:
+        if wc.get("error"):
+            parts.append(f"<div class='finding info'><b>{e(wc['implementation'])}</b>: the weight check could not run: {e(wc['error'])}</div>")
+            continue
+        counts = ", ".join(f"{e(k)}: {v}" for k, v in sorted(wc["counts"].items()))
+        parts.append(f"<div class='finding {'warning' if wc['rows'] else 'info'}'>{e(wc['summary'])} ({counts})</div>")
+        if wc["rows"]:
+            rows = "".join(f"<tr><td class='l'>{e(r['name'])}</td><td class='l'>{e(r['relation'])}</td><td>{_fmt(r['max_abs'])}</td>"
+                           f"<td>{_fmt(r['max_rel'])}</td><td class='l'>{e(r['detail'])}</td></tr>" for r in wc["rows"])
+            parts.append("<details><summary>parameters that depart</summary><table><tr><th class='l'>parameter</th>"
+                         "<th class='l'>relation</th><th>max abs</th><th>max rel</th><th class='l'>detail</th></tr>"
+                         f"{rows}</table></details>")
     return "".join(parts)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -133,6 +134,19 @@ class Runner:
 
     def _close(self) -> None:
         pass
+
+    # -- the weight check (bughunt/weightcheck.py) ----------------------------------------------
+    # Whether `loaded_weights` is implemented: the runner can show the parameters its library holds.
+    exposes_weights = False
+
+    def loaded_weights(self) -> Iterator[tuple[str, np.ndarray]]:
+        """The parameters the open model holds, one at a time, as (checkpoint tensor name, array in the checkpoint's
+        orientation). The runner undoes only its library's documented layout transform (a keras EinsumDense kernel
+        back to HF's [out, in], the DeepMind tree's [heads, D, head_dim] back to [heads * head_dim, D]); the values are
+        what the library holds, at its dtype (bf16 may come back as float32, which holds it exactly), so a conversion
+        that rounds, transposes, permutes or offsets a tensor shows against the checkpoint. A parameter the library
+        holds that has no checkpoint tensor is yielded under the name the checkpoint would give it."""
+        raise BughuntError(f"implementation '{self.name}' does not expose its loaded parameters.")
 
     def versions(self) -> dict[str, str]:
         return {}

@@ -271,6 +271,19 @@ class HFRunner(Runner):
                 setattr(self.model.config, key, value)
         return torch.cat(logits, dim=1).cpu().numpy()
 
+    exposes_weights = True
+
+    def loaded_weights(self):
+        """The model's state_dict: transformers keeps HF names and nn.Linear's [out, in] layout, so no transform is
+        undone. bf16 comes back as float32 (exact); a tied lm_head is yielded as transformers holds it."""
+        import torch
+
+        for name, tensor in self.model.state_dict().items():
+            if tensor.device.type == "meta" or not tensor.is_floating_point():
+                continue  # offloaded (device_map auto) or an integer buffer
+            t = tensor.detach()
+            yield name, (t.float() if t.dtype == torch.bfloat16 else t).cpu().numpy()
+
     def forward_plain(self, tokens: np.ndarray) -> np.ndarray:
         """A forward pass with no hooks at all (for the capture-overhead benchmark and the hook tests)."""
         import torch
