@@ -122,7 +122,8 @@ def cmd_compare(args) -> int:
                      dtype=args.dtype, device=args.device, tokens=_tokens(args), out=out, floor_factor=args.floor_factor,
                      branches=not args.no_branches, allow_pickle=args.allow_pickle, isolate=not args.in_process,
                      timeout=args.timeout, max_memory=_max_memory(args), device_map=args.device_map,
-                     require_comparison=True, weight_check=not args.no_weight_check)
+                     require_comparison=True, weight_check=not args.no_weight_check, inner=args.inner,
+                     isolate_layers=args.isolate)
     print(format_summary(result))
     print(describe_written(out))
     return _gate(args, result)
@@ -326,6 +327,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "CPU and disk offload for a model larger than memory (hooks still capture every layer)")
     c.add_argument("--no-weight-check", action="store_true", help="skip checking each implementation's loaded parameters "
                    "against the checkpoint (see `bughunt weights`)")
+    c.add_argument("--inner", action="store_true", help="also capture the points inside each layer where an implementation "
+                   "can (hf, reference): layer.{i}.attn.q, .k (after RoPE), .scores (after scale and soft-cap), .probs, .out "
+                   "(before the output projection), layer.{i}.mlp.hidden; scores and probs take tokens^2 per head and layer")
+    c.add_argument("--isolate", action="store_true", help="also run each candidate that can (hf, reference) with every "
+                   "decoder layer fed the reference's input to that layer, so each layer's own error shows without the "
+                   "error it inherits; the report draws accumulated and isolated error side by side")
     c.set_defaults(func=cmd_compare)
 
     w = command("sweep", help="run one implementation under toggle settings; search for the ones that explain a divergence")

@@ -210,7 +210,10 @@ def serve() -> None:
 
                 answer = {"ok": True, "weights": check_runner(runner).to_dict(all_rows=True)}
             else:
-                trace = runner.run(np.asarray(job["tokens"]), Path(job["out_stem"]))  # streams to out_stem as it captures
+                from bughunt.trace import Trace
+
+                feed = Trace.load(Path(job["feed"])) if job.get("feed") else None  # --isolate: the reference's trace
+                trace = runner.run(np.asarray(job["tokens"]), Path(job["out_stem"]), inner=job.get("inner", False), feed=feed)
                 trace.meta["worker"] = {"python": sys.executable, "pid": os.getpid(), "reused_loaded_model": reused}
                 if job.get("check_weights") and runner.exposes_weights:
                     from bughunt.weightcheck import check_for_trace
