@@ -358,7 +358,8 @@ def _run_isolated(choices, ref_choice, entries, reference: Trace, checkpoint, sp
         if choice is ref_choice or entry["status"] != "ok":
             continue
         if not runner_class(choice.name).accepts_feed:
-            entry["isolated_layers"] = {"status": "unsupported", "reason": f"{choice.name} offers no seam to feed a decoder layer its input"}
+            reason = getattr(runner_class(choice.name), "feed_refusal", f"{choice.name} offers no seam to feed a decoder layer its input")
+            entry["isolated_layers"] = {"status": "unsupported", "reason": reason}
             continue
         try:
             with progress.task(f"{choice.label} isolated", unit="step") as bar:

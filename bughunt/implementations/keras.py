@@ -22,6 +22,7 @@ class KerasRunner(Runner):
     dtypes = ("fp32", "bf16", "fp16")
     devices = ("cpu", "cuda")
     toggle_support = {"bos": None}
+    feed_refusal = "the probe runs keras-hub's backbone as one functional graph; feeding a layer would mean rebuilding the model"
 
     def _open(self) -> None:
         current = os.environ.get("KERAS_BACKEND")
