@@ -236,10 +236,13 @@ def check(checkpoint: str | Path, impl: str, dtype: str = "fp32", device: str = 
     choice = ImplChoice.parse(impl) if isinstance(impl, str) else impl
     cls = runner_class(choice.name)
     if not getattr(cls, "exposes_weights", False):
-        raise BughuntError(f"implementation '{choice.name}' does not expose its loaded parameters, so there is nothing to check "
-                           f"(the reference reads the checkpoint's tensors as they are stored). Check one of: {', '.join(_exposing())}.")
+        why = " (the reference reads the checkpoint's tensors as they are stored)" if choice.name == "reference" else ""
+        raise BughuntError(f"implementation '{choice.name}' does not expose its loaded parameters, so there is nothing to check"
+                           f"{why}. Check one of: {', '.join(_exposing())}.")
     dtype = choice.dtype or dtype
-    if in_process or (pool is None and choice.python is None and not _needs_worker(choice.name)):
+    if in_process and choice.python is None:
+        if _needs_worker(choice.name):
+            raise BughuntError(f"{choice.name} fixes keras' backend per process and cannot load in-process here; drop --in-process.")
         with cls(checkpoint, spec, dtype, device, label=choice.label, toggles=choice.toggle_dict) as runner:
             return check_runner(runner)
     from bughunt.worker import WorkerFailure, WorkerPool
