@@ -13,7 +13,7 @@ EXIT_CODES = """\
 exit codes (the same for every bughunt command):
   0    compared, and within thresholds (findings are reported; they fail only a command that gates on them)
   1    a finding or regression, where the command gates on it: compare, sweep and decode with --fail-on-finding,
-       lint on an error-severity check, ci on a regression
+       lint on an error-severity check, ci on a regression, weights on a parameter that departs from the checkpoint
   2    bad input (one message says what was wrong and how to fix it; nothing is written), or nothing could be
        compared (every candidate refused or failed)
   130  interrupted by SIGINT (Ctrl-C), 143 by SIGTERM: workers stopped, temporary files removed, nothing half-written

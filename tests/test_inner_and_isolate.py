@@ -5,9 +5,11 @@ attention type (`config_overrides`: layer 1 of Gemma 2 made sliding, a layer_typ
 import numpy as np
 import pytest
 
-from bughunt.compare import compare, judge, noise_floor, run_implementation
+from bughunt.cli import main
+from bughunt.compare import judge, noise_floor, run_implementation
 from bughunt.implementations import ImplChoice
 from bughunt.metrics import compare_traces
+from bughunt.result import Result
 from bughunt.spec import load_spec
 from bughunt.trace import INNER_POINTS, is_residual_point
 
@@ -17,7 +19,13 @@ PLANTED = "hf[query_scale=0.5]"
 @pytest.fixture(scope="module")
 def run(tiny, tokens, tmp_path_factory):
     out = tmp_path_factory.mktemp("inner") / "report"
-    return compare(tiny["gemma2"], ["hf", PLANTED, "reference"], tokens=tokens, inner=True, isolate_layers=True, out=out), out
+    ids = ",".join(str(t) for t in tokens[0])
+    code = main(["compare", str(tiny["gemma2"]), "--impl", "hf", "--impl", PLANTED, "--impl", "reference", "--tokens", ids,
+                 "--inner", "--isolate", "--out", str(out)])
+    assert code == 0
+    result = Result.load(out)
+    result.validate()  # inner point names and the isolated comparisons fit the result schema
+    return result, out
 
 
 def test_inner_points_locate_a_planted_query_scale_at_the_scores(run, tiny):
