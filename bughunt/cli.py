@@ -122,7 +122,7 @@ def cmd_compare(args) -> int:
                      dtype=args.dtype, device=args.device, tokens=_tokens(args), out=out, floor_factor=args.floor_factor,
                      branches=not args.no_branches, allow_pickle=args.allow_pickle, isolate=not args.in_process,
                      timeout=args.timeout, max_memory=_max_memory(args), device_map=args.device_map,
-                     require_comparison=True, weight_check=not args.no_weight_check, inner=args.inner,
+                     require_comparison=True, weight_check=args.weight_check, inner=args.inner,
                      isolate_layers=args.isolate)
     print(format_summary(result))
     print(describe_written(out))
@@ -325,8 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "and a run that cannot fit is refused before it starts")
     c.add_argument("--device-map", choices=["auto"], help="load hf through accelerate's device map: spread over GPUs, "
                    "CPU and disk offload for a model larger than memory (hooks still capture every layer)")
-    c.add_argument("--no-weight-check", action="store_true", help="skip checking each implementation's loaded parameters "
-                   "against the checkpoint (see `bughunt weights`)")
+    c.add_argument("--weight-check", action="store_true", help="also check each implementation's loaded parameters against "
+                   "the checkpoint (see `bughunt weights`); the report gets a Weights section")
     c.add_argument("--inner", action="store_true", help="also capture the points inside each layer where an implementation "
                    "can (hf, reference): layer.{i}.attn.q, .k (after RoPE), .scores (after scale and soft-cap), .probs, .out "
                    "(before the output projection), layer.{i}.mlp.hidden; scores and probs take tokens^2 per head and layer")

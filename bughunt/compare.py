@@ -209,7 +209,7 @@ def compare(checkpoint: str | Path, implementations: Sequence[str | ImplChoice] 
             floor_factor: float = DEFAULT_FLOOR_FACTOR, branches: bool = True, allow_pickle: bool = False,
             render: bool = True, isolate: bool = True, timeout: float | None = None, pool=None,
             max_memory: int | None = None, device_map: str | None = None, require_comparison: bool = False,
-            weight_check: bool = True, inner: bool = False, isolate_layers: bool = False) -> Result:
+            weight_check: bool = False, inner: bool = False, isolate_layers: bool = False) -> Result:
     """Compare implementations of one checkpoint layer by layer. Returns the Result; writes files when `out` is set.
 
     With `isolate` (the default) every implementation except the in-process float64 reference runs in a worker
@@ -218,7 +218,7 @@ def compare(checkpoint: str | Path, implementations: Sequence[str | ImplChoice] 
     after another otherwise; a run that cannot fit is refused before anything starts. Traces stream to disk.
     With `require_comparison` (the CLI), a run in which no candidate could be compared raises BughuntError and
     writes nothing.
-    With `weight_check` (the default), every implementation that exposes its loaded parameters also checks them
+    With `weight_check` (--weight-check), every implementation that exposes its loaded parameters also checks them
     against the checkpoint (bughunt/weightcheck.py); the result names each relation and a finding per departure.
     With `inner`, implementations that can also capture the points inside each layer (layer.{i}.attn.q, .k, .scores,
     .probs, .out, layer.{i}.mlp.hidden), so a finding names the innermost point that departs first. With
@@ -421,7 +421,8 @@ def _judge_and_report(checkpoint, spec, choices, ref_choice, entries, traces, to
         "kind": "compare",
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "command": _command(checkpoint, choices, ref_choice, dtype, device, tokens, floor_factor)
-                   + (" --inner" if inner else "") + (" --isolate" if isolated is not None else ""),
+                   + (" --inner" if inner else "") + (" --isolate" if isolated is not None else "")
+                   + (" --weight-check" if any((e.get("meta") or {}).get("weight_check") for e in entries) else ""),
         "checkpoint": {"path": str(checkpoint), "spec": spec.to_dict()},
         "inputs": {"tokens": tokens.tolist()},
         "settings": {"dtype": dtype, "device": device, "reference": ref_choice.label, "floor_factor": floor_factor, "branches": branches,

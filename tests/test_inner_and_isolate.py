@@ -21,7 +21,7 @@ def run(tiny, tokens, tmp_path_factory):
     out = tmp_path_factory.mktemp("inner") / "report"
     ids = ",".join(str(t) for t in tokens[0])
     code = main(["compare", str(tiny["gemma2"]), "--impl", "hf", "--impl", PLANTED, "--impl", "reference", "--tokens", ids,
-                 "--inner", "--isolate", "--out", str(out)])
+                 "--inner", "--isolate", "--weight-check", "--out", str(out)])
     assert code == 0
     result = Result.load(out)
     result.validate()  # inner point names and the isolated comparisons fit the result schema
@@ -45,6 +45,7 @@ def test_clean_hf_has_no_false_alarm_inside_the_layer_or_in_isolation(run):
     assert c["first_above_floor"] is None and c["isolated"]["first_above_floor"] is None
     assert c["isolated"]["layers_above_floor"] == []
     assert max(p["ratio_to_floor"] for p in c["points"] if p["point"].endswith(".scores")) < 10
+    assert not [f for f in result.findings if f["kind"] == "weights"]  # both hf runs hold the checkpoint's parameters
 
 
 def test_isolation_is_drawn_beside_the_accumulated_error(run):
@@ -53,7 +54,7 @@ def test_isolation_is_drawn_beside_the_accumulated_error(run):
     assert result.comparison(PLANTED)["isolated"]["layers_above_floor"] == [f"layer.{i}" for i in range(4)]  # every layer scales
     html = (out / "report.html").read_text()
     assert (out / "isolated.png").stat().st_size > 0 and "<h2>Isolated layers</h2>" in html
-    assert "--inner --isolate" in result.data["command"]
+    assert "--inner --isolate --weight-check" in result.data["command"] and "<h2>Weights</h2>" in html
 
 
 def test_a_single_layer_bug_is_one_spike_in_isolation_and_a_ramp_accumulated(tiny, tokens):

@@ -144,7 +144,7 @@ def test_keras_layouts_are_undone_and_compare_reports_the_fp16_cast(tiny, tmp_pa
     from bughunt.compare import compare
 
     assert check(tiny["gemma2"], "keras-jax", pool=pool).departures == []
-    result = compare(tiny["mistral"], ["keras-jax", "reference"], out=tmp_path / "report", pool=pool)
+    result = compare(tiny["mistral"], ["keras-jax", "reference"], out=tmp_path / "report", pool=pool, weight_check=True)
     found = [f for f in result.findings if f["kind"] == "weights"]
     # keras-hub's Mistral converter casts every weight to fp16 (DEVELOPERS.md): 39 of 39 parameters
     assert [f["implementation"] for f in found] == ["keras-jax"] and "39 of 39" in found[0]["message"]
