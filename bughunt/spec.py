@@ -86,9 +86,13 @@ class Spec:
     pad_token_id: int | None
     config_dtype: str | None
     notes: tuple[str, ...] = ()  # how ambiguous or legacy fields were resolved
+    # the config.json this spec was read from (validated), kept so that bughunt/hypotheses.py can ask what the spec
+    # would be had an implementation ignored one of its fields; not part of the spec's value or its JSON form
+    source: dict | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
+        d.pop("source")
         d["layer_types"] = list(self.layer_types)
         d["notes"] = list(self.notes)
         return d
@@ -271,6 +275,7 @@ def spec_from_config(cfg: dict, path: str = "config.json") -> Spec:
         pad_token_id=cfg.get("pad_token_id"),
         config_dtype=cfg.get("dtype") or cfg.get("torch_dtype"),
         notes=tuple(notes),
+        source=cfg,
     )
 
 

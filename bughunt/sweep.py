@@ -28,7 +28,7 @@ from bughunt.implementations import DEVICES, DTYPES, ImplChoice, runner_class
 from bughunt.metrics import compare_traces
 from bughunt.result import SCHEMA_VERSION, Result, environment
 from bughunt.spec import load_spec
-from bughunt.toggles import TOGGLES, changed, defaults, parse_toggles
+from bughunt.toggles import available, changed, defaults, describe_setting, is_field, lookup, parse_toggles
 from bughunt.trace import Trace, is_residual_point
 
 MODES = ("one-at-a-time", "cumulative", "search")
@@ -66,17 +66,20 @@ def fit(points: list[dict]) -> float:
     return float(np.mean(vals)) if vals else 10.0
 
 
-def _parse_sweep_toggles(items: Sequence[str], spec, support: dict) -> list[tuple[str, str | None]]:
+def _parse_sweep_toggles(items: Sequence[str], spec) -> list[tuple[str, str | None]]:
     """'name=value' or a bare 'name' (search every suggested value)."""
+    from bughunt.toggles import _unknown
+
     out = []
     for item in items:
         name, sep, value = item.partition("=")
         name = name.strip()
-        if name not in TOGGLES:
-            raise BughuntError(f"unknown toggle '{name}'. Known toggles: {', '.join(TOGGLES)}.")
-        if not TOGGLES[name].applies(spec):
+        toggle = lookup(name, spec)
+        if toggle is None:
+            raise BughuntError(_unknown(name, spec))
+        if not toggle.applies(spec):
             raise BughuntError(f"toggle {name} does not apply to family {spec.family}.")
-        out.append((name, TOGGLES[name].parse(value, spec) if sep else None))
+        out.append((name, toggle.parse(value, spec) if sep else None))
     return out
 
 
@@ -119,11 +122,11 @@ def _sweep(checkpoint, impl, reference, dtype, device, toggles, mode, side, cand
     cand_fixed = parse_toggles(candidate_toggles, spec)
     ref_fixed = parse_toggles(reference_toggles, spec)
     varied_choice = ref_choice if side == "reference" else cand_choice
-    support = runner_class(varied_choice.name).toggle_support
-    items = _parse_sweep_toggles(toggles, spec, support)
+    cannot_apply = runner_class(varied_choice.name).cannot_apply
+    items = _parse_sweep_toggles(toggles, spec)
     for name, _ in items:
-        if support.get(name, "not implemented") is not None:
-            raise BughuntError(f"implementation '{varied_choice.name}' cannot apply toggle {name}: {support.get(name)}. "
+        if cannot_apply(name) is not None:
+            raise BughuntError(f"implementation '{varied_choice.name}' cannot apply toggle {name}: {cannot_apply(name)}. "
                                f"Sweep it on the other side (--side {'candidate' if side == 'reference' else 'reference'}).")
     if mode != "search" and not items:
         raise BughuntError(f"--mode {mode} needs at least one --toggle NAME=VALUE.")
@@ -192,7 +195,7 @@ def _sweep(checkpoint, impl, reference, dtype, device, toggles, mode, side, cand
         configs += evaluate_many([dict(items[:k + 1]) for k in range(len(items))])
     else:
         who = cand_choice.label + (_label(cand_fixed) if cand_fixed else "")
-        search_info = _search(spec, items, support, evaluate_many, base, max_exhaustive, who, side, bar)
+        search_info = _search(spec, items, cannot_apply, evaluate_many, base, max_exhaustive, who, side, bar)
         search_info["evaluated"] = len(cache)
         configs = [baseline] + [c for c in search_info.pop("plotted") if c is not baseline]
 
@@ -290,16 +293,47 @@ def _discard(trace: Trace) -> None:
             trace.stem.with_name(trace.stem.name + suffix).unlink(missing_ok=True)
 
 
-def _search(spec, items, support, evaluate_many, base: dict[str, str], max_exhaustive: int, who: str, side: str,
-             bar=progress.OFF) -> dict:
-    """Find the toggle settings with the lowest score; ties go to fewer changed toggles (Occam). `evaluate_many`
-    judges a list of settings at once (so an in-process reference can run them side by side)."""
-    names = list(dict.fromkeys(n for n, _ in items)) or [n for n, t in TOGGLES.items() if t.applies(spec) and support.get(n, "x") is None]
+def _rank(c: dict) -> tuple:
+    """Among settings that fit exactly as well, prefer the one that names a cause: ignored-field hypotheses first."""
+    return (sum(not is_field(n) for n in c["toggles"]),)
+
+
+def _same(a: dict, b: dict) -> bool:
+    """Whether two evaluated settings gave the same trace, as far as the comparison sees (rel L2 at every point)."""
+    ra = [p.get("rel_l2") for p in a["points"]]
+    rb = [p.get("rel_l2") for p in b["points"]]
+    if len(ra) != len(rb) or any((x is None) != (y is None) for x, y in zip(ra, rb)):
+        return False
+    return all(x is None or abs(x - y) <= 1e-9 * max(abs(x), abs(y), 1e-300) for x, y in zip(ra, rb))
+
+
+def _spellings(best: dict, space: dict[str, list[str]], base: dict[str, str], evaluate_many) -> tuple[list[dict], list[dict]]:
+    """The settings that fit exactly as well as `best`: per chosen toggle, the single toggles with the same effect
+    alone (one explanation, several spellings), and the whole settings made of them that give the same trace."""
+    singles = [{n: v} for n, vals in space.items() for v in vals if v != base.get(n)]
+    single_fits = evaluate_many(singles)
+    parts = []
+    for name, value in best["toggles"].items():
+        own = evaluate_many([{name: value}])[0]
+        alts = [dict(c["toggles"]) for c in single_fits if c["toggles"] != {name: value} and _same(c, own)]
+        parts.append({"toggle": name, "value": value, "spellings": [{name: value}] + alts})
+    combos = [dict(kv for d in combo for kv in d.items()) for combo in itertools.product(*(p["spellings"] for p in parts))]
+    combos = [c for c in combos if len(c) == len(best["toggles"])][:64]
+    equal = [c for c in evaluate_many(combos) if _same(c, best)] if len(combos) > 1 else [best]
+    return parts, [dict(c["toggles"]) for c in equal]
+
+
+def _search(spec, items, cannot_apply, evaluate_many, base: dict[str, str], max_exhaustive: int, who: str, side: str,
+            bar=progress.OFF) -> dict:
+    """Find the toggle settings with the lowest score; ties go to fewer changed toggles (Occam), then to settings that
+    name a cause (an ignored config field). `evaluate_many` judges a list of settings at once (so an in-process
+    reference can run them side by side)."""
+    names = list(dict.fromkeys(n for n, _ in items)) or [n for n in available(spec) if cannot_apply(n) is None]
     space: dict[str, list[str]] = {}
     for n in names:
         given = [v for m, v in items if m == n and v is not None]
         bare = any(m == n and v is None for m, v in items) or not items
-        vals = [base.get(n, "")] + given + (list(TOGGLES[n].suggestions(spec)) if bare else [])
+        vals = [base.get(n, "")] + given + (list(lookup(n, spec).suggestions(spec)) if bare else [])
         space[n] = [v for v in dict.fromkeys(vals) if v != ""]
     size = math.prod(len(v) for v in space.values())
     if size <= max_exhaustive:
@@ -308,17 +342,18 @@ def _search(spec, items, support, evaluate_many, base: dict[str, str], max_exhau
         evaluated = evaluate_many([dict(zip(space, combo)) for combo in itertools.product(*space.values())])
         top = min(c["fit"] for c in evaluated)
         # Occam: among settings within MARGIN of the best fit, the fewest changed toggles, then the best fit.
-        best = min((c for c in evaluated if c["fit"] <= top + MARGIN), key=lambda c: (len(c["toggles"]), c["fit"]))
+        best = min((c for c in evaluated if c["fit"] <= top + MARGIN), key=lambda c: (len(c["toggles"]), c["fit"], _rank(c)))
     else:
         method = "greedy forward selection"
         current: dict[str, str] = {}
         best = evaluate_many([current])[0]
         while True:
             trials = evaluate_many([{**current, n: v} for n, vals in space.items() for v in vals if current.get(n, base.get(n)) != v])
-            cand = min(trials, key=lambda c: c["fit"], default=None)
+            cand = min(trials, key=lambda c: (c["fit"], _rank(c)), default=None)
             if cand is None or cand["fit"] > best["fit"] - MARGIN:
                 break
             best, current = cand, dict(cand["toggles"])
+    parts, equivalent = _spellings(best, space, base, evaluate_many) if best["toggles"] else ([], [])
     ablation = []
     withouts = evaluate_many([{k: v for k, v in best["toggles"].items() if k != n} for n in best["toggles"]])
     for n, w in zip(best["toggles"], withouts):
@@ -339,15 +374,29 @@ def _search(spec, items, support, evaluate_many, base: dict[str, str], max_exhau
         sentence += ("; with these settings every capture point is within the noise floor" if at_floor else
                      f", but a residual remains: first above the floor at {best['first_above_floor']} "
                      f"(up to {best['max_ratio_to_floor']:.1f}x the floor)")
+        sentence += "".join(_explain(spec, p) for p in parts)
+    for p in parts:
+        p["description"] = describe_setting(spec, {p["toggle"]: p["value"]})[0]
     return {
         "method": method, "space": space, "space_size": size, "evaluated": None,
         "best": best["toggles"], "best_score": best["score"], "best_fit": best["fit"], "baseline_score": baseline["score"],
-        "baseline_fit": baseline["fit"],
+        "baseline_fit": baseline["fit"], "explanations": parts, "equivalent": equivalent,
         "ablation": [{k: v for k, v in a.items() if k != "entry"} for a in ablation],
         "residual": {"first_above_floor": best["first_above_floor"], "max_ratio_to_floor": best["max_ratio_to_floor"]},
         "at_floor": at_floor, "diagnosis": sentence,
         "plotted": [baseline, best] + [a["entry"] for a in ablation],
     }
+
+
+def _explain(spec, part: dict) -> str:
+    """'. {field:x=ignored}: as if it ignored x (...), also spelled {y=1}' for one chosen toggle."""
+    chosen = {part["toggle"]: part["value"]}
+    others = [_label(s) for s in part["spellings"][1:]]
+    what = describe_setting(spec, chosen)[0] if is_field(part["toggle"]) else None
+    if what is None and not others:
+        return ""
+    text = f". {_label(chosen)}" + (f": {what}" if what else "")
+    return text + (f"; the same explanation, spelled otherwise: {', '.join(others)}" if others else "")
 
 
 def _command(checkpoint, cand, ref, dtype, device, toggles, mode, side, cand_fixed, ref_fixed, tokens) -> str:

@@ -80,16 +80,17 @@ def test_keras_gemma2_ignores_query_pre_attn_scalar_and_the_search_says_so(tiny)
     result = sweep(tiny["gemma2"], impl="keras-jax", mode="search")
     s = result.data["sweep"]["search"]
     assert result.comparisons[0]["first_above_floor"] == "layer.0"
-    assert s["best"] == {"query_scale": "rsqrt:16"} and s["at_floor"]  # head_dim^-0.5 instead of 24^-0.5
+    assert s["best"] == {"field:query_pre_attn_scalar": "ignored"} and s["at_floor"]  # head_dim^-0.5 instead of 24^-0.5
+    assert {"query_scale": "rsqrt:16"} in s["equivalent"]
 
 
 @needs_keras
-def test_keras_gemma3_query_scale_plus_a_residual_at_the_global_layer(tiny):
+def test_keras_gemma3_ignores_query_pre_attn_scalar_and_layer_types(tiny):
     s = sweep(tiny["gemma3"], impl="keras-torch", mode="search").data["sweep"]["search"]
-    # keras-hub's Gemma3Backbone hard-codes a 5:1 local:global pattern and RoPE 10k/1M: the tiny model's global
-    # layer 3 (linear RoPE factor 2) cannot be matched by any toggle.
-    assert s["best"] == {"query_scale": "rsqrt:16"}
-    assert s["residual"]["first_above_floor"] == "layer.3"
+    # keras-hub's Gemma3Backbone hard-codes a 5:1 local:global pattern: the tiny model's 4 layers are all local there,
+    # so its global layer 3 (RoPE 1M, linear factor 2) runs as a local one. The search names both ignored fields.
+    assert s["best"] == {"field:layer_types": "ignored", "field:query_pre_attn_scalar": "ignored"}
+    assert s["at_floor"] and "as if it ignored layer_types" in s["diagnosis"]
 
 
 @needs_keras

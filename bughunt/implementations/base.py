@@ -38,15 +38,27 @@ class Runner:
     # toggles an open runner can switch without loading again (the rest change how the model is built)
     live_toggles: frozenset[str] = frozenset({"bos"})
 
+    # whether the runner applies the ignored-field hypotheses `field:<path>` (bughunt/hypotheses.py)
+    applies_field_hypotheses = False
+
+    @classmethod
+    def cannot_apply(cls, name: str) -> str | None:
+        """None when this runner applies toggle `name`, otherwise why it cannot."""
+        from bughunt.toggles import is_field
+
+        if is_field(name):
+            return None if cls.applies_field_hypotheses else "it reads its config its own way; field hypotheses go on the reference"
+        return cls.toggle_support.get(name, "not implemented for this runner")
+
     def _parse_toggles(self, toggles: dict[str, str] | None) -> dict[str, str]:
-        from bughunt.toggles import TOGGLES, changed, parse_toggles
+        from bughunt.toggles import changed, lookup, parse_toggles
 
         parsed = parse_toggles(toggles or {}, self.spec)
         for name in parsed:
-            if not TOGGLES[name].applies(self.spec):
+            if not lookup(name, self.spec).applies(self.spec):
                 raise BughuntError(f"toggle {name} does not apply to family {self.spec.family} (nothing in its config or architecture uses it).")
         for name in changed(self.spec, parsed):
-            reason = self.toggle_support.get(name, "not implemented for this runner")
+            reason = self.cannot_apply(name)
             if reason is not None:
                 raise BughuntError(f"implementation '{self.name}' cannot apply toggle {name}={parsed[name]}: {reason}.")
         return parsed
