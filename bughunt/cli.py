@@ -163,6 +163,9 @@ def cmd_sweep(args) -> int:
                         "{" + ", ".join(f"{k}={v}" for k, v in sp.items()) + "}" for sp in x["spellings"][1:]))
         for a in s["ablation"]:
             print(f"  without {a['toggle']}={a['value']}: fit worse by {a['delta']:.2f} decades (first above floor: {a['first_above_floor_without']})")
+        for f in result.findings:
+            if f["kind"] == "unrepresentable":
+                print(f"  {f['severity'].upper()}: {f['message']}")
         print(f"DIAGNOSIS: {s['diagnosis']}")
     print(describe_written(out))
     return _gate(args, result)

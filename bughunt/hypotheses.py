@@ -150,13 +150,13 @@ def changes_for(spec: Spec, chosen: dict[str, str]) -> dict | None:
     cfg = spec.source
     if cfg is None:
         return None
-    for path, value in chosen.items():
+    for path, value in sorted(chosen.items()):  # parents first: a field inside one already ignored is ignored with it
         if value == CONFIG:
             continue
         try:
             cfg = config_with(cfg, path, value, spec.num_layers)
         except (KeyError, TypeError):
-            return None
+            continue
     try:
         other = spec_from_config(cfg)
     except (BughuntError, TypeError, ValueError, KeyError, AttributeError):  # spec.py trusts validated fields' types

@@ -22,8 +22,10 @@ from bughunt import progress
 from bughunt.checkpoint import validate_weights
 from bughunt.inputs.flags import positive
 from bughunt.inputs.tokens import check_token_range
-from bughunt.compare import DEFAULT_FLOOR_FACTOR, _summary, default_tokens, judge, noise_floor, run_choice, save
+from bughunt.compare import (DEFAULT_FLOOR_FACTOR, _summary, default_tokens, judge, noise_floor, run_choice, save,
+                             unrepresentable_finding)
 from bughunt.errors import BughuntError
+from bughunt.hypotheses import PREFIX, changes_for
 from bughunt.implementations import DEVICES, DTYPES, ImplChoice, runner_class
 from bughunt.metrics import compare_traces
 from bughunt.result import SCHEMA_VERSION, Result, environment
@@ -87,9 +89,13 @@ def sweep(checkpoint: str | Path, impl: str = "hf", reference: str | None = None
           toggles: Sequence[str] = (), mode: str = "one-at-a-time", side: str = "reference",
           candidate_toggles: dict | Sequence[str] | None = None, reference_toggles: dict | Sequence[str] | None = None,
           tokens=None, out: str | Path | None = None, floor_factor: float = DEFAULT_FLOOR_FACTOR,
-          max_exhaustive: int = MAX_EXHAUSTIVE, render: bool = True, isolate: bool = True, timeout: float | None = None) -> Result:
+          max_exhaustive: int = MAX_EXHAUSTIVE, render: bool = True, isolate: bool = True, timeout: float | None = None,
+          candidate_trace: Trace | None = None, reference_traces: dict | None = None) -> Result:
     """Run a toggle sweep; see the module docstring. `reference` defaults to the reference emulating `dtype`.
-    Implementations other than the reference run in worker processes unless `isolate` is False."""
+    Implementations other than the reference run in worker processes unless `isolate` is False.
+    `candidate_trace`: a trace of the candidate already made (e.g. a library run with a planted bug), used instead of
+    running `impl` (reference side only). `reference_traces`: a dict the caller keeps across sweeps of one checkpoint
+    and input, holding the in-process reference's traces (in memory) and floor so later sweeps reuse them."""
     from bughunt.output import check_output_dir
     from bughunt.worker import WorkerPool
 
@@ -98,11 +104,13 @@ def sweep(checkpoint: str | Path, impl: str = "hf", reference: str | None = None
     with WorkerPool() as pool, tempfile.TemporaryDirectory(prefix="bughunt-sweep-") as scratch, \
             progress.task(f"sweep {impl}", unit="setting") as bar:
         return _sweep(checkpoint, impl, reference, dtype, device, toggles, mode, side, candidate_toggles, reference_toggles,
-                      tokens, out, floor_factor, max_exhaustive, render, pool if isolate else None, timeout, Path(scratch), bar)
+                      tokens, out, floor_factor, max_exhaustive, render, pool if isolate else None, timeout, Path(scratch), bar,
+                      candidate_trace, reference_traces)
 
 
 def _sweep(checkpoint, impl, reference, dtype, device, toggles, mode, side, candidate_toggles, reference_toggles, tokens, out,
-           floor_factor, max_exhaustive, render, pool, timeout, scratch: Path, bar=progress.OFF) -> Result:
+           floor_factor, max_exhaustive, render, pool, timeout, scratch: Path, bar=progress.OFF, candidate_trace=None,
+           reference_traces=None) -> Result:
     checkpoint = Path(checkpoint)
     if mode not in MODES:
         raise BughuntError(f"unknown --mode '{mode}'. Use one of: {', '.join(MODES)}.")
@@ -147,11 +155,18 @@ def _sweep(checkpoint, impl, reference, dtype, device, toggles, mode, side, cand
 
     base = defaults(spec)
     bar.update(stage=f"running {(ref_choice if side == 'candidate' else cand_choice).label}")
-    fixed_trace = run(ref_choice, ref_dtype, ref_fixed) if side == "candidate" else run(cand_choice, cand_dtype, cand_fixed)
+    if candidate_trace is not None and side != "reference":
+        raise BughuntError("a candidate trace made beforehand can only be explained with toggles on the reference side.")
+    fixed_trace = candidate_trace if candidate_trace is not None else \
+        run(ref_choice, ref_dtype, ref_fixed) if side == "candidate" else run(cand_choice, cand_dtype, cand_fixed)
     floor_dir = scratch / "floor"
     floor_dir.mkdir()
     bar.update(stage="noise floor")
-    floor = noise_floor(checkpoint, spec, cand_dtype, tokens, scratch=floor_dir)
+    kept = reference_traces if reference_traces is not None else {}
+    where = (str(checkpoint.resolve()), tokens.tobytes(), tokens.shape, ref_choice.label, ref_dtype, tuple(sorted(ref_fixed.items())))
+    if (where, "floor", cand_dtype) not in kept:
+        kept[where, "floor", cand_dtype] = noise_floor(checkpoint, spec, cand_dtype, tokens, scratch=floor_dir)
+    floor = kept[where, "floor", cand_dtype]
     cache: dict[tuple, dict] = {}
     bar.update(stage="search setting" if mode == "search" else "setting", total=None if mode == "search" else 1 + len(items), done=0)
     varied_choice, varied_dtype, varied_fixed = (ref_choice, ref_dtype, ref_fixed) if side == "reference" else \
@@ -160,10 +175,13 @@ def _sweep(checkpoint, impl, reference, dtype, device, toggles, mode, side, cand
     together = varied_choice.name == "reference" and varied_choice.python is None
     batch = _batch_size(spec, tokens) if together else 1
 
+    keep = reference_traces is not None and together and side == "reference"  # reference traces reused by later sweeps
+
     def judged(key: tuple, varied: Trace) -> dict:
         points = compare_traces(fixed_trace, varied) if side == "reference" else compare_traces(varied, fixed_trace)
         points, first = judge(points, floor, floor_factor)
-        _discard(varied)  # its metrics are kept; the arrays are not needed again
+        if not keep:
+            _discard(varied)  # its metrics are kept; the arrays are not needed again
         return {"toggles": dict(key), "label": _label(dict(key)), "score": score(points), "fit": fit(points),
                 "first_above_floor": first, "points": points,
                 "max_ratio_to_floor": max((p.get("ratio_to_floor") or 0.0) for p in points)}
@@ -171,11 +189,23 @@ def _sweep(checkpoint, impl, reference, dtype, device, toggles, mode, side, cand
     def evaluate_many(settings: list[dict[str, str]]) -> list[dict]:
         keys = [tuple(sorted(changed(spec, tg).items())) for tg in settings]
         todo = [k for k in dict.fromkeys(keys) if k not in cache]
+        for k in todo:  # field hypotheses that together leave a config no implementation could read: not a setting
+            fields = {n[len(PREFIX):]: v for n, v in k if is_field(n)}
+            if fields and changes_for(spec, fields) is None:
+                cache[k] = {"toggles": dict(k), "label": _label(dict(k)), "score": 10.0, "fit": 10.0, "first_above_floor": None,
+                            "points": [], "max_ratio_to_floor": 0.0}
+        todo = [k for k in todo if k not in cache]
+        for k in [k for k in todo if keep and (where, k) in kept]:
+            cache[k] = judged(k, kept[where, k])
+        todo = [k for k in todo if k not in cache]
         for start in range(0, len(todo), batch):
             chunk = todo[start:start + batch]
             if together:
                 traces = _run_reference_batch(varied_choice, checkpoint, spec, varied_dtype, device, tokens,
-                                              [{**varied_fixed, **dict(k)} for k in chunk], [next_stem() for _ in chunk])
+                                              [{**varied_fixed, **dict(k)} for k in chunk],
+                                              [None if keep else next_stem() for _ in chunk])
+                if keep:
+                    kept.update({(where, k): t for k, t in zip(chunk, traces)})
             else:
                 traces = [run(varied_choice, varied_dtype, {**varied_fixed, **dict(k)}) for k in chunk]
             for k, varied in zip(chunk, traces):
@@ -213,6 +243,9 @@ def _sweep(checkpoint, impl, reference, dtype, device, toggles, mode, side, cand
         ratio = f"{p['ratio_to_floor']:.1f}x the {cand_dtype} noise floor" if p.get("ratio_to_floor") is not None else "NaN/Inf"
         findings.append({"severity": "warning", "kind": "divergence", "implementation": cand_label, "point": baseline["first_above_floor"],
                          "message": f"{cand_label} departs from {ref_label} as is at {baseline['first_above_floor']} ({ratio})"})
+    if side == "reference" and fixed_trace.meta.get("cannot_represent"):
+        findings.append(unrepresentable_finding(cand_label, fixed_trace.meta["cannot_represent"], baseline["first_above_floor"],
+                                                baseline["points"], cand_dtype))
     if search_info:
         findings.append({"severity": "info" if search_info["at_floor"] else "warning", "kind": "diagnosis",
                          "implementation": cand_label, "point": search_info["residual"]["first_above_floor"],

@@ -39,11 +39,17 @@ def test_deepmind_gemma_is_at_the_fp32_floor(family, tiny, pool):
 
 
 @needs_gemma
-def test_deepmind_refuses_what_the_library_cannot_represent(tmp_path, pool):
-    ck = make_tiny_checkpoint("gemma2", tmp_path / "eps", config_overrides={"rms_norm_eps": 1e-5})
+def test_deepmind_measures_what_the_library_cannot_represent(tmp_path, pool):
+    ck = make_tiny_checkpoint("gemma2", tmp_path / "eps", config_overrides={"rms_norm_eps": 1e-2})
     result = run(ck, ["deepmind"], pool)
     entry = next(e for e in result.data["implementations"] if e["label"] == "deepmind")
-    assert entry["status"] == "failed" and "fixes RMSNorm epsilon at 1e-6" in entry["error"]
+    assert entry["status"] == "ok"  # run with the library's own epsilon, and measured
+    cause = "the library fixes rms_norm_eps at 1e-06; the checkpoint says 0.01"
+    assert entry["meta"]["cannot_represent"] == [cause]
+    found = next(f for f in result.findings if f["kind"] == "unrepresentable")
+    assert found["message"].startswith(f"deepmind cannot represent this checkpoint and ran with the library's own values: {cause}; "
+                                       "departs at layer.0")
+    assert result.first_above_floor("deepmind") == found["point"] == "layer.0.attn"
     llama = run(make_tiny_checkpoint("llama", tmp_path / "llama"), ["deepmind"], pool)
     assert "does not support family 'llama'" in llama.data["implementations"][0]["error"]
 

@@ -34,6 +34,9 @@ class Runner:
         self.toggles = self._parse_toggles(toggles)
         self.load_seconds = 0.0
         self.is_open = False
+        # what the library cannot represent of this checkpoint, run anyway with the library's own value (one phrase each:
+        # "the library fixes rms_norm_eps at 1e-06; the checkpoint says 0.01"); reported next to the measured divergence
+        self.cannot_represent: list[str] = []
 
     # toggles an open runner can switch without loading again (the rest change how the model is built)
     live_toggles: frozenset[str] = frozenset({"bos"})
@@ -122,6 +125,8 @@ class Runner:
         meta = {"implementation": self.name, "dtype": self.dtype, "device": self.device, "versions": self.versions(),
                 "timings": {"load_s": self.load_seconds, "forward_s": seconds, **timings}, "tokens_shape": list(tokens.shape),
                 "toggles": dict(self.toggles)}
+        if self.cannot_represent:
+            meta["cannot_represent"] = list(self.cannot_represent)
         return out.finish(self.label, meta)
 
     def close(self) -> None:
