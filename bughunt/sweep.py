@@ -327,8 +327,9 @@ def _discard(trace: Trace) -> None:
 
 
 def _rank(c: dict) -> tuple:
-    """Among settings that fit exactly as well, prefer the one that names a cause: ignored-field hypotheses first."""
-    return (sum(not is_field(n) for n in c["toggles"]),)
+    """Among settings that fit exactly as well, prefer the one that names a cause: ignored-field hypotheses first, the
+    most specific field first (rope_parameters.partial_rotary_factor rather than all of rope_parameters)."""
+    return (sum(not is_field(n) for n in c["toggles"]), -sum(n.count(".") for n in c["toggles"] if is_field(n)))
 
 
 def _same(a: dict, b: dict) -> bool:

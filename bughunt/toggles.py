@@ -132,7 +132,7 @@ POLICY_TOGGLES = ("gelu", "rope_dtype", "rope_pairing", "norm_dtype", "embed_sca
                   "weights_dtype", "kv_dtype", "attn_dtype", "logits_dtype", "matmul_inputs")
 
 
-_FIELD_CACHE: dict[str, tuple[Spec, dict[str, Toggle]]] = {}
+_FIELD_CACHE: dict[str, dict[str, Toggle]] = {}  # config.json text -> its field toggles (a search asks many times)
 
 
 def field_toggles(spec: Spec) -> dict[str, Toggle]:
@@ -157,8 +157,8 @@ def field_toggles(spec: Spec) -> dict[str, Toggle]:
             out[name] = Toggle(name, f"{name[len(hy.PREFIX):]} read as config.json gives it (config), or: " +
                                "; ".join(f"{h.value}: {h.description}" for h in hs), "choice", values,
                                default=lambda s: hy.CONFIG, suggestions=lambda s, v=values: v)
-        _FIELD_CACHE[key] = (spec, out)
-    return _FIELD_CACHE[key][1]
+        _FIELD_CACHE[key] = out
+    return _FIELD_CACHE[key]
 
 
 def is_field(name: str) -> bool:

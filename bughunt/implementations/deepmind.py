@@ -24,13 +24,15 @@ def cannot_represent(spec) -> list[str]:
         problems.append(f"the library's MLP uses the tanh-approximate GELU; the checkpoint says {spec.activation}")
     if abs(spec.rms_eps - 1e-6) > 1e-12:
         problems.append(f"the library fixes rms_norm_eps at 1e-06; the checkpoint says {spec.rms_eps:g}")
+    shared = spec.rope["full"] == spec.rope["sliding"]
     for kind, rope in spec.rope.items():
+        layers = "every layer" if shared else f"{kind} layers"
         if rope.type not in ("default", "linear"):
-            problems.append(f"the library has only linear RoPE scaling, so it runs {kind} layers unscaled; the checkpoint says "
+            problems.append(f"the library has only linear RoPE scaling, so it runs {layers} unscaled; the checkpoint says "
                             f"rope_type {rope.type}")
         if rope.partial_rotary_factor != 1.0:
             problems.append(f"the library rotates every feature of each head; the checkpoint says partial_rotary_factor "
-                            f"{rope.partial_rotary_factor:g} on {kind} layers")
+                            f"{rope.partial_rotary_factor:g} on {layers}")
     if not spec.tie_word_embeddings:
         problems.append("the library always decodes with the input embedding; the checkpoint has untied output embeddings")
     return list(dict.fromkeys(problems))
