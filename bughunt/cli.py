@@ -141,14 +141,32 @@ def cmd_sweep(args) -> int:
     sw = result.data["sweep"]
     print(f"sweep {sw['mode']} ({sw['side']} side): {sw['candidate']} vs {sw['reference']}")
     print(f"  {'configuration':<48} {'score':>7} {'first above floor':<18}")
-    configs = sorted(sw["configurations"], key=lambda c: c["score"])[:20] if sw["search"] else sw["configurations"]
-    for c in configs:
-        print(f"  {c['label']:<48} {c['score']:>7.3f} {c['first_above_floor'] or 'none':<18}")
+    if sw["search"]:  # best first; settings with the same divergence at every point share a row, the search's pick marked
+        from bughunt.report import group_configurations
+
+        for row in group_configurations(sw)[:20]:
+            first, *more = row["labels"]
+            mark = "*" if row["chosen"] else " "
+            print(f" {mark}{first:<48} {row['score']:>7.3f} {row['first_above_floor'] or 'none':<18}{'  <- chosen' if row['chosen'] else ''}")
+            for other in more:
+                print(f"    = {other}")
+    else:
+        for c in sw["configurations"]:
+            print(f"  {c['label']:<48} {c['score']:>7.3f} {c['first_above_floor'] or 'none':<18}")
     if sw["search"]:
         s = sw["search"]
         print(f"  search: {s['method']}, {s['evaluated']} of {s['space_size']} settings evaluated")
+        for x in s.get("explanations") or []:
+            if len(x["spellings"]) > 1 or x["toggle"].startswith("field:"):
+                print(f"  {x['toggle']}={x['value']}: {x['description']}")
+                if len(x["spellings"]) > 1:
+                    print("    the same explanation, spelled otherwise: " + ", ".join(
+                        "{" + ", ".join(f"{k}={v}" for k, v in sp.items()) + "}" for sp in x["spellings"][1:]))
         for a in s["ablation"]:
             print(f"  without {a['toggle']}={a['value']}: fit worse by {a['delta']:.2f} decades (first above floor: {a['first_above_floor_without']})")
+        for f in result.findings:
+            if f["kind"] == "unrepresentable":
+                print(f"  {f['severity'].upper()}: {f['message']}")
         print(f"DIAGNOSIS: {s['diagnosis']}")
     print(describe_written(out))
     return _gate(args, result)

@@ -373,6 +373,23 @@ def _run_isolated(choices, ref_choice, entries, reference: Trace, checkpoint, sp
     return out
 
 
+def unrepresentable_finding(label: str, causes: list[str], first: str | None, points: list[dict], dtype: str) -> dict:
+    """A library that cannot represent the checkpoint was run with its own values: name the cause and what it measured
+    ("the library fixes rms_norm_eps at 1e-06; the checkpoint says 0.01; departs at layer.0 by 3.1e-02 relative L2")."""
+    if first is None:
+        worst = max((p for p in points if p.get("rel_l2") is not None), key=lambda p: p.get("ratio_to_floor") or 0.0, default=None)
+        measured = "stays within the noise floor on this input" + (
+            f" (at most {worst['ratio_to_floor']:.1f}x the {dtype} floor, at {worst['point']})" if worst and worst.get("ratio_to_floor") else "")
+    else:
+        p = next(p for p in points if p["point"] == first)
+        last = points[-1]
+        measured = (f"departs at {first} by {p['rel_l2']:.2e} relative L2 ({p['ratio_to_floor']:.1f}x the {dtype} floor)"
+                    + (f", {last['rel_l2']:.2e} at {last['point']}" if last.get("rel_l2") is not None and last is not p else ""))
+    return {"severity": "warning" if first else "info", "kind": "unrepresentable", "implementation": label, "point": first,
+            "message": f"{label} cannot represent this checkpoint and ran with the library's own values: "
+                       f"{'; '.join(causes)}; {measured}"}
+
+
 def _judge_and_report(checkpoint, spec, choices, ref_choice, entries, traces, tokens, dtype, device, floor_factor,
                       branches, allow_pickle, scratch: Path, schedule: dict, floor_traces: dict[str, Trace],
                       inner: bool = False, isolated: dict[str, Trace] | None = None) -> Result:
@@ -411,6 +428,8 @@ def _judge_and_report(checkpoint, spec, choices, ref_choice, entries, traces, to
             findings.append({"severity": "warning", "kind": "divergence", "implementation": entry["label"], "point": first,
                              "message": (f"{entry['label']} departs from {ref_choice.label} at {first}: relative L2 {p['rel_l2']:.2e} "
                                          f"is {p['ratio_to_floor']:.1f}x the {entry['dtype']} noise floor ({p['floor_rel_l2']:.1e})")})
+        if entry["meta"].get("cannot_represent"):
+            findings.append(unrepresentable_finding(entry["label"], entry["meta"]["cannot_represent"], first, points, entry["dtype"]))
     findings += weight_findings(entries)
     for note in spec.notes:
         findings.append({"severity": "info", "kind": "config", "implementation": None, "point": None, "message": note})

@@ -244,6 +244,44 @@ def safe_section_html(fragment: str) -> str:
                      link_rel="noopener noreferrer")
 
 
+def _same_curve(a: dict, b: dict) -> bool:
+    ra, rb = a.get("rel_l2") or {}, b.get("rel_l2") or {}
+    if ra.keys() != rb.keys() or not ra:
+        return False
+    return all((x is None and y is None) or (x is not None and y is not None and abs(x - y) <= 1e-9 * max(abs(x), abs(y), 1e-300))
+               for x, y in ((ra[k], rb[k]) for k in ra))
+
+
+def group_configurations(sw: dict) -> list[dict]:
+    """The sweep's configurations, best score first, with the settings that gave the same divergence at every point
+    merged into one row: one explanation, several spellings (e.g. {rope_theta=10000.0} and {rope_theta_source=default}).
+    Each row: labels (the chosen or simplest spelling first), score, first_above_floor, curve, chosen (the search's pick)."""
+    chosen = None
+    if sw.get("search"):
+        best = sw["search"]["best"]
+        chosen = "{" + ", ".join(f"{k}={v}" for k, v in best.items()) + "}" if best else "{}"
+    rows: list[dict] = []
+    for c in sorted(sw["configurations"], key=lambda c: (c["score"], len(c.get("toggles") or {}))):
+        row = next((r for r in rows if _same_curve(r["entry"], c)), None)
+        if row is None:
+            rows.append({"labels": [c["label"]], "score": c["score"], "first_above_floor": c["first_above_floor"],
+                         "curve": c["curve"], "chosen": c["label"] == chosen, "entry": c, "members": [c]})
+        else:
+            row["labels"].append(c["label"])
+            row["members"].append(c)
+            row["chosen"] = row["chosen"] or c["label"] == chosen
+    for row in rows:  # a setting that only adds toggles with no effect to another in its row is not a spelling of its own
+        sets = {lab: set(c.get("toggles", {}).items()) for c in row.pop("members") for lab in [c["label"]]}
+        row["labels"] = [lab for lab in row["labels"] if not any(other < sets[lab] for o, other in sets.items() if o != lab)]
+        if row["chosen"] and chosen not in row["labels"]:
+            row["labels"].insert(0, chosen)
+        if row["chosen"] and row["labels"][0] != chosen:
+            row["labels"].remove(chosen)
+            row["labels"].insert(0, chosen)
+        del row["entry"]
+    return rows
+
+
 def sweep_section(result: Result) -> str:
     """The sweep's diagnosis, ablation and every configuration's per-layer curve (log10 L2 per residual point)."""
     import html
@@ -257,6 +295,10 @@ def sweep_section(result: Result) -> str:
         parts.append(f"<div class='finding {'info' if s['at_floor'] else 'warning'}'><b>diagnosis</b>: {e(s['diagnosis'])}</div>")
         parts.append(f"<p>search: {e(s['method'])}, {s['evaluated']} of {s['space_size']} settings evaluated; "
                      f"fit {s['baseline_fit']:.2f} as is, {s['best_fit']:.2f} with the best settings (mean log10 of rel L2 / floor).</p>")
+        for x in s.get("explanations") or []:
+            spellings = " = ".join(e("{" + ", ".join(f"{k}={v}" for k, v in sp.items()) + "}") for sp in x["spellings"])
+            parts.append(f"<p><b>{e(x['toggle'])}={e(x['value'])}</b>: {e(x.get('description') or '')}"
+                         + (f"<br>spellings of the same explanation: {spellings}" if len(x["spellings"]) > 1 else "") + "</p>")
         if s["ablation"]:
             rows = "".join(f"<tr><td class='l'>{e(a['toggle'])}={e(a['value'])}</td><td>{a['delta']:.2f}</td>"
                            f"<td class='l'>{e(a['first_above_floor_without'] or 'none')}</td></tr>" for a in s["ablation"])
@@ -265,10 +307,14 @@ def sweep_section(result: Result) -> str:
     points = list(next(iter(sw["configurations"]))["curve"]) if sw["configurations"] else []
     head = "".join(f"<th>{e(_short(p))}</th>" for p in points)
     rows = []
-    for c in sorted(sw["configurations"], key=lambda c: c["score"]):
+    for c in group_configurations(sw):
         cells = "".join(f"<td>{_fmt(c['curve'].get(p), '.2f')}</td>" for p in points)
-        rows.append(f"<tr><td class='l'>{e(c['label'])}</td><td>{c['score']:.3f}</td><td class='l'>{e(c['first_above_floor'] or 'none')}</td>{cells}</tr>")
-    parts.append("<details><summary>every configuration's per-layer curve (log10 L2)</summary><table><tr><th class='l'>toggles</th>"
+        label = "<br>= ".join(e(x) for x in c["labels"])
+        if c["chosen"]:
+            label = f"<b>&#9654; {label}</b> (chosen)"
+        rows.append(f"<tr><td class='l'>{label}</td><td>{c['score']:.3f}</td><td class='l'>{e(c['first_above_floor'] or 'none')}</td>{cells}</tr>")
+    parts.append("<details><summary>every configuration's per-layer curve (log10 L2); settings that give the same divergence "
+                 "share a row</summary><table><tr><th class='l'>toggles</th>"
                  f"<th>score</th><th class='l'>first above floor</th>{head}</tr>{''.join(rows)}</table></details>")
     return "".join(parts)
 

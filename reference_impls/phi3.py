@@ -53,5 +53,6 @@ def forward(weights: dict, spec, tokens: np.ndarray, policy: Policy, out):
     x = norm(x, W["model.norm.weight"])
     out["final_norm"] = x
     logits = out.buffer("logits", (b, s, spec.vocab_size))
-    yield from n.logits(x, W, "lm_head.weight", spec.final_softcap, logits)  # one vocabulary chunk per step
+    head = "model.embed_tokens.weight" if spec.tie_word_embeddings else "lm_head.weight"  # tied: decode with the input embedding
+    yield from n.logits(x, W, head, spec.final_softcap, logits)  # one vocabulary chunk per step
     out["logits"] = logits

@@ -35,19 +35,34 @@ class Runner:
         self.toggles = self._parse_toggles(toggles)
         self.load_seconds = 0.0
         self.is_open = False
+        # what the library cannot represent of this checkpoint, run anyway with the library's own value (one phrase each:
+        # "the library fixes rms_norm_eps at 1e-06; the checkpoint says 0.01"); reported next to the measured divergence
+        self.cannot_represent: list[str] = []
 
     # toggles an open runner can switch without loading again (the rest change how the model is built)
     live_toggles: frozenset[str] = frozenset({"bos"})
 
+    # whether the runner applies the ignored-field hypotheses `field:<path>` (bughunt/hypotheses.py)
+    applies_field_hypotheses = False
+
+    @classmethod
+    def cannot_apply(cls, name: str) -> str | None:
+        """None when this runner applies toggle `name`, otherwise why it cannot."""
+        from bughunt.toggles import is_field
+
+        if is_field(name):
+            return None if cls.applies_field_hypotheses else "it reads its config its own way; field hypotheses go on the reference"
+        return cls.toggle_support.get(name, "not implemented for this runner")
+
     def _parse_toggles(self, toggles: dict[str, str] | None) -> dict[str, str]:
-        from bughunt.toggles import TOGGLES, changed, parse_toggles
+        from bughunt.toggles import changed, lookup, parse_toggles
 
         parsed = parse_toggles(toggles or {}, self.spec)
         for name in parsed:
-            if not TOGGLES[name].applies(self.spec):
+            if not lookup(name, self.spec).applies(self.spec):
                 raise BughuntError(f"toggle {name} does not apply to family {self.spec.family} (nothing in its config or architecture uses it).")
         for name in changed(self.spec, parsed):
-            reason = self.toggle_support.get(name, "not implemented for this runner")
+            reason = self.cannot_apply(name)
             if reason is not None:
                 raise BughuntError(f"implementation '{self.name}' cannot apply toggle {name}={parsed[name]}: {reason}.")
         return parsed
@@ -133,6 +148,8 @@ class Runner:
         meta = {"implementation": self.name, "dtype": self.dtype, "device": self.device, "versions": self.versions(),
                 "timings": {"load_s": self.load_seconds, "forward_s": seconds, **timings}, "tokens_shape": list(tokens.shape),
                 "toggles": dict(self.toggles)}
+        if self.cannot_represent:
+            meta["cannot_represent"] = list(self.cannot_represent)
         return out.finish(self.label, meta)
 
     def close(self) -> None:

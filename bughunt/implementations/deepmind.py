@@ -1,7 +1,8 @@
 """The `deepmind` implementation: Google DeepMind's `gemma` library (Flax/JAX) running Gemma, Gemma 2 and Gemma 3
 text from the same HF checkpoint. The safetensors weights are converted to the library's parameter tree, the
 model config is built from the Spec, and per-layer outputs come from Flax's own `capture_intermediates`.
-Config fields the library cannot represent are refused, not approximated."""
+Config fields the library cannot represent (a fixed epsilon, a fixed activation, ...) are run with the library's own
+value and named in the trace's metadata (`cannot_represent`), so the report measures how much each matters."""
 
 from __future__ import annotations
 
@@ -15,21 +16,26 @@ from bughunt.errors import BughuntError
 from bughunt.implementations.base import Runner
 
 
-def _refuse_unrepresentable(spec) -> None:
+def cannot_represent(spec) -> list[str]:
+    """What the library cannot represent of this checkpoint, each said as the value the library uses instead: the
+    runner runs anyway with the library's own value, and the report names the cause next to the measured divergence."""
     problems = []
     if spec.activation != "gelu_tanh":
-        problems.append(f"activation {spec.activation} (the library's MLP uses the tanh-approximate GELU)")
+        problems.append(f"the library's MLP uses the tanh-approximate GELU; the checkpoint says {spec.activation}")
     if abs(spec.rms_eps - 1e-6) > 1e-12:
-        problems.append(f"rms_norm_eps={spec.rms_eps} (the library fixes RMSNorm epsilon at 1e-6)")
+        problems.append(f"the library fixes rms_norm_eps at 1e-06; the checkpoint says {spec.rms_eps:g}")
+    shared = spec.rope["full"] == spec.rope["sliding"]
     for kind, rope in spec.rope.items():
+        layers = "every layer" if shared else f"{kind} layers"
         if rope.type not in ("default", "linear"):
-            problems.append(f"rope_type {rope.type} on {kind} layers (the library has only linear RoPE scaling)")
+            problems.append(f"the library has only linear RoPE scaling, so it runs {layers} unscaled; the checkpoint says "
+                            f"rope_type {rope.type}")
         if rope.partial_rotary_factor != 1.0:
-            problems.append("partial rotary embeddings")
+            problems.append(f"the library rotates every feature of each head; the checkpoint says partial_rotary_factor "
+                            f"{rope.partial_rotary_factor:g} on {layers}")
     if not spec.tie_word_embeddings:
-        problems.append("untied output embeddings (the library always decodes with the input embedding)")
-    if problems:
-        raise BughuntError("the deepmind gemma library cannot represent this checkpoint: " + "; ".join(problems) + ".")
+        problems.append("the library always decodes with the input embedding; the checkpoint has untied output embeddings")
+    return list(dict.fromkeys(problems))
 
 
 class DeepMindRunner(Runner):
@@ -43,7 +49,7 @@ class DeepMindRunner(Runner):
     feed_refusal = "the library's forward pass is compiled and cached, so Flax's method interception cannot replace a Block's input reliably"
 
     def _open(self) -> None:
-        _refuse_unrepresentable(self.spec)
+        self.cannot_represent = cannot_represent(self.spec)  # measured, not refused: the report names each cause
         if self.device == "cpu":
             os.environ.setdefault("JAX_PLATFORMS", "cpu")
         from bughunt.implementations import _tf_stub

@@ -22,17 +22,19 @@ class ReferenceRunner(Runner):
     devices = ("cpu", "cuda")  # numpy runs on the host whatever the device asked; the trace says so
     toggle_support = {name: None for name in ("gelu", "rope_dtype", "rope_pairing", "norm_dtype", "embed_scale_dtype", "bos",
                                               "sliding_window", "attn_softcap", "final_softcap", "query_scale", "rope_theta", "rms_eps",
-                                              "rope_positions", "longrope_switch", "rope_theta_source")}
+                                              "rope_positions", "longrope_switch", "rope_theta_source", "weights_dtype",
+                                              "kv_dtype", "attn_dtype", "logits_dtype", "matmul_inputs")}
+    applies_field_hypotheses = True  # field:<path> toggles: the spec as an implementation that reads the config that way
 
     def __init__(self, *args, policy=None, **kwargs):
         super().__init__(*args, **kwargs)
         from reference_impls import Policy
 
-        from bughunt.toggles import apply_to_spec
+        from bughunt.toggles import POLICY_TOGGLES, apply_to_spec
 
-        policy_fields = {k: v for k, v in self.toggles.items() if k in ("gelu", "rope_dtype", "rope_pairing", "norm_dtype", "embed_scale_dtype",
-                                                                             "rope_positions", "longrope_switch")}
+        policy_fields = {k: v for k, v in self.toggles.items() if k in POLICY_TOGGLES}
         self.policy = Policy(**{**(policy or Policy()).__dict__, **policy_fields, "dtype": self.dtype})
+        self.config_spec = self.spec  # what the checkpoint holds: its weights are loaded and checked against this
         self.spec = apply_to_spec(self.spec, self.toggles)
         from bughunt.spec import SUPPORTED_ROPE_TYPES
 
@@ -45,7 +47,7 @@ class ReferenceRunner(Runner):
     accepts_feed = True  # reference_impls._numerics.layer_input
 
     def _open(self) -> None:
-        self.weights = load_weights(self.checkpoint, self.spec, self.allow_pickle)  # memory-mapped: nothing read yet
+        self.weights = load_weights(self.checkpoint, self.config_spec, self.allow_pickle)  # memory-mapped: nothing read yet
 
     def _run(self, tokens: np.ndarray, out) -> None:
         from reference_impls import forward
