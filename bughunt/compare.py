@@ -25,6 +25,7 @@ from bughunt.metrics import UNIT_ROUNDOFF, compare_traces
 from bughunt.output import check_output_dir
 from bughunt.result import SCHEMA_VERSION, Result, environment, write_atomically
 from bughunt.spec import Spec, load_spec
+from bughunt.text import attach, resolve_input
 from bughunt.trace import Trace
 
 DEFAULT_FLOOR_FACTOR = 10.0
@@ -194,7 +195,8 @@ def compare(checkpoint: str | Path, implementations: Sequence[str | ImplChoice] 
             tokens: Sequence[int] | np.ndarray | None = None, out: str | Path | None = None,
             floor_factor: float = DEFAULT_FLOOR_FACTOR, branches: bool = True, allow_pickle: bool = False,
             render: bool = True, isolate: bool = True, timeout: float | None = None, pool=None,
-            max_memory: int | None = None, device_map: str | None = None, require_comparison: bool = False) -> Result:
+            max_memory: int | None = None, device_map: str | None = None, require_comparison: bool = False,
+            text=None) -> Result:
     """Compare implementations of one checkpoint layer by layer. Returns the Result; writes files when `out` is set.
 
     With `isolate` (the default) every implementation except the in-process float64 reference runs in a worker
@@ -202,7 +204,8 @@ def compare(checkpoint: str | Path, implementations: Sequence[str | ImplChoice] 
     side by side when their estimated peaks fit in memory (`max_memory` bytes, default what is available), one
     after another otherwise; a run that cannot fit is refused before anything starts. Traces stream to disk.
     With `require_comparison` (the CLI), a run in which no candidate could be compared raises BughuntError and
-    writes nothing."""
+    writes nothing. `text` (a bughunt.text.TextRequest) gives the input as text instead of `tokens`: the checkpoint's
+    tokenizer turns it into the ids every implementation is fed, and result.json records both."""
     checkpoint = Path(checkpoint)
     if out is not None:
         check_output_dir(out, "compare", [("the checkpoint", checkpoint)])
@@ -215,7 +218,8 @@ def compare(checkpoint: str | Path, implementations: Sequence[str | ImplChoice] 
     positive(timeout, "--timeout", "seconds an implementation's worker may take per run")
     spec = load_spec(checkpoint)
     weights = validate_weights(checkpoint, spec, allow_pickle)
-    tokens = default_tokens(spec) if tokens is None else np.atleast_2d(np.asarray(tokens, dtype=np.int64))
+    tokens, encoded = resolve_input(checkpoint, spec, tokens, text)
+    tokens = default_tokens(spec) if tokens is None else tokens
     if tokens.size == 0:
         raise BughuntError("no input tokens: pass at least one token id.")
     if tokens.min() < 0 or tokens.max() >= spec.vocab_size:
@@ -302,6 +306,7 @@ def compare(checkpoint: str | Path, implementations: Sequence[str | ImplChoice] 
         result = _judge_and_report(checkpoint, spec, choices, ref_choice, entries, traces, tokens, dtype, device,
                                    floor_factor, branches, allow_pickle, Path(scratch.name),
                                    {**schedule.as_dict(), "order": order}, floor_traces)
+        attach(result.data, encoded)
         if require_comparison and not result.comparisons:
             failed = "; ".join(f"{e['label']}: {(e['error'] or '').splitlines()[0][:300].rstrip('.')}" for e in entries if e["status"] != "ok")
             raise BughuntError(f"nothing could be compared: every candidate failed or was refused ({failed}). Nothing was written.")
