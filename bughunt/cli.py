@@ -75,7 +75,10 @@ def format_summary(result) -> str:
     if text:
         shape = f"{len(d['inputs']['tokens'])} x {len(d['inputs']['tokens'][0])} ids"
         lines.append(f"  input: {text['kind']} ({shape}) through {text['tokenizer']}; {text['bos']}")
-        lines += [f"  INPUT: {f['message']}" for f in d["findings"] if f["kind"] == "input"]
+        for path, p in (text.get("paths") or {}).items():
+            state = p["skipped"][:100] if "skipped" in p else "same ids" if p.get("agrees") else "DIFFERENT ids"
+            lines.append(f"  tokenizer path {path}: {state}")
+    lines += [f"  {f['severity'].upper()}: {f['message']}" for f in d["findings"] if f["kind"] in ("input", "tokenizer")]
     header = f"  {'implementation':<28} {'dtype':<5} {'first above floor':<18} {'max rel L2':>11} {'at':<12} {'logits KL':>10} {'top-1':>6}"
     lines.append(header)
     for e in d["implementations"]:
@@ -90,7 +93,7 @@ def format_summary(result) -> str:
         lines.append(f"  {e['label']:<28} {c['dtype']:<5} {c['first_above_floor'] or 'none':<18} {fmt(s['max_rel_l2'], '.2e'):>11} "
                      f"{s['max_rel_l2_point'] or '–':<12} {fmt(s['logits_kl'], '.2e'):>10} {fmt(s['logits_top1'], '.3f'):>6}")
     for f in d["findings"]:
-        if f["severity"] != "info":
+        if f["severity"] != "info" and f["kind"] not in ("input", "tokenizer"):  # those came first, above the numerics
             lines.append(f"  {f['severity'].upper()}: {f['message']}")
     if d.get("schedule"):
         sch = d["schedule"]

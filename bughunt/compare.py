@@ -243,6 +243,7 @@ def compare(checkpoint: str | Path, implementations: Sequence[str | ImplChoice] 
     own_pool = pool is None and isolate
     pool = pool or (WorkerPool() if isolate else None)
     scratch = tempfile.TemporaryDirectory(prefix="bughunt-traces-")
+    paths: dict[str, dict] = {}  # implementation -> its own tokenizer path's ids for the text (bughunt/tokenizer_paths.py)
 
     def attempt(choice: ImplChoice, index: int) -> tuple[dict, Trace | None]:
         impl_dtype = impl_dtype_of(choice)
@@ -285,7 +286,26 @@ def compare(checkpoint: str | Path, implementations: Sequence[str | ImplChoice] 
             results: dict[int, tuple[dict, Trace | None]] = {}
             order: list[str] = []
 
+            def tokenizer_path(choice: ImplChoice) -> None:
+                """This implementation's own tokenizer path on the same text, in its own process (a finding if it differs)."""
+                from bughunt.tokenizer_paths import encode_path, has_path, text_job
+
+                key = choice.name + (f"@{choice.python}" if choice.python else "")
+                if encoded is None or not has_path(choice.name) or key in paths:
+                    return
+                paths[key] = {}
+                job = {"kind": "tokenize", "name": choice.name, "checkpoint": str(checkpoint.resolve()), "text": text_job(encoded)}
+                try:
+                    answer = (pool.run(choice.name, choice.python, job, timeout) if isolate
+                              else encode_path(choice.name, checkpoint, job["text"]))
+                    paths[key] = {"path": answer["path"], "rows": answer["rows"]}
+                except (BughuntError, WorkerFailure) as e:
+                    paths[key] = {"skipped": str(e)}
+                except Exception as e:  # a library failing on the text is this path's result, not a crash of the run
+                    paths[key] = {"skipped": f"{type(e).__name__}: {e}"}
+
             def run_group(items):
+                tokenizer_path(items[0][1])
                 for i, choice in items:
                     order.append(choice.label)
                     results[i] = attempt(choice, i)
@@ -306,7 +326,7 @@ def compare(checkpoint: str | Path, implementations: Sequence[str | ImplChoice] 
         result = _judge_and_report(checkpoint, spec, choices, ref_choice, entries, traces, tokens, dtype, device,
                                    floor_factor, branches, allow_pickle, Path(scratch.name),
                                    {**schedule.as_dict(), "order": order}, floor_traces)
-        attach(result.data, encoded)
+        attach(result.data, encoded, paths)
         if require_comparison and not result.comparisons:
             failed = "; ".join(f"{e['label']}: {(e['error'] or '').splitlines()[0][:300].rstrip('.')}" for e in entries if e["status"] != "ok")
             raise BughuntError(f"nothing could be compared: every candidate failed or was refused ({failed}). Nothing was written.")

@@ -269,11 +269,19 @@ def resolve_input(checkpoint: str | Path, spec, tokens, text: TextRequest | None
     return encoded.tokens, encoded
 
 
-def attach(data: dict, encoded: EncodedText | None) -> None:
-    """Record the text in a result document (inputs.text) and put its notes (cut rows, BOS counts) first among the
-    findings: they say what the ids mean before any numerics are read."""
+def attach(data: dict, encoded: EncodedText | None, paths: dict[str, dict] | None = None) -> None:
+    """Record the text in a result document (inputs.text, with each implementation's own tokenizer path under
+    `paths`) and put its notes (cut rows, BOS counts) and the paths' differences first among the findings: they say
+    what the ids mean before any numerics are read."""
     if encoded is None:
         return
-    data.setdefault("inputs", {})["text"] = encoded.record()
+    from bughunt.tokenizer_paths import judge_paths
+
+    record = encoded.record()
     notes = [{"severity": "info", "kind": "input", "implementation": None, "point": None, "message": n} for n in encoded.notes]
+    if paths:
+        eos = data.get("checkpoint", {}).get("spec", {}).get("eos_token_id")
+        notes += judge_paths(encoded, paths, eos[0] if isinstance(eos, list) and eos else eos if isinstance(eos, int) else None)
+        record["paths"] = paths
+    data.setdefault("inputs", {})["text"] = record
     data["findings"][:0] = notes
