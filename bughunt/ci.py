@@ -828,10 +828,8 @@ def _run_group(group: _Group, matrix: Matrix, out: Path, log: Callable[[str], No
     t0 = time.perf_counter()
     try:
         result = compare(group.path, labels, reference=group.entry.reference.label, dtype=group.cells[0].dtype,
-                         device=group.device, tokens=group.tokens, out=None, branches=matrix.branches, render=False, pool=pool)
-        from bughunt.text import attach
-
-        attach(result.data, group.text)
+                         device=group.device, tokens=None if group.text is not None else group.tokens, out=None,
+                         branches=matrix.branches, render=False, pool=pool, text=group.text)
     except BughuntError as e:
         return [CellOutcome(c, "error", error=f"the compare run failed: {e}", seconds=time.perf_counter() - t0) for c in group.cells]
     report_rel = f"reports/{group.name}/report.html"

@@ -256,9 +256,14 @@ def encode_text(checkpoint: str | Path, text: TextRequest, spec=None) -> Encoded
                        bos_token_id=tok.bos_token_id, notes=notes)
 
 
-def resolve_input(checkpoint: str | Path, spec, tokens, text: TextRequest | None) -> tuple[np.ndarray | None, EncodedText | None]:
-    """The ids a run is fed: explicit `tokens`, else the text through the checkpoint's tokenizer, else None (the caller
-    draws seeded ids). The default text on a checkpoint without a tokenizer gives None too: seeded ids are the fallback."""
+def resolve_input(checkpoint: str | Path, spec, tokens, text: TextRequest | EncodedText | None) -> tuple[np.ndarray | None, EncodedText | None]:
+    """The ids a run is fed: explicit `tokens`, else the text through the checkpoint's tokenizer (or text already
+    encoded), else None (the caller draws seeded ids). The default text on a checkpoint without a tokenizer gives None
+    too: seeded ids are the fallback."""
+    if isinstance(text, EncodedText):
+        if tokens is not None:
+            raise BughuntError("give either token ids or encoded text, not both.")
+        return text.tokens, text
     if tokens is not None and text is not None and not text.default:
         raise BughuntError("give either token ids (--tokens, --tokens-file) or text (--prompt, --prompt-file, --chat), not both.")
     if tokens is not None:

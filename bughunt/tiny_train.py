@@ -1,6 +1,7 @@
 """A short, deterministic training run for tiny checkpoints (`bughunt tiny FAMILY --trained`): the seeded model
 learns the shipped text (bughunt/data/tiny_corpus.txt) for a few seconds on CPU, so loss on text means something
-and activations get trained statistics (a first token the attention leans on, larger first-token activations).
+(negative log-likelihood of the default prompt: gemma2 5.57 -> 2.46 nats, llama 19.3 -> 3.78). 80 steps are too few
+for attention sinks: attention mass on the first token and its activation norm stay as in the seeded model.
 
 Deterministic: one thread, torch's deterministic algorithms, batches drawn with numpy from the seed; the same seed
 and the same torch version give byte-identical weights. Global torch settings are restored afterwards.

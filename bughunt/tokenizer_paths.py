@@ -60,8 +60,13 @@ def _hf(checkpoint: Path, text: dict) -> dict:
 
 
 def _keras(checkpoint: Path, text: dict) -> dict:
-    import keras_hub
     import numpy as np
+
+    try:
+        import keras_hub
+    except ImportError as e:
+        raise BughuntError(f"keras-hub cannot be imported in this process ({e}); its tokenizer path runs in the keras "
+                           "worker, where KERAS_BACKEND is set before keras is imported") from None
 
     try:
         pre = keras_hub.models.CausalLMPreprocessor.from_preset(str(checkpoint))

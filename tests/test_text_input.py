@@ -87,7 +87,7 @@ def test_text_in_a_ci_matrix_end_to_end(tmp_path):
     assert main(["ci", str(matrix), "--baseline", str(base), "--out", str(tmp_path / "run")]) == 0
     assert (base / "llama-trained__hf-fp32__cpu.json").exists()
     html = next((tmp_path / "run").rglob("report.html")).read_text()
-    assert PROMPT in html and "He carried a pack" in html
+    assert PROMPT in html and "He carried a pack" in html and "its own tokenizer path" in html
     # other text is other ids: the stored baseline no longer matches
     matrix.write_text(matrix.read_text().replace("north", "south"))
     assert main(["ci", str(matrix), "--baseline", str(base), "--out", str(tmp_path / "run2")]) == 2
