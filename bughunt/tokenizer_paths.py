@@ -98,7 +98,9 @@ def _deepmind(checkpoint: Path, text: dict) -> dict:
     family = json.loads((checkpoint / "config.json").read_text()).get("model_type", "")
     cls = gm.text.Gemma3Tokenizer if family.startswith("gemma3") else gm.text.Gemma2Tokenizer
     tok = cls(path=str(spm))
-    what = f"DeepMind gemma {getattr(gm, '__version__', '')} {cls.__name__}.encode(add_bos=True)".replace("  ", " ")
+    from importlib.metadata import version
+
+    what = f"DeepMind gemma {version('gemma')} {cls.__name__}.encode(add_bos=True)"
     if "chat" in text:
         parts = []
         for m in text["chat"]:
@@ -108,7 +110,7 @@ def _deepmind(checkpoint: Path, text: dict) -> dict:
                 parts.append(_template.ANSWER.format(m["content"]))
             else:
                 raise BughuntError(f"gm.text's chat format has user and model turns only; this chat has role {m['role']!r}")
-        return {"path": what + " on turns formatted with gm.text's chat template", "rows": [tok.encode("".join(parts), add_bos=True)]}
+        return {"path": what + " on turns formatted with gm.text's chat template", "rows": [[int(i) for i in tok.encode("".join(parts), add_bos=True)]]}
     return {"path": what, "rows": [[int(i) for i in tok.encode(p, add_bos=True)] for p in text["prompts"]]}
 
 

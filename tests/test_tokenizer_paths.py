@@ -58,3 +58,27 @@ def test_planted_double_bos_in_one_path_is_reported_before_any_numerics(tiny, tm
     assert terminal.index("adds BOS twice") < terminal.index("first above floor")
     html = (out / "report.html").read_text()
     assert html.index("adds BOS twice") < html.index("Per-layer divergence")
+
+
+@pytest.mark.skipif(not available("deepmind"), reason="DeepMind gemma is not installed")
+def test_deepmind_path_reads_tokenizer_model_in_its_worker(tiny, tmp_path):
+    """gm.text reads only a SentencePiece tokenizer.model (the tiny checkpoints ship tokenizer.json): with one added,
+    its path runs in the deepmind worker and encodes as its Sampler does, BOS first."""
+    import sentencepiece
+
+    from bughunt.tiny_tokenizer import CORPUS
+    from bughunt.worker import WorkerFailure, WorkerPool
+
+    checkpoint = tmp_path / "gemma-spm"
+    shutil.copytree(tiny["gemma"], checkpoint)
+    sentencepiece.SentencePieceTrainer.train(input=str(CORPUS), model_prefix=str(checkpoint / "tokenizer"), vocab_size=200,
+                                             model_type="bpe", pad_id=0, eos_id=1, bos_id=2, unk_id=3, minloglevel=2)
+    text = "The miller sat by the door."
+    job = {"kind": "tokenize", "name": "deepmind", "checkpoint": str(checkpoint), "text": {"prompts": [text]}}
+    with WorkerPool() as pool:
+        answer = pool.run("deepmind", None, job)
+        with pytest.raises(WorkerFailure, match="reads a SentencePiece tokenizer.model, which this checkpoint lacks"):
+            pool.run("deepmind", None, {**job, "checkpoint": str(tiny["gemma"])})
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(checkpoint / "tokenizer.model"))
+    assert answer["path"].startswith("DeepMind gemma ") and "Gemma2Tokenizer.encode(add_bos=True)" in answer["path"]
+    assert answer["rows"] == [[2] + list(sp.encode(text))]
