@@ -202,6 +202,12 @@ def serve() -> None:
             continue
         job = json.loads(line)
         try:
+            if job.get("kind") == "tokenize":  # this implementation's own tokenizer path (bughunt/tokenizer_paths.py)
+                from bughunt.tokenizer_paths import encode_path
+
+                protocol.write(json.dumps({"ok": True, **encode_path(job["name"], Path(job["checkpoint"]), job["text"])}) + "\n")
+                protocol.flush()
+                continue
             spec = load_spec(Path(job["checkpoint"]))
             runner, reused = runner_for(job, spec)
             runner.label = job["label"]
