@@ -132,7 +132,7 @@ def noise_floor(checkpoint: Path, spec: Spec, dtype: str, tokens: np.ndarray, fp
             emulated = run_implementation(ImplChoice("reference", dtype), checkpoint, spec, dtype, "cpu", tokens,
                                           allow_pickle=allow_pickle, stem=stem(f"floor-{dtype}"))
         timings["emulated_forward_s"] = emulated.meta["timings"]["forward_s"]
-        measured = {m["point"]: m for m in compare_traces(emulated, fp64)}
+        measured = {m["point"]: m for m in compare_traces(emulated, fp64, tokens)}
     points = {}
     for p in fp64.points():
         ref_norm = _norm(fp64.arrays[p])
@@ -141,8 +141,44 @@ def noise_floor(checkpoint: Path, spec: Spec, dtype: str, tokens: np.ndarray, fp
         per_pos = (measured[p].get("per_position") or {}).get("rel_l2")
         if per_pos is not None:
             points[p]["floor_rel_l2_per_position"] = [max(v or 0.0, u) for v in per_pos]
+    if "logits" in points:
+        points["logits"].update(loss_floor(measured.get("logits", {}), fp64.arrays["logits"], tokens, u))
     return {"dtype": dtype, "unit_roundoff": u, "method": "reference emulating the family's rounding policy vs float64",
             "timings": timings, "points": points}
+
+
+def loss_floor(measured: dict, fp64_logits: np.ndarray, tokens: np.ndarray, u: float) -> dict:
+    """The noise floor of the loss on the input: the mean absolute per-token difference in NLL between the
+    reference emulating the dtype and float64 (it bounds the difference of the means, which can cancel), never below
+    the unit roundoff times the mean NLL. Per position: the emulated reference's own difference, never below that."""
+    if tokens is None or np.asarray(tokens).shape[-1] < 2:
+        return {}
+    if measured.get("nll_reference") is not None:
+        mean_nll = measured["nll_reference"]
+    else:  # fp64: nothing was emulated; the floor is the unit roundoff on the loss itself
+        from bughunt.metrics import token_nll
+
+        mean_nll = float(token_nll(fp64_logits, tokens).mean())
+    floor = max(measured.get("abs_delta_nll") or 0.0, u * max(mean_nll, 1.0))
+    per_pos = measured.get("delta_nll_per_position")
+    out = {"floor_delta_nll": floor}
+    if per_pos is not None:
+        out["floor_delta_nll_per_position"] = [max(abs(v) if v is not None else 0.0, floor) for v in per_pos]
+    return out
+
+
+def _judge_loss(p: dict, f: dict, factor: float) -> None:
+    """Annotate the logits point with the loss difference's ratio to its floor and the first position above it."""
+    if p.get("delta_nll") is None or not f.get("floor_delta_nll"):
+        return
+    p["floor_delta_nll"] = f["floor_delta_nll"]
+    p["delta_nll_ratio_to_floor"] = abs(p["delta_nll"]) / f["floor_delta_nll"]
+    p["nll_above_floor"] = p["delta_nll_ratio_to_floor"] > factor
+    per, per_floor = p.get("delta_nll_per_position"), f.get("floor_delta_nll_per_position")
+    if per is not None and per_floor is not None and len(per_floor) >= len(per):
+        per_floor = per_floor[len(per_floor) - len(per):]
+        p["first_position_nll_above_floor"] = next(
+            (i for i, (v, fl) in enumerate(zip(per, per_floor)) if v is None or abs(v) > factor * fl), None)
 
 
 def _norm(array: np.ndarray) -> float:
@@ -173,6 +209,8 @@ def judge(points: list[dict], floor: dict, factor: float) -> tuple[list[dict], s
                 per_floor = per_floor[len(per_floor) - len(per_rel):]  # suffix-aligned, as the metrics are
                 p["first_position_above_floor"] = next(
                     (i for i, (v, fl) in enumerate(zip(per_rel, per_floor)) if v is None or v > factor * fl), None)
+        if f is not None and p["point"] == "logits":
+            _judge_loss(p, f, factor)
         if p["above_floor"] and first is None:
             first = p["point"]
     return points, first
@@ -341,7 +379,7 @@ def _judge_and_report(checkpoint, spec, choices, ref_choice, entries, traces, to
             floors[entry["dtype"]] = noise_floor(checkpoint, spec, entry["dtype"], tokens, fp64, allow_pickle, scratch,
                                                  floor_traces.get(entry["dtype"]) if fp64 is not None else None)
         floor = floors[entry["dtype"]]
-        points, first = judge(compare_traces(traces[entry["label"]], reference_trace), floor, floor_factor)
+        points, first = judge(compare_traces(traces[entry["label"]], reference_trace, tokens), floor, floor_factor)
         comparisons.append({"candidate": entry["label"], "reference": ref_choice.label, "dtype": entry["dtype"],
                             "points": points, "first_above_floor": first, "summary": _summary(points)})
         nonfinite = next((p for p in points if p.get("nonfinite")), None)
@@ -353,6 +391,15 @@ def _judge_and_report(checkpoint, spec, choices, ref_choice, entries, traces, to
             findings.append({"severity": "warning", "kind": "divergence", "implementation": entry["label"], "point": first,
                              "message": (f"{entry['label']} departs from {ref_choice.label} at {first}: relative L2 {p['rel_l2']:.2e} "
                                          f"is {p['ratio_to_floor']:.1f}x the {entry['dtype']} noise floor ({p['floor_rel_l2']:.1e})")})
+        loss = next((p for p in points if p["point"] == "logits" and p.get("nll_above_floor")), None)
+        if loss is not None and not nonfinite:
+            at = loss.get("first_position_nll_above_floor")
+            findings.append({"severity": "warning", "kind": "loss", "implementation": entry["label"], "point": "logits",
+                             "message": (f"{entry['label']} changes the loss on the input: mean NLL {loss['nll']:.4f} vs "
+                                         f"{loss['nll_reference']:.4f} nats/token under {ref_choice.label} (delta {loss['delta_nll']:+.2e}, "
+                                         f"perplexity x{_ratio_text(loss.get('ppl_ratio'))}), {loss['delta_nll_ratio_to_floor']:.1f}x the "
+                                         f"{entry['dtype']} floor ({loss['floor_delta_nll']:.1e})"
+                                         + (f"; first above it predicting position {at + 1}" if at is not None else ""))})
     for note in spec.notes:
         findings.append({"severity": "info", "kind": "config", "implementation": None, "point": None, "message": note})
 
@@ -375,12 +422,17 @@ def _judge_and_report(checkpoint, spec, choices, ref_choice, entries, traces, to
     return Result(data)
 
 
+def _ratio_text(r: float | None) -> str:
+    return "inf" if r is None else f"{r:.6g}"
+
+
 def _summary(points: list[dict]) -> dict:
     residual = [p for p in points if p.get("rel_l2") is not None]
     worst = max(residual, key=lambda p: p["rel_l2"], default=None)
     logits = next((p for p in points if p["point"] == "logits"), {})
     return {"max_rel_l2": worst["rel_l2"] if worst else None, "max_rel_l2_point": worst["point"] if worst else None,
-            "logits_kl": logits.get("kl"), "logits_top1": logits.get("top1")}
+            "logits_kl": logits.get("kl"), "logits_top1": logits.get("top1"), "delta_nll": logits.get("delta_nll"),
+            "ppl_ratio": logits.get("ppl_ratio")}
 
 
 def save(result: Result, out: Path, traces: dict[str, Trace] | None = None, render: bool = True) -> None:

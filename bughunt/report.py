@@ -111,6 +111,49 @@ def heatmap_figure(result: Result, max_panels: int = 4):
     return fig
 
 
+def _loss_points(result: Result) -> list[tuple[dict, dict]]:
+    """(comparison, its logits point) for every comparison whose logits carry the loss on the input."""
+    out = []
+    for c in result.comparisons:
+        p = next((p for p in c["points"] if p["point"] == "logits" and p.get("delta_nll_per_position")), None)
+        if p is not None:
+            out.append((c, p))
+    return out
+
+
+def loss_figure(result: Result):
+    """Delta NLL (candidate minus reference, nats) of each actual next token by position, one line per implementation;
+    the band is +-factor x the dtype's loss floor (symmetric log scale, linear inside the smallest floor)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(9, 3.4), dpi=110)
+    factor = result.data["settings"]["floor_factor"]
+    rows = _loss_points(result)
+    floors = [p["floor_delta_nll"] for _, p in rows if p.get("floor_delta_nll")]
+    for i, (c, p) in enumerate(rows):
+        ys = [v if v is not None else float("nan") for v in p["delta_nll_per_position"]]
+        xs = list(range(1, len(ys) + 1))  # position t's logits predict token t + 1
+        color = _COLORS[i % len(_COLORS)]
+        ax.plot(xs, ys, marker=".", lw=1.2, color=color,
+                label=f"{c['candidate']} (mean {p['delta_nll']:+.1e}, ppl x{p['ppl_ratio']:.6g})" if p.get("ppl_ratio") else c["candidate"])
+        if p.get("floor_delta_nll"):
+            band = _BAND_COLORS.get(c["dtype"], "#bdbdbd")
+            ax.fill_between(xs, [-factor * p["floor_delta_nll"]] * len(xs), [factor * p["floor_delta_nll"]] * len(xs),
+                            color=band, alpha=0.2, lw=0)
+        if p.get("first_position_nll_above_floor") is not None:
+            ax.axvline(p["first_position_nll_above_floor"] + 1, color=color, ls=":", lw=1)
+    if floors:
+        ax.set_yscale("symlog", linthresh=min(floors))
+    ax.axhline(0, color="#444", lw=0.6)
+    ax.set_xlabel("position of the predicted token")
+    ax.set_ylabel("delta NLL (nats)")
+    ax.set_title(f"loss on the input: candidate minus {result.data['settings']['reference']} (band: {factor:g}x the loss floor)")
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 def _encode(fig, svg: bool = False) -> tuple[bytes, str | None]:
     """PNG bytes, and the SVG text only when asked (only the per-layer plot is written as SVG)."""
     png = io.BytesIO()
@@ -149,8 +192,8 @@ def decode_figure(result: Result):
 
 
 def render(result: Result, out: Path) -> dict[str, Path]:
-    """Write the plots (layers.png/.svg, positions.png, heatmap.png for comparisons; decode.png for decode runs)
-    and report.html into `out`."""
+    """Write the plots (layers.png/.svg, positions.png, heatmap.png and, with the loss on the input, loss.png for
+    comparisons; decode.png for decode runs) and report.html into `out`."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     images: dict[str, bytes] = {}
@@ -165,6 +208,9 @@ def render(result: Result, out: Path) -> dict[str, Path]:
         (out / "positions.png").write_bytes(images["positions"])
         images["heatmap"], _ = _encode(heatmap_figure(result))
         (out / "heatmap.png").write_bytes(images["heatmap"])
+        if _loss_points(result):
+            images["loss"], _ = _encode(loss_figure(result))
+            (out / "loss.png").write_bytes(images["loss"])
     if result.data.get("decode"):
         images["decode"], _ = _encode(decode_figure(result))
         (out / "decode.png").write_bytes(images["decode"])

@@ -46,6 +46,8 @@ class BaselinePoint(BaseModel):
     kl: Metric = None
     cosine: Metric = None
     top1: Metric = None
+    delta_nll: Metric = None
+    ppl_ratio: Metric = None
 
 
 _POINTS = TypeAdapter(list[BaselinePoint])
