@@ -232,7 +232,8 @@ def compare(checkpoint: str | Path, implementations: Sequence[str | ImplChoice] 
             tokens: Sequence[int] | np.ndarray | None = None, out: str | Path | None = None,
             floor_factor: float = DEFAULT_FLOOR_FACTOR, branches: bool = True, allow_pickle: bool = False,
             render: bool = True, isolate: bool = True, timeout: float | None = None, pool=None,
-            max_memory: int | None = None, device_map: str | None = None, require_comparison: bool = False) -> Result:
+            max_memory: int | None = None, device_map: str | None = None, require_comparison: bool = False,
+            generate: int | None = None, top_k: int = 5, decode_config: dict | None = None) -> Result:
     """Compare implementations of one checkpoint layer by layer. Returns the Result; writes files when `out` is set.
 
     With `isolate` (the default) every implementation except the in-process float64 reference runs in a worker
@@ -240,7 +241,9 @@ def compare(checkpoint: str | Path, implementations: Sequence[str | ImplChoice] 
     side by side when their estimated peaks fit in memory (`max_memory` bytes, default what is available), one
     after another otherwise; a run that cannot fit is refused before anything starts. Traces stream to disk.
     With `require_comparison` (the CLI), a run in which no candidate could be compared raises BughuntError and
-    writes nothing."""
+    writes nothing. With `generate` = N, every implementation also generates N tokens greedily through its own
+    generation path and each candidate's tokens are compared with the reference's (bughunt.generation);
+    `decode_config` changes config values on the candidates' one-token decoding steps only (a planted decode bug)."""
     checkpoint = Path(checkpoint)
     if out is not None:
         check_output_dir(out, "compare", [("the checkpoint", checkpoint)])
@@ -258,6 +261,16 @@ def compare(checkpoint: str | Path, implementations: Sequence[str | ImplChoice] 
         raise BughuntError("no input tokens: pass at least one token id.")
     if tokens.min() < 0 or tokens.max() >= spec.vocab_size:
         raise BughuntError(f"token ids must lie in [0, {spec.vocab_size}) for this checkpoint (vocab_size); got [{tokens.min()}, {tokens.max()}].")
+    from bughunt import generation
+
+    generation.check_settings(generate, top_k, spec.vocab_size, spec.max_position_embeddings, tokens.shape[1])
+    if decode_config:
+        from bughunt.inputs.config import validate_decode_config
+        from bughunt.spec import load_config
+
+        if not generate:
+            raise BughuntError("--decode-config changes the decoding steps of generation; add --generate N (or use bughunt decode).")
+        decode_config = validate_decode_config(decode_config, load_config(checkpoint), str(checkpoint / "config.json"))
     choices, ref_choice = _choices(implementations, reference)
     if require_comparison and all(c.label == ref_choice.label for c in choices):
         raise BughuntError(f"nothing to compare: only the reference {ref_choice.label} was given. Add a candidate, e.g. --impl hf.")
@@ -273,6 +286,8 @@ def compare(checkpoint: str | Path, implementations: Sequence[str | ImplChoice] 
 
     traces: dict[str, Trace] = {}
     floor_traces: dict[str, Trace] = {}
+    generations: dict[str, generation.Generation] = {}
+    generation_failures: dict[str, str] = {}
     entries = []
     own_pool = pool is None and isolate
     pool = pool or (WorkerPool() if isolate else None)
@@ -299,6 +314,16 @@ def compare(checkpoint: str | Path, implementations: Sequence[str | ImplChoice] 
                     trace = run_choice(choice, checkpoint, spec, impl_dtype, device, tokens, None if in_process else pool,
                                        Path(scratch.name) / f"trace{index}", branches, allow_pickle, timeout, device_map=device_map)
             entry["meta"] = trace.meta
+            if generate:
+                with progress.task(choice.label, unit="step") as bar:
+                    bar.update(stage=f"generating {generate} tokens")
+                    try:
+                        generations[choice.label] = generation.generate_choice(
+                            choice, checkpoint, spec, impl_dtype, device, tokens, generate, Path(scratch.name) / f"generation{index}",
+                            None if in_process else pool, None if choice is ref_choice else decode_config, allow_pickle, timeout,
+                            device_map, branches)
+                    except (BughuntError, WorkerFailure) as e:
+                        generation_failures[choice.label] = str(e)
         except BughuntError as e:
             entry.update(status="failed", error=str(e))
         except WorkerFailure as e:
@@ -340,6 +365,11 @@ def compare(checkpoint: str | Path, implementations: Sequence[str | ImplChoice] 
         result = _judge_and_report(checkpoint, spec, choices, ref_choice, entries, traces, tokens, dtype, device,
                                    floor_factor, branches, allow_pickle, Path(scratch.name),
                                    {**schedule.as_dict(), "order": order}, floor_traces)
+        if generate:
+            generation.attach(result.data, generations, generation_failures, ref_choice.label, generate, top_k, tokens.shape[1],
+                              decode_config or {})
+            result.data["command"] += f" --generate {generate}" + (f" --top-k {top_k}" if top_k != 5 else "") + "".join(
+                f" --decode-config {k}={v}" for k, v in (decode_config or {}).items())
         if require_comparison and not result.comparisons:
             failed = "; ".join(f"{e['label']}: {(e['error'] or '').splitlines()[0][:300].rstrip('.')}" for e in entries if e["status"] != "ok")
             raise BughuntError(f"nothing could be compared: every candidate failed or was refused ({failed}). Nothing was written.")

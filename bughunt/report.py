@@ -239,6 +239,8 @@ def render_html(result: Result, images: dict[str, bytes]) -> str:
     sections = list(result.data.get("extra_sections", []))
     if result.data.get("sweep"):
         sections.insert(0, {"title": "Sweep", "html": sweep_section(result)})
+    if result.data.get("generation"):
+        sections.insert(0, {"title": "Greedy generation", "html": generation_section(result)})
     return template.render(r=result.data, images=b64, extra_sections=sections)
 
 
@@ -268,4 +270,56 @@ def sweep_section(result: Result) -> str:
         rows.append(f"<tr><td class='l'>{e(c['label'])}</td><td>{c['score']:.3f}</td><td class='l'>{e(c['first_above_floor'] or 'none')}</td>{cells}</tr>")
     parts.append("<details><summary>every configuration's per-layer curve (log10 L2)</summary><table><tr><th class='l'>toggles</th>"
                  f"<th>score</th><th class='l'>first above floor</th>{head}</tr>{''.join(rows)}</table></details>")
+    return "".join(parts)
+
+
+def generation_section(result: Result) -> str:
+    """Each implementation's greedy tokens beside the reference's (differences marked), and at the first differing
+    step the top-k containment check, the log-prob gaps and the reference's top-2 margin."""
+    import html
+
+    g = result.data["generation"]
+    e = html.escape
+    ref = g.get("reference")
+    parts = [f"<p>{g['steps']} tokens generated greedily after the {g['prompt_length']}-token input, each implementation through its "
+             f"own generation path; top-k check with k = {g['top_k']} (as vLLM's model tests gate: where the tokens first differ, "
+             "each must be within the other's top-k)"
+             + (f"; decode-only config on the candidates: <code>{e(str(g['decode_config']))}</code>" if g.get("decode_config") else "")
+             + ".</p>"]
+    if ref is None:
+        return "".join(parts) + "<p class='failed'>the reference could not generate.</p>"
+
+    def tokens_row(label: str, path: str, rows: list[list[int]], against: list[list[int]] | None) -> str:
+        cells = []
+        for t, tok in enumerate(rows[0]):
+            differs = against is not None and tok != against[0][t]
+            style = " style='background:#ffd6d2'" if differs else ""
+            cells.append(f"<td{style}>{tok}</td>")
+        return f"<tr><td class='l'>{e(label)}</td><td class='l'>{e(path)}</td>{''.join(cells)}</tr>"
+
+    head = "".join(f"<th>{t}</th>" for t in range(g["steps"]))
+    rows = [tokens_row(ref["label"], ref["path"], ref["tokens"], None)]
+    rows += [tokens_row(c["candidate"], c["path"], c["tokens"], ref["tokens"]) for c in g["candidates"]]
+    margin = "".join(f"<td>{m:.2g}</td>" for m in ref["margins"][0])
+    parts.append(f"<table><tr><th class='l'>implementation</th><th class='l'>path</th>{head}</tr>{''.join(rows)}"
+                 f"<tr><td class='l' colspan=2>reference top-2 margin (nats)</td>{margin}</tr></table><p><small>First row of the batch; "
+                 "a small margin is a near tie, where a correct implementation at a lower precision may flip.</small></p>")
+    checks = []
+    for c in g["candidates"]:
+        for b, r in enumerate(c["rows"]):
+            if r["first_diff"] is None:
+                checks.append(f"<tr><td class='l'>{e(c['candidate'])}</td><td>{b}</td><td class='l' colspan=7>identical to the reference</td></tr>")
+                continue
+            checks.append(f"<tr class='{'' if r['topk_ok'] else 'first'}'><td class='l'>{e(c['candidate'])}</td><td>{b}</td><td>{r['step']}</td>"
+                          f"<td>{r['candidate_token']} / {r['reference_token']}</td><td>{r['candidate_rank_under_reference'] + 1}</td>"
+                          f"<td>{r['reference_rank_under_candidate'] + 1}</td><td>{r['reference_gap']:.3g} / {r['candidate_gap']:.3g}</td>"
+                          f"<td>{r['reference_margin']:.3g}</td><td class='l'>{'pass' if r['topk_ok'] else 'FAIL'}</td></tr>")
+    parts.append("<table><tr><th class='l'>candidate</th><th>row</th><th>first differing step</th><th>token cand / ref</th>"
+                 "<th>rank of cand's token under ref</th><th>rank of ref's token under cand</th><th>log-prob gap ref / cand</th>"
+                 f"<th>ref top-2 margin</th><th class='l'>top-{g['top_k']} check</th></tr>{''.join(checks)}</table>")
+    sources = "; ".join(f"{e(c['candidate'])}: {e(c['logits_source'])}" for c in g["candidates"])
+    if sources:
+        parts.append(f"<p><small>Per-step log-probs: {sources}.</small></p>")
+    for label, error in (g.get("failed") or {}).items():
+        parts.append(f"<p class='failed'>{e(label)} could not generate: {e(error)}</p>")
     return "".join(parts)

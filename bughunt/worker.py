@@ -205,10 +205,14 @@ def serve() -> None:
             spec = load_spec(Path(job["checkpoint"]))
             runner, reused = runner_for(job, spec)
             runner.label = job["label"]
-            trace = runner.run(np.asarray(job["tokens"]), Path(job["out_stem"]))  # streams to out_stem as it captures
-            trace.meta["worker"] = {"python": sys.executable, "pid": os.getpid(), "reused_loaded_model": reused}
-            trace.save_meta()
-            answer = {"ok": True, "trace": job["out_stem"]}
+            if job.get("op") == "generate":  # greedy generation through the implementation's own path
+                runner.generate(np.asarray(job["tokens"]), int(job["steps"]), job.get("decode_config") or None).save(Path(job["out_stem"]))
+                answer = {"ok": True, "generation": job["out_stem"]}
+            else:
+                trace = runner.run(np.asarray(job["tokens"]), Path(job["out_stem"]))  # streams to out_stem as it captures
+                trace.meta["worker"] = {"python": sys.executable, "pid": os.getpid(), "reused_loaded_model": reused}
+                trace.save_meta()
+                answer = {"ok": True, "trace": job["out_stem"]}
         except BughuntError as e:
             release_held()
             answer = {"ok": False, "error": str(e)}
