@@ -9,6 +9,7 @@ A matrix file (see examples/bughunt.toml for every key):
     dtypes = ["fp32", "bf16"]
     devices = ["cpu"]
     tokens = { length = 16, seed = 0 } # or tokens = { ids = [[2, 17, 99]] }
+    generate = { steps = 8, top_k = 5 } # optional: greedy generation per cell (metrics gen_matched_steps, gen_topk_ok)
 
     [[checkpoints]]
     tiny = "llama"                     # a generated tiny checkpoint, or path = "models/x" (relative to this file)
@@ -57,8 +58,11 @@ SIMILARITY_METRICS = ("cosine", "top1")  # 1 is perfect; judged by their distanc
 # The loss on the input: delta_nll (candidate minus reference mean NLL, nats/token) is judged by its absolute value;
 # ppl_ratio = exp(delta_nll) by its distance from 1 under baseline rules, as is under max/min.
 LOSS_METRICS = ("delta_nll", "ppl_ratio")
-METRICS = ERROR_METRICS + SIMILARITY_METRICS + LOSS_METRICS
-LOGITS_ONLY = ("kl", "top1") + LOSS_METRICS
+# Greedy generation (with a matrix's `generate`): gen_matched_steps, the tokens equal to the reference's before the first
+# difference (judged by min); gen_topk_ok, the fraction of rows passing the top-k check where they first differ (1 is perfect).
+GENERATION_METRICS = ("gen_matched_steps", "gen_topk_ok")
+METRICS = ERROR_METRICS + SIMILARITY_METRICS + LOSS_METRICS + GENERATION_METRICS
+LOGITS_ONLY = ("kl", "top1") + LOSS_METRICS + GENERATION_METRICS
 FLOOR_OF = {"rel_l2": "floor_rel_l2", "delta_nll": "floor_delta_nll"}  # metrics a floor_factor rule can judge
 SUMMARIES = ("max", "min", "mean")
 DEFAULT_TOKENS = {"length": 16, "seed": 0}
@@ -153,9 +157,10 @@ class Matrix:
     checkpoints: tuple[CheckpointEntry, ...]
     thresholds: tuple[Threshold, ...]
     branches: bool = True
+    generate: tuple[int, int] | None = None  # (steps, top_k): each cell also generates greedily
 
 
-_TOP_KEYS = ("reference", "implementations", "dtypes", "devices", "tokens", "branches", "checkpoints", "thresholds")
+_TOP_KEYS = ("reference", "implementations", "dtypes", "devices", "tokens", "branches", "generate", "checkpoints", "thresholds")
 _CHECKPOINT_KEYS = ("name", "path", "tiny", "seed", "reference", "implementations", "dtypes", "devices", "tokens")
 _THRESHOLD_KEYS = ("metric", "points", "cells", "summary", "max", "min", "floor_factor", "baseline_factor", "slack")
 _NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
@@ -335,6 +340,9 @@ def _threshold(t: Any, index: int, where: str) -> Threshold:
             raise BughuntError(f"{where}.floor_factor judges each capture point against its own floor; remove summary.")
         if limits["floor_factor"] <= 0:
             raise BughuntError(f"{where}.floor_factor must be positive, found {limits['floor_factor']:g}.")
+    if metric == "gen_matched_steps" and "baseline_factor" in limits:
+        raise BughuntError(f"{where}: gen_matched_steps is a count of steps, not an error that grows; bound it with min = N "
+                           "(at least N generated tokens equal to the reference's) instead of baseline_factor.")
     if "baseline_factor" in limits and limits["baseline_factor"] < 1:
         raise BughuntError(f"{where}.baseline_factor must be at least 1 (how many times worse than the baseline is allowed), found {limits['baseline_factor']:g}.")
     if "slack" in limits:
@@ -383,7 +391,24 @@ def parse_matrix(data: dict, source: Path) -> Matrix:
         raise BughuntError(f"{where}: thresholds must be a list of tables ([[thresholds]]), found {_type_name(raw_t)} {raw_t!r}. "
                            "Leave it out to use the defaults.")
     thresholds = tuple(_threshold(t, i, f"{where}: thresholds[{i}]") for i, t in enumerate(raw_t))
-    return Matrix(source=source, checkpoints=checkpoints, thresholds=thresholds, branches=branches)
+    generate = _generate(data["generate"], f"{where}: generate") if "generate" in data else None
+    for rule in thresholds:
+        if rule.metric in GENERATION_METRICS and generate is None:
+            raise BughuntError(f"{where}: thresholds[{rule.index}] judges {rule.metric}, which needs generation. Add "
+                               "generate = { steps = 8, top_k = 5 } at the top of the matrix, or remove the rule.")
+    return Matrix(source=source, checkpoints=checkpoints, thresholds=thresholds, branches=branches, generate=generate)
+
+
+def _generate(v: Any, where: str) -> tuple[int, int]:
+    from bughunt.generation import DEFAULT_TOP_K, MAX_STEPS
+
+    if not isinstance(v, dict):
+        raise BughuntError(f"{where} must be a table, e.g. generate = {{ steps = 8, top_k = 5 }}; found {_type_name(v)} {v!r}.")
+    _check_keys(v, ("steps", "top_k"), where)
+    if "steps" not in v:
+        raise BughuntError(f"{where}: missing key 'steps' (how many tokens each implementation generates), e.g. steps = 8.")
+    return (_int(v["steps"], f"{where}.steps", minimum=1, maximum=MAX_STEPS),
+            _int(v.get("top_k", DEFAULT_TOP_K), f"{where}.top_k", minimum=1, maximum=MAX_TOKEN_ID))
 
 
 def load_matrix(path: str | Path) -> Matrix:
@@ -431,8 +456,10 @@ def _round(value: float | None, metric: str) -> float | None:
     """Four significant digits; for cosine and top1, four significant digits of the distance from 1."""
     if value is None:
         return None
-    if metric in SIMILARITY_METRICS:
+    if metric in SIMILARITY_METRICS or metric == "gen_topk_ok":
         return float(Decimal(1) - Decimal(f"{1.0 - value:.3e}"))
+    if metric == "gen_matched_steps":
+        return float(value)
     if metric == "ppl_ratio":
         return float(Decimal(1) + Decimal(f"{value - 1.0:.3e}"))
     return float(f"{value:.3e}")
@@ -531,6 +558,8 @@ def _badness(metric: str, value: float | None) -> float | None:
         return abs(value)
     if metric == "ppl_ratio":
         return abs(value - 1.0)
+    if metric == "gen_topk_ok":
+        return 1.0 - value
     return 1.0 - value if metric in SIMILARITY_METRICS else value
 
 
@@ -539,8 +568,10 @@ def _fmt(metric: str, v: float | None) -> str:
         return "none"
     if metric == "log10_l2":
         return f"{v:.2f}"
-    if metric in SIMILARITY_METRICS or metric == "ppl_ratio":
+    if metric in SIMILARITY_METRICS or metric in ("ppl_ratio", "gen_topk_ok"):
         return f"{v:.6g}"
+    if metric == "gen_matched_steps":
+        return f"{v:g}"
     return f"{v:.1e}"
 
 
@@ -822,7 +853,9 @@ def _run_group(group: _Group, matrix: Matrix, out: Path, log: Callable[[str], No
     t0 = time.perf_counter()
     try:
         result = compare(group.path, labels, reference=group.entry.reference.label, dtype=group.cells[0].dtype,
-                         device=group.device, tokens=group.tokens, out=None, branches=matrix.branches, render=False, pool=pool)
+                         device=group.device, tokens=group.tokens, out=None, branches=matrix.branches, render=False, pool=pool,
+                         generate=matrix.generate[0] if matrix.generate else None,
+                         top_k=matrix.generate[1] if matrix.generate else 5)
     except BughuntError as e:
         return [CellOutcome(c, "error", error=f"the compare run failed: {e}", seconds=time.perf_counter() - t0) for c in group.cells]
     report_rel = f"reports/{group.name}/report.html"

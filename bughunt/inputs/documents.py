@@ -48,6 +48,8 @@ class BaselinePoint(BaseModel):
     top1: Metric = None
     delta_nll: Metric = None
     ppl_ratio: Metric = None
+    gen_matched_steps: Metric = None
+    gen_topk_ok: Metric = None
 
 
 _POINTS = TypeAdapter(list[BaselinePoint])
