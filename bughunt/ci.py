@@ -88,13 +88,23 @@ class Tokens:
     ids: tuple[tuple[int, ...], ...] | None = None
     length: int = DEFAULT_TOKENS["length"]
     seed: int = DEFAULT_TOKENS["seed"]
+    text: Any = None  # a bughunt.text.TextRequest: prompt, prompt_file or chat, through the checkpoint's tokenizer
 
-    def resolve(self, spec) -> np.ndarray:
+    def resolve(self, spec, checkpoint: Path | None = None) -> np.ndarray:
+        return self.encode(spec, checkpoint)[0]
+
+    def encode(self, spec, checkpoint: Path | None = None):
+        """(ids, the bughunt.text.EncodedText they came from, or None for ids given as ids or drawn from the seed)."""
         from bughunt.compare import default_tokens
 
+        if self.text is not None:
+            from bughunt.text import encode_text
+
+            encoded = encode_text(checkpoint, self.text, spec)
+            return encoded.tokens, encoded
         if self.ids is not None:
-            return np.asarray(self.ids, dtype=np.int64)
-        return default_tokens(spec, self.length, self.seed)
+            return np.asarray(self.ids, dtype=np.int64), None
+        return default_tokens(spec, self.length, self.seed), None
 
 
 @dataclass(frozen=True)
@@ -255,10 +265,18 @@ def _reference(v: Any, where: str) -> ImplChoice:
     return choice
 
 
-def _tokens(v: Any, where: str) -> Tokens:
+def _tokens(v: Any, where: str, base_dir: Path) -> Tokens:
+    from bughunt.text import TEXT_KEYS, request_from_table
+
     if not isinstance(v, dict):
-        raise BughuntError(f"{where} must be a table, e.g. {{ length = 16, seed = 0 }} or {{ ids = [[2, 17, 99]] }}; found {_type_name(v)} {v!r}.")
-    _check_keys(v, ("ids", "length", "seed"), where)
+        raise BughuntError(f"{where} must be a table, e.g. {{ length = 16, seed = 0 }}, {{ ids = [[2, 17, 99]] }} or "
+                           f"{{ prompt = \"Hello\" }}; found {_type_name(v)} {v!r}.")
+    _check_keys(v, ("ids", "length", "seed") + TEXT_KEYS, where)
+    text = request_from_table(v, where, base_dir)
+    if text is not None:
+        if any(k in v for k in ("ids", "length", "seed")):
+            raise BughuntError(f"{where}: give either text (prompt, prompt_file, chat) or ids, or length and seed; not both.")
+        return Tokens(text=text)
     if "ids" in v:
         if "length" in v or "seed" in v:
             raise BughuntError(f"{where}: give either ids, or length and seed, not both.")
@@ -306,7 +324,7 @@ def _checkpoint(t: Any, where: str, defaults: dict, base_dir: Path) -> Checkpoin
         implementations=_implementations(t["implementations"], f"{where}.implementations") if "implementations" in t else defaults["implementations"],
         dtypes=_dtypes(t["dtypes"], f"{where}.dtypes") if "dtypes" in t else defaults["dtypes"],
         devices=_devices(t["devices"], f"{where}.devices") if "devices" in t else defaults["devices"],
-        tokens=_tokens(t["tokens"], f"{where}.tokens") if "tokens" in t else defaults["tokens"],
+        tokens=_tokens(t["tokens"], f"{where}.tokens", base_dir) if "tokens" in t else defaults["tokens"],
     )
 
 
@@ -362,7 +380,7 @@ def parse_matrix(data: dict, source: Path) -> Matrix:
         "implementations": _implementations(data.get("implementations", ["hf"]), f"{where}: implementations"),
         "dtypes": _dtypes(data.get("dtypes", ["fp32"]), f"{where}: dtypes"),
         "devices": _devices(data.get("devices", ["cpu"]), f"{where}: devices"),
-        "tokens": _tokens(data.get("tokens", dict(DEFAULT_TOKENS)), f"{where}: tokens"),
+        "tokens": _tokens(data.get("tokens", dict(DEFAULT_TOKENS)), f"{where}: tokens", source.parent),
     }
     branches = data.get("branches", True)
     if not isinstance(branches, bool):
@@ -783,6 +801,7 @@ class _Group:
     tokens: np.ndarray
     cells: list[Cell]
     baselines: dict[str, dict | None]
+    text: Any = None  # the bughunt.text.EncodedText the tokens came from, recorded in the group's report
 
     @property
     def name(self) -> str:
@@ -805,7 +824,10 @@ def _plan(matrix: Matrix, baseline_dir: Path, update: bool) -> list[_Group]:
             spec = load_spec(path)
         except BughuntError as e:
             raise BughuntError(f"{where}: {e}") from None
-        tokens = entry.tokens.resolve(spec)
+        try:
+            tokens, encoded = entry.tokens.encode(spec, path)
+        except BughuntError as e:
+            raise BughuntError(f"{where}: {e}") from None
         if tokens.max() >= spec.vocab_size:
             raise BughuntError(f"{where}: token id {tokens.max()} is outside the vocabulary [0, {spec.vocab_size}). Fix tokens.ids.")
         points = capture_points(spec.num_layers, matrix.branches)
@@ -819,7 +841,7 @@ def _plan(matrix: Matrix, baseline_dir: Path, update: bool) -> list[_Group]:
             cells = [c for c in cells_all if c.device == device]
             baselines = {c.id: None if update else read_baseline(baseline_dir / c.baseline_name, c, tokens, matrix.branches,
                                                                   matrix.source, baseline_dir) for c in cells}
-            groups.append(_Group(entry, device, path, tokens, cells, baselines))
+            groups.append(_Group(entry, device, path, tokens, cells, baselines, encoded))
     for rule in matrix.thresholds:
         if rule.index not in points_seen:
             raise BughuntError(f"{matrix.source.name}: thresholds[{rule.index}] ({rule.describe()}) matches no capture point of any cell. "
@@ -856,6 +878,9 @@ def _run_group(group: _Group, matrix: Matrix, out: Path, log: Callable[[str], No
                          device=group.device, tokens=group.tokens, out=None, branches=matrix.branches, render=False, pool=pool,
                          generate=matrix.generate[0] if matrix.generate else None,
                          top_k=matrix.generate[1] if matrix.generate else 5)
+        from bughunt.text import attach
+
+        attach(result.data, group.text)
     except BughuntError as e:
         return [CellOutcome(c, "error", error=f"the compare run failed: {e}", seconds=time.perf_counter() - t0) for c in group.cells]
     report_rel = f"reports/{group.name}/report.html"

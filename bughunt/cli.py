@@ -71,6 +71,14 @@ def format_summary(result) -> str:
     d = result.data
     lines = [f"{d['checkpoint']['spec']['family']} · {d['checkpoint']['path']} · reference {d['settings']['reference']} · "
              f"floor factor {d['settings']['floor_factor']:g}"]
+    text = d["inputs"].get("text")
+    if text:
+        shape = f"{len(d['inputs']['tokens'])} x {len(d['inputs']['tokens'][0])} ids"
+        lines.append(f"  input: {text['kind']} ({shape}) through {text['tokenizer']}; {text['bos']}")
+        for path, p in (text.get("paths") or {}).items():
+            state = p["skipped"][:100] if "skipped" in p else "same ids" if p.get("agrees") else "DIFFERENT ids"
+            lines.append(f"  tokenizer path {path}: {state}")
+    lines += [f"  {f['severity'].upper()}: {f['message']}" for f in d["findings"] if f["kind"] in ("input", "tokenizer")]
     header = f"  {'implementation':<28} {'dtype':<5} {'first above floor':<18} {'max rel L2':>11} {'at':<12} {'logits KL':>10} {'top-1':>6}"
     lines.append(header)
     for e in d["implementations"]:
@@ -91,7 +99,7 @@ def format_summary(result) -> str:
                     f"first differs at step {c['first_diff']}, top-{gen['top_k']} check {'passes' if c['topk_ok'] == 1 else 'FAILS'}")
             lines.append(f"  generation {c['candidate']}: {what}")
     for f in d["findings"]:
-        if f["severity"] != "info":
+        if f["severity"] != "info" and f["kind"] not in ("input", "tokenizer"):  # those came first, above the numerics
             lines.append(f"  {f['severity'].upper()}: {f['message']}")
     if d.get("schedule"):
         sch = d["schedule"]
@@ -112,6 +120,36 @@ def _tokens(args, spec=None):
     return None
 
 
+class _TextOption(argparse.Action):
+    """--prompt and --prompt-file append to one list, so the rows keep the order they were given in."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        items = list(getattr(namespace, "text", None) or [])
+        items.append(("prompt-file" if option_string == "--prompt-file" else "prompt", value))
+        setattr(namespace, "text", items)
+
+
+def _add_text_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompt", action=_TextOption, dest="text", metavar="TEXT",
+                   help="input text, through the checkpoint's tokenizer (BOS as its config says); repeatable: each prompt is a "
+                        "row of one batch, every row cut to the shortest row's length (the cut is reported). Default, when "
+                        "neither ids nor text are given: a short text shipped with bughunt (seeded ids without a tokenizer)")
+    p.add_argument("--prompt-file", action=_TextOption, dest="text", metavar="FILE",
+                   help="a UTF-8 file whose whole text (less one final newline) is one prompt; repeatable, mixes with --prompt")
+    p.add_argument("--chat", metavar="FILE", help='a JSON list of messages ([{"role": "user", "content": "..."}]) rendered '
+                   "through the checkpoint's chat template (with the generation prompt when the last role is not assistant)")
+
+
+def _text(args):
+    """The text the user gave (a TextRequest), or the shipped default text when neither ids nor text were given."""
+    from bughunt.text import default_request, request
+
+    text = request(getattr(args, "text", None), getattr(args, "chat", None))
+    if text is None and args.tokens is None and args.tokens_file is None:
+        return default_request()
+    return text
+
+
 def _max_memory(args) -> int | None:
     from bughunt.memory import parse_size
 
@@ -128,7 +166,7 @@ def cmd_compare(args) -> int:
                      dtype=args.dtype, device=args.device, tokens=_tokens(args), out=out, floor_factor=args.floor_factor,
                      branches=not args.no_branches, allow_pickle=args.allow_pickle, isolate=not args.in_process,
                      timeout=args.timeout, max_memory=_max_memory(args), device_map=args.device_map,
-                     require_comparison=True, generate=args.generate, top_k=args.top_k,
+                     require_comparison=True, text=_text(args), generate=args.generate, top_k=args.top_k,
                      decode_config=_decode_config(args.decode_config))
     print(format_summary(result))
     print(describe_written(out))
@@ -143,7 +181,8 @@ def cmd_sweep(args) -> int:
     out = Path(args.out) if args.out else Path("reports") / f"{Path(args.checkpoint).resolve().name}-sweep-{args.mode}"
     result = sweep(args.checkpoint, impl=args.impl, reference=args.reference, dtype=args.dtype, device=args.device,
                    toggles=args.toggle or [], mode=args.mode, side=args.side, candidate_toggles=args.candidate_toggle or [],
-                   reference_toggles=args.reference_toggle or [], tokens=_tokens(args), out=out, floor_factor=args.floor_factor)
+                   reference_toggles=args.reference_toggle or [], tokens=_tokens(args), out=out, floor_factor=args.floor_factor,
+                   text=_text(args))
     sw = result.data["sweep"]
     print(f"sweep {sw['mode']} ({sw['side']} side): {sw['candidate']} vs {sw['reference']}")
     print(f"  {'configuration':<48} {'score':>7} {'first above floor':<18}")
@@ -186,7 +225,8 @@ def cmd_decode(args) -> int:
     tokens = _tokens(args)
     out = Path(args.out) if args.out else Path("reports") / f"{Path(args.checkpoint).resolve().name}-decode"
     result = decode_check(args.checkpoint, impl=args.impl, reference=args.reference, dtype=args.dtype, device=args.device,
-                          tokens=tokens, prefill=args.prefill, decode_config=config, floor_factor=args.floor_factor, out=out)
+                          tokens=tokens, prefill=args.prefill, decode_config=config, floor_factor=args.floor_factor, out=out,
+                          text=_text(args))
     d = result.data["decode"]
     print(f"{d['candidate']}: {d['path']} decoding after a prefill of {d['prefill']}; first step departing from its own "
           f"full pass: {d['self']['first_departing_step']}")
@@ -308,6 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--device", default="cpu", choices=DEVICES)
     c.add_argument("--tokens", help="token ids, comma-separated; several equal-length rows separated by ';'")
     c.add_argument("--tokens-file", help="file of token ids: a JSON list (of lists), or one row per line")
+    _add_text_options(c)
     c.add_argument("--out", type=_path, help="output directory (default reports/<checkpoint>-<dtype>)")
     c.add_argument("--floor-factor", type=float, default=10.0, help="a finding is a point above this multiple of the noise floor")
     c.add_argument("--no-branches", action="store_true", help="capture only the residual stream, not layer.{i}.attn/.mlp")
@@ -343,6 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--device", default="cpu", choices=DEVICES)
     w.add_argument("--tokens")
     w.add_argument("--tokens-file")
+    _add_text_options(w)
     w.add_argument("--out", type=_path)
     w.add_argument("--floor-factor", type=float, default=10.0)
     w.add_argument("--fail-on-finding", action="store_true", help="exit 1 when the candidate as is departs from the reference")
@@ -359,6 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--device", default="cpu", choices=DEVICES)
     k.add_argument("--tokens")
     k.add_argument("--tokens-file")
+    _add_text_options(k)
     k.add_argument("--floor-factor", type=float, default=10.0)
     k.add_argument("--out", type=_path)
     k.add_argument("--fail-on-finding", action="store_true", help="exit 1 when a decoding step departs")

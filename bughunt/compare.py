@@ -25,6 +25,7 @@ from bughunt.metrics import UNIT_ROUNDOFF, compare_traces
 from bughunt.output import check_output_dir
 from bughunt.result import SCHEMA_VERSION, Result, environment, write_atomically
 from bughunt.spec import Spec, load_spec
+from bughunt.text import attach, resolve_input
 from bughunt.trace import Trace
 
 DEFAULT_FLOOR_FACTOR = 10.0
@@ -233,7 +234,7 @@ def compare(checkpoint: str | Path, implementations: Sequence[str | ImplChoice] 
             floor_factor: float = DEFAULT_FLOOR_FACTOR, branches: bool = True, allow_pickle: bool = False,
             render: bool = True, isolate: bool = True, timeout: float | None = None, pool=None,
             max_memory: int | None = None, device_map: str | None = None, require_comparison: bool = False,
-            generate: int | None = None, top_k: int = 5, decode_config: dict | None = None) -> Result:
+            text=None, generate: int | None = None, top_k: int = 5, decode_config: dict | None = None) -> Result:
     """Compare implementations of one checkpoint layer by layer. Returns the Result; writes files when `out` is set.
 
     With `isolate` (the default) every implementation except the in-process float64 reference runs in a worker
@@ -241,9 +242,11 @@ def compare(checkpoint: str | Path, implementations: Sequence[str | ImplChoice] 
     side by side when their estimated peaks fit in memory (`max_memory` bytes, default what is available), one
     after another otherwise; a run that cannot fit is refused before anything starts. Traces stream to disk.
     With `require_comparison` (the CLI), a run in which no candidate could be compared raises BughuntError and
-    writes nothing. With `generate` = N, every implementation also generates N tokens greedily through its own
-    generation path and each candidate's tokens are compared with the reference's (bughunt.generation);
-    `decode_config` changes config values on the candidates' one-token decoding steps only (a planted decode bug)."""
+    writes nothing. `text` (a bughunt.text.TextRequest) gives the input as text instead of `tokens`: the checkpoint's
+    tokenizer turns it into the ids every implementation is fed, and result.json records both. With `generate` = N,
+    every implementation also generates N tokens greedily through its own generation path and each candidate's tokens
+    are compared with the reference's (bughunt.generation); `decode_config` changes config values on the candidates'
+    one-token decoding steps only (a planted decode bug)."""
     checkpoint = Path(checkpoint)
     if out is not None:
         check_output_dir(out, "compare", [("the checkpoint", checkpoint)])
@@ -256,7 +259,8 @@ def compare(checkpoint: str | Path, implementations: Sequence[str | ImplChoice] 
     positive(timeout, "--timeout", "seconds an implementation's worker may take per run")
     spec = load_spec(checkpoint)
     weights = validate_weights(checkpoint, spec, allow_pickle)
-    tokens = default_tokens(spec) if tokens is None else np.atleast_2d(np.asarray(tokens, dtype=np.int64))
+    tokens, encoded = resolve_input(checkpoint, spec, tokens, text)
+    tokens = default_tokens(spec) if tokens is None else tokens
     if tokens.size == 0:
         raise BughuntError("no input tokens: pass at least one token id.")
     if tokens.min() < 0 or tokens.max() >= spec.vocab_size:
@@ -292,6 +296,7 @@ def compare(checkpoint: str | Path, implementations: Sequence[str | ImplChoice] 
     own_pool = pool is None and isolate
     pool = pool or (WorkerPool() if isolate else None)
     scratch = tempfile.TemporaryDirectory(prefix="bughunt-traces-")
+    paths: dict[str, dict] = {}  # implementation -> its own tokenizer path's ids for the text (bughunt/tokenizer_paths.py)
 
     def attempt(choice: ImplChoice, index: int) -> tuple[dict, Trace | None]:
         impl_dtype = impl_dtype_of(choice)
@@ -344,7 +349,26 @@ def compare(checkpoint: str | Path, implementations: Sequence[str | ImplChoice] 
             results: dict[int, tuple[dict, Trace | None]] = {}
             order: list[str] = []
 
+            def tokenizer_path(choice: ImplChoice) -> None:
+                """This implementation's own tokenizer path on the same text, in its own process (a finding if it differs)."""
+                from bughunt.tokenizer_paths import encode_path, has_path, text_job
+
+                key = choice.name + (f"@{choice.python}" if choice.python else "")
+                if encoded is None or not has_path(choice.name) or key in paths:
+                    return
+                paths[key] = {}
+                job = {"kind": "tokenize", "name": choice.name, "checkpoint": str(checkpoint.resolve()), "text": text_job(encoded)}
+                try:
+                    answer = (pool.run(choice.name, choice.python, job, timeout) if isolate
+                              else encode_path(choice.name, checkpoint, job["text"]))
+                    paths[key] = {"path": answer["path"], "rows": answer["rows"]}
+                except (BughuntError, WorkerFailure) as e:
+                    paths[key] = {"skipped": str(e)}
+                except Exception as e:  # a library failing on the text is this path's result, not a crash of the run
+                    paths[key] = {"skipped": f"{type(e).__name__}: {e}"}
+
             def run_group(items):
+                tokenizer_path(items[0][1])
                 for i, choice in items:
                     order.append(choice.label)
                     results[i] = attempt(choice, i)
@@ -365,6 +389,7 @@ def compare(checkpoint: str | Path, implementations: Sequence[str | ImplChoice] 
         result = _judge_and_report(checkpoint, spec, choices, ref_choice, entries, traces, tokens, dtype, device,
                                    floor_factor, branches, allow_pickle, Path(scratch.name),
                                    {**schedule.as_dict(), "order": order}, floor_traces)
+        attach(result.data, encoded, paths)
         if generate:
             generation.attach(result.data, generations, generation_failures, ref_choice.label, generate, top_k, tokens.shape[1],
                               decode_config or {})

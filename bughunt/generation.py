@@ -177,7 +177,7 @@ def generate_choice(choice, checkpoint: Path, spec, dtype: str, device: str, tok
         with cls(checkpoint, spec, dtype, device, branches=False, label=choice.label, allow_pickle=allow_pickle,
                  toggles=choice.toggle_dict, **extra) as runner:
             return runner.generate(tokens, steps, decode_config)
-    job = {"op": "generate", "checkpoint": str(Path(checkpoint).resolve()), "name": choice.name, "choice_dtype": choice.dtype,
+    job = {"kind": "generate", "checkpoint": str(Path(checkpoint).resolve()), "name": choice.name, "choice_dtype": choice.dtype,
            "dtype": dtype, "device": device, "tokens": np.asarray(tokens).tolist(), "branches": branches, "allow_pickle": allow_pickle,
            "label": choice.label, "out_stem": str(stem), "toggles": choice.toggle_dict, "runner_kwargs": extra,
            "steps": steps, "decode_config": decode_config or {}}

@@ -28,6 +28,7 @@ from bughunt.implementations import DEVICES, DTYPES, ImplChoice, runner_class
 from bughunt.metrics import compare_traces
 from bughunt.result import SCHEMA_VERSION, Result, environment
 from bughunt.spec import load_spec
+from bughunt.text import attach, resolve_input
 from bughunt.toggles import TOGGLES, changed, defaults, parse_toggles
 from bughunt.trace import Trace, is_residual_point
 
@@ -84,7 +85,8 @@ def sweep(checkpoint: str | Path, impl: str = "hf", reference: str | None = None
           toggles: Sequence[str] = (), mode: str = "one-at-a-time", side: str = "reference",
           candidate_toggles: dict | Sequence[str] | None = None, reference_toggles: dict | Sequence[str] | None = None,
           tokens=None, out: str | Path | None = None, floor_factor: float = DEFAULT_FLOOR_FACTOR,
-          max_exhaustive: int = MAX_EXHAUSTIVE, render: bool = True, isolate: bool = True, timeout: float | None = None) -> Result:
+          max_exhaustive: int = MAX_EXHAUSTIVE, render: bool = True, isolate: bool = True, timeout: float | None = None,
+          text=None) -> Result:
     """Run a toggle sweep; see the module docstring. `reference` defaults to the reference emulating `dtype`.
     Implementations other than the reference run in worker processes unless `isolate` is False."""
     from bughunt.output import check_output_dir
@@ -95,11 +97,12 @@ def sweep(checkpoint: str | Path, impl: str = "hf", reference: str | None = None
     with WorkerPool() as pool, tempfile.TemporaryDirectory(prefix="bughunt-sweep-") as scratch, \
             progress.task(f"sweep {impl}", unit="setting") as bar:
         return _sweep(checkpoint, impl, reference, dtype, device, toggles, mode, side, candidate_toggles, reference_toggles,
-                      tokens, out, floor_factor, max_exhaustive, render, pool if isolate else None, timeout, Path(scratch), bar)
+                      tokens, out, floor_factor, max_exhaustive, render, pool if isolate else None, timeout, Path(scratch), bar,
+                      text)
 
 
 def _sweep(checkpoint, impl, reference, dtype, device, toggles, mode, side, candidate_toggles, reference_toggles, tokens, out,
-           floor_factor, max_exhaustive, render, pool, timeout, scratch: Path, bar=progress.OFF) -> Result:
+           floor_factor, max_exhaustive, render, pool, timeout, scratch: Path, bar=progress.OFF, text=None) -> Result:
     checkpoint = Path(checkpoint)
     if mode not in MODES:
         raise BughuntError(f"unknown --mode '{mode}'. Use one of: {', '.join(MODES)}.")
@@ -109,7 +112,8 @@ def _sweep(checkpoint, impl, reference, dtype, device, toggles, mode, side, cand
         raise BughuntError(f"dtype must be one of {DTYPES} and device one of {DEVICES}.")
     spec = load_spec(checkpoint)
     validate_weights(checkpoint, spec)
-    tokens = default_tokens(spec) if tokens is None else np.atleast_2d(np.asarray(tokens, dtype=np.int64))
+    tokens, encoded = resolve_input(checkpoint, spec, tokens, text)
+    tokens = default_tokens(spec) if tokens is None else tokens
     check_token_range(tokens, spec.vocab_size)
     positive(floor_factor, "--floor-factor", "a finding is a point above this multiple of the noise floor")
     cand_choice = ImplChoice.parse(impl)
@@ -245,6 +249,7 @@ def _sweep(checkpoint, impl, reference, dtype, device, toggles, mode, side, cand
     }
     if search_info:
         data["diagnosis"] = search_info["diagnosis"]
+    attach(data, encoded)
     result = Result(data)
     if out is not None:
         save(result, Path(out), {}, render=render)

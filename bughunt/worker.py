@@ -202,10 +202,16 @@ def serve() -> None:
             continue
         job = json.loads(line)
         try:
+            if job.get("kind") == "tokenize":  # this implementation's own tokenizer path (bughunt/tokenizer_paths.py)
+                from bughunt.tokenizer_paths import encode_path
+
+                protocol.write(json.dumps({"ok": True, **encode_path(job["name"], Path(job["checkpoint"]), job["text"])}) + "\n")
+                protocol.flush()
+                continue
             spec = load_spec(Path(job["checkpoint"]))
             runner, reused = runner_for(job, spec)
             runner.label = job["label"]
-            if job.get("op") == "generate":  # greedy generation through the implementation's own path
+            if job.get("kind") == "generate":  # greedy generation through the implementation's own path
                 runner.generate(np.asarray(job["tokens"]), int(job["steps"]), job.get("decode_config") or None).save(Path(job["out_stem"]))
                 answer = {"ok": True, "generation": job["out_stem"]}
             else:
