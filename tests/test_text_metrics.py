@@ -77,7 +77,7 @@ def test_a_planted_bug_changes_the_loss_above_the_floor(tiny):
 MATRIX = """
 implementations = ["hf", "hf[gelu=exact]"]
 dtypes = ["fp32"]
-tokens = {{ ids = {ids} }}
+tokens = {{ prompt = "The quick brown fox jumps over the lazy dog." }}
 
 [[checkpoints]]
 tiny = "gemma"
@@ -93,9 +93,10 @@ min = 0.67
 """
 
 
-def test_ci_judges_the_loss_against_its_floor(tmp_path):
+def test_ci_judges_the_loss_on_text_against_its_floor(tmp_path):
+    """A text prompt through the tiny checkpoint's tokenizer; the clean cell is at the loss floor, the planted GELU not."""
     matrix = tmp_path / "m.toml"
-    matrix.write_text(MATRIX.format(ids=IDS))
+    matrix.write_text(MATRIX.format())
     out = tmp_path / "out"
     code = main(["ci", str(matrix), "--baseline", str(tmp_path / "b"), "--update-baseline", "--out", str(out)])
     summary = (out / "summary.md").read_text()
@@ -109,7 +110,7 @@ def test_ci_judges_the_loss_against_its_floor(tmp_path):
 
 def test_ci_refuses_a_floor_rule_on_a_metric_without_a_floor(tmp_path, capsys):
     matrix = tmp_path / "m.toml"
-    matrix.write_text(MATRIX.format(ids=IDS).replace('metric = "ppl_ratio"\nmax = 1.5\nmin = 0.67', 'metric = "ppl_ratio"\nfloor_factor = 3'))
+    matrix.write_text(MATRIX.format().replace('metric = "ppl_ratio"\nmax = 1.5\nmin = 0.67', 'metric = "ppl_ratio"\nfloor_factor = 3'))
     assert main(["ci", str(matrix), "--baseline", str(tmp_path / "b"), "--update-baseline", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "thresholds[1].floor_factor" in err and 'metric = "delta_nll"' in err
