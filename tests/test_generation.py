@@ -153,3 +153,24 @@ def test_ci_refuses_a_generation_rule_without_generation(tmp_path, capsys):
     assert main(["ci", str(matrix), "--baseline", str(tmp_path / "b"), "--update-baseline", "--out", str(tmp_path / "o")]) == 2
     assert "needs generation" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_trained_tiny_on_its_own_text(tmp_path_factory):
+    """The tiny model trained on the shipped text: its loss on that text is well below the uniform level, HF at fp32
+    generates the reference's tokens and matches its loss to the floor, and bf16 stays within the loss floor and the
+    top-5 check. The reference's top-2 margins say how far each step was from a tie."""
+    import math
+
+    from bughunt.text import default_request
+    from bughunt.tiny import tiny_checkpoint
+
+    checkpoint = tiny_checkpoint("llama", trained=True)
+    result = compare(checkpoint, ["hf:fp32", "hf:bf16", "reference"], isolate=False, render=False, generate=8,
+                     text=default_request())
+    fp32, bf16 = (next(p for p in result.comparison(c)["points"] if p["point"] == "logits") for c in ("hf:fp32", "hf:bf16"))
+    assert fp32["nll_reference"] < 0.5 * math.log(256)  # it learnt the text: far below a uniform guess over the vocabulary
+    assert not fp32["nll_above_floor"] and not bf16["nll_above_floor"]
+    assert abs(bf16["delta_nll"]) > abs(fp32["delta_nll"])
+    assert candidate(result, "hf:fp32")["first_diff"] is None
+    assert candidate(result, "hf:bf16")["topk_ok"] == 1.0
+    assert all(m >= 0 for m in result.data["generation"]["reference"]["margins"][0])
