@@ -118,12 +118,13 @@ class CheckpointEntry:
     dtypes: tuple[str, ...]
     devices: tuple[str, ...]
     tokens: Tokens
+    trained: bool = False  # a tiny checkpoint trained briefly on the shipped text (bughunt tiny --trained)
 
     def resolve(self) -> Path:
         if self.tiny is not None:
             from bughunt.tiny import tiny_checkpoint
 
-            return tiny_checkpoint(self.tiny, self.seed)
+            return tiny_checkpoint(self.tiny, self.seed, trained=self.trained)
         assert self.path is not None
         return self.path
 
@@ -171,7 +172,7 @@ class Matrix:
 
 
 _TOP_KEYS = ("reference", "implementations", "dtypes", "devices", "tokens", "branches", "generate", "checkpoints", "thresholds")
-_CHECKPOINT_KEYS = ("name", "path", "tiny", "seed", "reference", "implementations", "dtypes", "devices", "tokens")
+_CHECKPOINT_KEYS = ("name", "path", "tiny", "seed", "trained", "reference", "implementations", "dtypes", "devices", "tokens")
 _THRESHOLD_KEYS = ("metric", "points", "cells", "summary", "max", "min", "floor_factor", "baseline_factor", "slack")
 _NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 
@@ -308,10 +309,14 @@ def _checkpoint(t: Any, where: str, defaults: dict, base_dir: Path) -> Checkpoin
         if tiny not in TINY_FAMILIES:
             raise BughuntError(f"{where}.tiny: no tiny checkpoint for family '{tiny}'. Choose one of: {', '.join(TINY_FAMILIES)}.")
         seed = _int(t.get("seed", 0), f"{where}.seed", minimum=0, maximum=MAX_TOKEN_ID)
-        default_name = tiny if seed == 0 else f"{tiny}-seed{seed}"
+        trained = t.get("trained", False)
+        if not isinstance(trained, bool):
+            raise BughuntError(f"{where}.trained must be true or false, found {_type_name(trained)} {trained!r}.")
+        default_name = (tiny if seed == 0 else f"{tiny}-seed{seed}") + ("-trained" if trained else "")
     else:
-        if "seed" in t:
-            raise BughuntError(f"{where}.seed only applies to tiny checkpoints; remove it or use tiny = \"family\".")
+        for key in ("seed", "trained"):
+            if key in t:
+                raise BughuntError(f"{where}.{key} only applies to tiny checkpoints; remove it or use tiny = \"family\".")
         path = Path(os.path.expanduser(_string(t["path"], f"{where}.path")))
         path = path if path.is_absolute() else base_dir / path
         default_name = path.name
@@ -325,6 +330,7 @@ def _checkpoint(t: Any, where: str, defaults: dict, base_dir: Path) -> Checkpoin
         dtypes=_dtypes(t["dtypes"], f"{where}.dtypes") if "dtypes" in t else defaults["dtypes"],
         devices=_devices(t["devices"], f"{where}.devices") if "devices" in t else defaults["devices"],
         tokens=_tokens(t["tokens"], f"{where}.tokens", base_dir) if "tokens" in t else defaults["tokens"],
+        trained=bool(tiny is not None and t.get("trained", False)),
     )
 
 

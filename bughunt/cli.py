@@ -253,8 +253,14 @@ def cmd_tiny(args) -> int:
         raise BughuntError(f"no tiny checkpoint for family '{args.family}'. Choose one of: {', '.join(TINY_FAMILIES)}.")
     out = Path(args.out)
     check_output_dir(out, "tiny")
-    write_output_dir(out, "tiny", lambda tmp: make_tiny_checkpoint(args.family, tmp, seed=args.seed))
-    print(f"tiny {args.family} checkpoint (seed {args.seed}): {describe_written(out)}")
+    write_output_dir(out, "tiny", lambda tmp: make_tiny_checkpoint(args.family, tmp, seed=args.seed, trained=args.trained))
+    trained = ""
+    if args.trained:
+        import json
+
+        t = json.loads((out / "bughunt_tiny.json").read_text())["trained"]
+        trained = f", trained {t['steps']} steps on {t['corpus']}: loss {t['loss_first']:.3f} -> {t['loss_last']:.3f}"
+    print(f"tiny {args.family} checkpoint (seed {args.seed}{trained}): {describe_written(out)}")
     return 0
 
 
@@ -416,6 +422,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("family")
     t.add_argument("--out", type=_path, required=True)
     t.add_argument("--seed", type=_seed, default=0, help="seed of the weights (a non-negative integer, default 0)")
+    t.add_argument("--trained", action="store_true", help="train the seeded model briefly on the shipped text (seconds on "
+                   "CPU, deterministic: the same seed gives byte-identical weights), so loss on text means something")
     t.set_defaults(func=cmd_tiny)
 
     r = command("render", help="re-render plots and report.html from a result.json")

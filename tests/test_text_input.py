@@ -76,15 +76,16 @@ def test_no_ids_and_no_text_uses_the_shipped_default_text(tiny, tmp_path):
     assert text["kind"] == "default text" and text["rows"][0]["text"] == default_request().prompts[0]
 
 
-def test_text_in_a_ci_matrix_end_to_end(tiny, tmp_path):
+def test_text_in_a_ci_matrix_end_to_end(tmp_path):
     (tmp_path / "p.txt").write_text("He carried a pack on his back.\n")
     matrix = tmp_path / "m.toml"
     matrix.write_text(f'implementations = ["hf"]\ndtypes = ["fp32"]\nbranches = false\n'
                       f'tokens = {{ prompt = "{PROMPT}", prompt_file = "p.txt" }}\n'
-                      f'[[checkpoints]]\npath = "{tiny["mistral"]}"\nname = "m"\n')
+                      '[[checkpoints]]\ntiny = "llama"\ntrained = true\n')
     base = tmp_path / "baselines"
     assert main(["ci", str(matrix), "--baseline", str(base), "--update-baseline", "--out", str(tmp_path / "rec")]) == 0
     assert main(["ci", str(matrix), "--baseline", str(base), "--out", str(tmp_path / "run")]) == 0
+    assert (base / "llama-trained__hf-fp32__cpu.json").exists()
     html = next((tmp_path / "run").rglob("report.html")).read_text()
     assert PROMPT in html and "He carried a pack" in html
     # other text is other ids: the stored baseline no longer matches
