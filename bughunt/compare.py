@@ -21,6 +21,7 @@ from bughunt.errors import BughuntError
 from bughunt.inputs.flags import positive
 from bughunt.inputs.tokens import parse_token_text, read_token_file
 from bughunt.implementations import DEVICES, DTYPES, ImplChoice, runner_class
+from bughunt import metrics
 from bughunt.metrics import UNIT_ROUNDOFF, compare_traces
 from bughunt.output import check_output_dir
 from bughunt.result import SCHEMA_VERSION, Result, environment, write_atomically
@@ -143,43 +144,9 @@ def noise_floor(checkpoint: Path, spec: Spec, dtype: str, tokens: np.ndarray, fp
         if per_pos is not None:
             points[p]["floor_rel_l2_per_position"] = [max(v or 0.0, u) for v in per_pos]
     if "logits" in points:
-        points["logits"].update(loss_floor(measured.get("logits", {}), fp64.arrays["logits"], tokens, u))
+        points["logits"].update(metrics.loss_floor(measured.get("logits", {}), fp64.arrays["logits"], tokens, u))
     return {"dtype": dtype, "unit_roundoff": u, "method": "reference emulating the family's rounding policy vs float64",
             "timings": timings, "points": points}
-
-
-def loss_floor(measured: dict, fp64_logits: np.ndarray, tokens: np.ndarray, u: float) -> dict:
-    """The noise floor of the loss on the input: the mean absolute per-token difference in NLL between the
-    reference emulating the dtype and float64 (it bounds the difference of the means, which can cancel), never below
-    the unit roundoff times the mean NLL. Per position: the emulated reference's own difference, never below that."""
-    if tokens is None or np.asarray(tokens).shape[-1] < 2:
-        return {}
-    if measured.get("nll_reference") is not None:
-        mean_nll = measured["nll_reference"]
-    else:  # fp64: nothing was emulated; the floor is the unit roundoff on the loss itself
-        from bughunt.metrics import token_nll
-
-        mean_nll = float(token_nll(fp64_logits, tokens).mean())
-    floor = max(measured.get("abs_delta_nll") or 0.0, u * max(mean_nll, 1.0))
-    per_pos = measured.get("delta_nll_per_position")
-    out = {"floor_delta_nll": floor}
-    if per_pos is not None:
-        out["floor_delta_nll_per_position"] = [max(abs(v) if v is not None else 0.0, floor) for v in per_pos]
-    return out
-
-
-def _judge_loss(p: dict, f: dict, factor: float) -> None:
-    """Annotate the logits point with the loss difference's ratio to its floor and the first position above it."""
-    if p.get("delta_nll") is None or not f.get("floor_delta_nll"):
-        return
-    p["floor_delta_nll"] = f["floor_delta_nll"]
-    p["delta_nll_ratio_to_floor"] = abs(p["delta_nll"]) / f["floor_delta_nll"]
-    p["nll_above_floor"] = p["delta_nll_ratio_to_floor"] > factor
-    per, per_floor = p.get("delta_nll_per_position"), f.get("floor_delta_nll_per_position")
-    if per is not None and per_floor is not None and len(per_floor) >= len(per):
-        per_floor = per_floor[len(per_floor) - len(per):]
-        p["first_position_nll_above_floor"] = next(
-            (i for i, (v, fl) in enumerate(zip(per, per_floor)) if v is None or abs(v) > factor * fl), None)
 
 
 def _norm(array: np.ndarray) -> float:
@@ -211,7 +178,7 @@ def judge(points: list[dict], floor: dict, factor: float) -> tuple[list[dict], s
                 p["first_position_above_floor"] = next(
                     (i for i, (v, fl) in enumerate(zip(per_rel, per_floor)) if v is None or v > factor * fl), None)
         if f is not None and p["point"] == "logits":
-            _judge_loss(p, f, factor)
+            metrics.judge_loss(p, f, factor)
         if p["above_floor"] and first is None:
             first = p["point"]
     return points, first

@@ -183,6 +183,38 @@ def compare_arrays(cand: np.ndarray, ref: np.ndarray, point: str, tokens: np.nda
     return out
 
 
+def loss_floor(measured: dict, fp64_logits: np.ndarray, tokens: np.ndarray, u: float) -> dict:
+    """The noise floor of the loss on the input: the mean absolute per-token difference in NLL between the
+    reference emulating the dtype and float64 (it bounds the difference of the means, which can cancel), never below
+    the unit roundoff times the mean NLL. Per position: the emulated reference's own difference, never below that."""
+    if tokens is None or np.asarray(tokens).shape[-1] < 2:
+        return {}
+    if measured.get("nll_reference") is not None:
+        mean_nll = measured["nll_reference"]
+    else:  # fp64: nothing was emulated; the floor is the unit roundoff on the loss itself
+        mean_nll = float(token_nll(fp64_logits, tokens).mean())
+    floor = max(measured.get("abs_delta_nll") or 0.0, u * max(mean_nll, 1.0))
+    per_pos = measured.get("delta_nll_per_position")
+    out = {"floor_delta_nll": floor}
+    if per_pos is not None:
+        out["floor_delta_nll_per_position"] = [max(abs(v) if v is not None else 0.0, floor) for v in per_pos]
+    return out
+
+
+def judge_loss(p: dict, f: dict, factor: float) -> None:
+    """Annotate the logits point with the loss difference's ratio to its floor and the first position above it."""
+    if p.get("delta_nll") is None or not f.get("floor_delta_nll"):
+        return
+    p["floor_delta_nll"] = f["floor_delta_nll"]
+    p["delta_nll_ratio_to_floor"] = abs(p["delta_nll"]) / f["floor_delta_nll"]
+    p["nll_above_floor"] = p["delta_nll_ratio_to_floor"] > factor
+    per, per_floor = p.get("delta_nll_per_position"), f.get("floor_delta_nll_per_position")
+    if per is not None and per_floor is not None and len(per_floor) >= len(per):
+        per_floor = per_floor[len(per_floor) - len(per):]
+        p["first_position_nll_above_floor"] = next(
+            (i for i, (v, fl) in enumerate(zip(per, per_floor)) if v is None or abs(v) > factor * fl), None)
+
+
 def _align(cand: np.ndarray, ref: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """When one input had an extra leading token (the bos toggle), compare the shared suffix of positions."""
     if cand.ndim >= 2 and ref.ndim >= 2 and cand.shape[0] == ref.shape[0] and cand.shape[2:] == ref.shape[2:] and cand.shape[1] != ref.shape[1]:
