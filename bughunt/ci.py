@@ -9,13 +9,14 @@ A matrix file (see examples/bughunt.toml for every key):
     dtypes = ["fp32", "bf16"]
     devices = ["cpu"]
     tokens = { length = 16, seed = 0 } # or tokens = { ids = [[2, 17, 99]] }
+    generate = { steps = 8, top_k = 5 } # optional: greedy generation per cell (metrics gen_matched_steps, gen_topk_ok)
 
     [[checkpoints]]
     tiny = "llama"                     # a generated tiny checkpoint, or path = "models/x" (relative to this file)
 
     [[thresholds]]
-    metric = "rel_l2"                  # rel_l2 | log10_l2 | cosine | max_abs | kl | top1
-    points = "*"                       # glob over capture points; kl and top1 exist only at "logits"
+    metric = "rel_l2"                  # rel_l2 | log10_l2 | cosine | max_abs | kl | top1 | delta_nll | ppl_ratio
+    points = "*"                       # glob over capture points; kl, top1, delta_nll, ppl_ratio exist only at "logits"
     baseline_factor = 10               # regression: worse than 10 x the baseline value + slack
     slack = 1e-6
 
@@ -54,8 +55,15 @@ BASELINE_SCHEMA_VERSION = 1
 
 ERROR_METRICS = ("rel_l2", "log10_l2", "max_abs", "kl")  # larger is worse
 SIMILARITY_METRICS = ("cosine", "top1")  # 1 is perfect; judged by their distance from 1
-METRICS = ERROR_METRICS + SIMILARITY_METRICS
-LOGITS_ONLY = ("kl", "top1")
+# The loss on the input: delta_nll (candidate minus reference mean NLL, nats/token) is judged by its absolute value;
+# ppl_ratio = exp(delta_nll) by its distance from 1 under baseline rules, as is under max/min.
+LOSS_METRICS = ("delta_nll", "ppl_ratio")
+# Greedy generation (with a matrix's `generate`): gen_matched_steps, the tokens equal to the reference's before the first
+# difference (judged by min); gen_topk_ok, the fraction of rows passing the top-k check where they first differ (1 is perfect).
+GENERATION_METRICS = ("gen_matched_steps", "gen_topk_ok")
+METRICS = ERROR_METRICS + SIMILARITY_METRICS + LOSS_METRICS + GENERATION_METRICS
+LOGITS_ONLY = ("kl", "top1") + LOSS_METRICS + GENERATION_METRICS
+FLOOR_OF = {"rel_l2": "floor_rel_l2", "delta_nll": "floor_delta_nll"}  # metrics a floor_factor rule can judge
 SUMMARIES = ("max", "min", "mean")
 DEFAULT_TOKENS = {"length": 16, "seed": 0}
 MAX_TOKENS = 1_000_000  # input length a cell may ask for (far beyond any context a CI cell runs)
@@ -145,6 +153,8 @@ class Threshold:
             limits.append(f">= {self.min:g}")
         if self.floor_factor is not None:
             limits.append(f"<= {self.floor_factor:g}x the noise floor")
+        if self.metric == "delta_nll" and (self.max is not None or self.min is not None or self.floor_factor is not None):
+            limits = [f"|delta_nll| {x}" for x in limits]
         if self.baseline_factor is not None:
             what = {"cosine": "1 - cosine", "top1": "1 - top1", "log10_l2": "L2"}.get(self.metric, self.metric)
             limits.append(f"{what} <= {self.baseline_factor:g}x baseline + {self.slack:g}")
@@ -158,9 +168,10 @@ class Matrix:
     checkpoints: tuple[CheckpointEntry, ...]
     thresholds: tuple[Threshold, ...]
     branches: bool = True
+    generate: tuple[int, int] | None = None  # (steps, top_k): each cell also generates greedily
 
 
-_TOP_KEYS = ("reference", "implementations", "dtypes", "devices", "tokens", "branches", "checkpoints", "thresholds")
+_TOP_KEYS = ("reference", "implementations", "dtypes", "devices", "tokens", "branches", "generate", "checkpoints", "thresholds")
 _CHECKPOINT_KEYS = ("name", "path", "tiny", "seed", "trained", "reference", "implementations", "dtypes", "devices", "tokens")
 _THRESHOLD_KEYS = ("metric", "points", "cells", "summary", "max", "min", "floor_factor", "baseline_factor", "slack")
 _NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
@@ -346,12 +357,16 @@ def _threshold(t: Any, index: int, where: str) -> Threshold:
         raise BughuntError(f"{where}: no limit given. Add at least one of max, min (absolute), floor_factor (x the noise floor) "
                            "or baseline_factor (x the baseline value, with slack).")
     if "floor_factor" in limits:
-        if metric != "rel_l2":
-            raise BughuntError(f"{where}.floor_factor: the noise floor is a relative L2; use it with metric = \"rel_l2\".")
+        if metric not in FLOOR_OF:
+            raise BughuntError(f"{where}.floor_factor: noise floors exist for {' and '.join(FLOOR_OF)}; use it with metric = \"rel_l2\" "
+                               "or metric = \"delta_nll\".")
         if summary is not None:
             raise BughuntError(f"{where}.floor_factor judges each capture point against its own floor; remove summary.")
         if limits["floor_factor"] <= 0:
             raise BughuntError(f"{where}.floor_factor must be positive, found {limits['floor_factor']:g}.")
+    if metric == "gen_matched_steps" and "baseline_factor" in limits:
+        raise BughuntError(f"{where}: gen_matched_steps is a count of steps, not an error that grows; bound it with min = N "
+                           "(at least N generated tokens equal to the reference's) instead of baseline_factor.")
     if "baseline_factor" in limits and limits["baseline_factor"] < 1:
         raise BughuntError(f"{where}.baseline_factor must be at least 1 (how many times worse than the baseline is allowed), found {limits['baseline_factor']:g}.")
     if "slack" in limits:
@@ -400,7 +415,24 @@ def parse_matrix(data: dict, source: Path) -> Matrix:
         raise BughuntError(f"{where}: thresholds must be a list of tables ([[thresholds]]), found {_type_name(raw_t)} {raw_t!r}. "
                            "Leave it out to use the defaults.")
     thresholds = tuple(_threshold(t, i, f"{where}: thresholds[{i}]") for i, t in enumerate(raw_t))
-    return Matrix(source=source, checkpoints=checkpoints, thresholds=thresholds, branches=branches)
+    generate = _generate(data["generate"], f"{where}: generate") if "generate" in data else None
+    for rule in thresholds:
+        if rule.metric in GENERATION_METRICS and generate is None:
+            raise BughuntError(f"{where}: thresholds[{rule.index}] judges {rule.metric}, which needs generation. Add "
+                               "generate = { steps = 8, top_k = 5 } at the top of the matrix, or remove the rule.")
+    return Matrix(source=source, checkpoints=checkpoints, thresholds=thresholds, branches=branches, generate=generate)
+
+
+def _generate(v: Any, where: str) -> tuple[int, int]:
+    from bughunt.generation import DEFAULT_TOP_K, MAX_STEPS
+
+    if not isinstance(v, dict):
+        raise BughuntError(f"{where} must be a table, e.g. generate = {{ steps = 8, top_k = 5 }}; found {_type_name(v)} {v!r}.")
+    _check_keys(v, ("steps", "top_k"), where)
+    if "steps" not in v:
+        raise BughuntError(f"{where}: missing key 'steps' (how many tokens each implementation generates), e.g. steps = 8.")
+    return (_int(v["steps"], f"{where}.steps", minimum=1, maximum=MAX_STEPS),
+            _int(v.get("top_k", DEFAULT_TOP_K), f"{where}.top_k", minimum=1, maximum=MAX_TOKEN_ID))
 
 
 def load_matrix(path: str | Path) -> Matrix:
@@ -448,8 +480,12 @@ def _round(value: float | None, metric: str) -> float | None:
     """Four significant digits; for cosine and top1, four significant digits of the distance from 1."""
     if value is None:
         return None
-    if metric in SIMILARITY_METRICS:
+    if metric in SIMILARITY_METRICS or metric == "gen_topk_ok":
         return float(Decimal(1) - Decimal(f"{1.0 - value:.3e}"))
+    if metric == "gen_matched_steps":
+        return float(value)
+    if metric == "ppl_ratio":
+        return float(Decimal(1) + Decimal(f"{value - 1.0:.3e}"))
     return float(f"{value:.3e}")
 
 
@@ -542,6 +578,12 @@ def _badness(metric: str, value: float | None) -> float | None:
         return None
     if metric == "log10_l2":
         return 10.0 ** value
+    if metric == "delta_nll":
+        return abs(value)
+    if metric == "ppl_ratio":
+        return abs(value - 1.0)
+    if metric == "gen_topk_ok":
+        return 1.0 - value
     return 1.0 - value if metric in SIMILARITY_METRICS else value
 
 
@@ -550,8 +592,10 @@ def _fmt(metric: str, v: float | None) -> str:
         return "none"
     if metric == "log10_l2":
         return f"{v:.2f}"
-    if metric in SIMILARITY_METRICS:
+    if metric in SIMILARITY_METRICS or metric in ("ppl_ratio", "gen_topk_ok"):
         return f"{v:.6g}"
+    if metric == "gen_matched_steps":
+        return f"{v:g}"
     return f"{v:.1e}"
 
 
@@ -572,7 +616,8 @@ def _baseline_check(rule: Threshold, v: float | None, b: float | None) -> str | 
     if bad_v <= rule.baseline_factor * bad_b + rule.slack:
         return None
     ratio = bad_v / bad_b if bad_b > 0 else math.inf
-    what = {"cosine": "1 - cosine ", "top1": "1 - top1 ", "log10_l2": "L2 "}.get(rule.metric, "")
+    what = {"cosine": "1 - cosine ", "top1": "1 - top1 ", "log10_l2": "L2 ", "delta_nll": "|delta_nll| ",
+            "ppl_ratio": "|ppl_ratio - 1| "}.get(rule.metric, "")
     return (f"{rule.metric} {_fmt(rule.metric, v)} vs baseline {_fmt(rule.metric, b)} "
             f"({what}{_times(ratio)}, limit {rule.baseline_factor:g}x + {rule.slack:g})")
 
@@ -580,6 +625,12 @@ def _baseline_check(rule: Threshold, v: float | None, b: float | None) -> str | 
 def _absolute_check(rule: Threshold, v: float | None) -> str | None:
     if v is None:
         return f"{rule.metric} is missing in this run"
+    if rule.metric == "delta_nll":  # a loss moved either way is a difference
+        if rule.max is not None and abs(v) > rule.max:
+            return f"|delta_nll| {abs(v):.1e} above the limit {rule.max:g}"
+        if rule.min is not None and abs(v) < rule.min:
+            return f"|delta_nll| {abs(v):.1e} below the minimum {rule.min:g}"
+        return None
     if rule.max is not None and v > rule.max:
         return f"{rule.metric} {_fmt(rule.metric, v)} above the limit {rule.max:g}"
     if rule.min is not None and v < rule.min:
@@ -648,11 +699,13 @@ def judge_cell(cell: Cell, comparison: dict, baseline: dict | None, thresholds: 
             v = _value(p, rule.metric)
             msg = _absolute_check(rule, v) if (rule.max is not None or rule.min is not None) else None
             if msg is None and rule.floor_factor is not None:
-                floor = p.get("floor_rel_l2")
-                if floor is None or v is None:
-                    msg = "rel_l2 has no noise floor to compare with"
-                elif v > rule.floor_factor * floor:
-                    msg = (f"rel_l2 {v:.1e} is {_times(v / floor)} the {cell.dtype} noise floor {floor:.1e} "
+                floor = p.get(FLOOR_OF[rule.metric])
+                bad_v = _badness(rule.metric, v)
+                if floor is None or bad_v is None:
+                    msg = f"{rule.metric} has no noise floor to compare with"
+                elif bad_v > rule.floor_factor * floor:
+                    what = "|delta_nll|" if rule.metric == "delta_nll" else rule.metric
+                    msg = (f"{what} {bad_v:.1e} is {_times(bad_v / floor)} the {cell.dtype} noise floor {floor:.1e} "
                            f"(limit {rule.floor_factor:g}x)")
             if msg is None and rule.baseline_factor is not None and baseline and n in base:
                 msg = _baseline_check(rule, v, _value(base[n], rule.metric))
@@ -829,7 +882,9 @@ def _run_group(group: _Group, matrix: Matrix, out: Path, log: Callable[[str], No
     try:
         result = compare(group.path, labels, reference=group.entry.reference.label, dtype=group.cells[0].dtype,
                          device=group.device, tokens=None if group.text is not None else group.tokens, out=None,
-                         branches=matrix.branches, render=False, pool=pool, text=group.text)
+                         branches=matrix.branches, render=False, pool=pool, text=group.text,
+                         generate=matrix.generate[0] if matrix.generate else None,
+                         top_k=matrix.generate[1] if matrix.generate else 5)
     except BughuntError as e:
         return [CellOutcome(c, "error", error=f"the compare run failed: {e}", seconds=time.perf_counter() - t0) for c in group.cells]
     report_rel = f"reports/{group.name}/report.html"

@@ -92,6 +92,12 @@ def format_summary(result) -> str:
         fmt = lambda v, f: "–" if v is None else format(v, f)  # noqa: E731
         lines.append(f"  {e['label']:<28} {c['dtype']:<5} {c['first_above_floor'] or 'none':<18} {fmt(s['max_rel_l2'], '.2e'):>11} "
                      f"{s['max_rel_l2_point'] or '–':<12} {fmt(s['logits_kl'], '.2e'):>10} {fmt(s['logits_top1'], '.3f'):>6}")
+    gen = d.get("generation")
+    if gen and gen.get("reference"):
+        for c in gen["candidates"]:
+            what = (f"identical to {gen['reference']['label']} for all {gen['steps']} steps" if c["first_diff"] is None else
+                    f"first differs at step {c['first_diff']}, top-{gen['top_k']} check {'passes' if c['topk_ok'] == 1 else 'FAILS'}")
+            lines.append(f"  generation {c['candidate']}: {what}")
     for f in d["findings"]:
         if f["severity"] != "info" and f["kind"] not in ("input", "tokenizer"):  # those came first, above the numerics
             lines.append(f"  {f['severity'].upper()}: {f['message']}")
@@ -161,7 +167,8 @@ def cmd_compare(args) -> int:
                      branches=not args.no_branches, allow_pickle=args.allow_pickle, isolate=not args.in_process,
                      timeout=args.timeout, max_memory=_max_memory(args), device_map=args.device_map,
                      require_comparison=True, weight_check=args.weight_check, inner=args.inner,
-                     isolate_layers=args.isolate, text=_text(args))
+                     isolate_layers=args.isolate, text=_text(args), generate=args.generate,
+                     top_k=args.top_k, decode_config=_decode_config(args.decode_config))
     print(format_summary(result))
     print(describe_written(out))
     return _gate(args, result)
@@ -211,13 +218,10 @@ def cmd_sweep(args) -> int:
     return _gate(args, result)
 
 
-def cmd_decode(args) -> int:
-    from bughunt.decode import decode_check
-    from bughunt.output import describe_written
-
-    _require_device(args.device)
+def _decode_config(items: list[str] | None) -> dict:
+    """--decode-config KEY=VALUE items -> {key: int, float or str}."""
     config = {}
-    for item in args.decode_config or []:
+    for item in items or []:
         key, sep, value = item.partition("=")
         if not sep:
             raise BughuntError(f"--decode-config '{item}' must be KEY=VALUE, e.g. sliding_window=4095.")
@@ -228,6 +232,15 @@ def cmd_decode(args) -> int:
                 config[key] = float(value)
             except ValueError:
                 config[key] = value
+    return config
+
+
+def cmd_decode(args) -> int:
+    from bughunt.decode import decode_check
+    from bughunt.output import describe_written
+
+    _require_device(args.device)
+    config = _decode_config(args.decode_config)
     tokens = _tokens(args)
     out = Path(args.out) if args.out else Path("reports") / f"{Path(args.checkpoint).resolve().name}-decode"
     result = decode_check(args.checkpoint, impl=args.impl, reference=args.reference, dtype=args.dtype, device=args.device,
@@ -398,6 +411,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--isolate", action="store_true", help="also run each candidate that can (hf, reference) with every "
                    "decoder layer fed the reference's input to that layer, so each layer's own error shows without the "
                    "error it inherits; the report draws accumulated and isolated error side by side")
+    c.add_argument("--generate", type=int, metavar="N", help="also generate N tokens greedily with each implementation's own "
+                   "generation path and report the first step where each candidate's tokens differ from the reference's")
+    c.add_argument("--top-k", type=int, default=5, metavar="K", help="with --generate: where tokens first differ, each must lie "
+                   "within the other's top-K log-probs (default 5)")
+    c.add_argument("--decode-config", action="append", metavar="KEY=VALUE",
+                   help="with --generate: config value changed on the candidates' one-token decoding steps only (plants a decode bug; hf)")
     c.set_defaults(func=cmd_compare)
 
     w = command("sweep", help="run one implementation under toggle settings; search for the ones that explain a divergence")

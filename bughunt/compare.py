@@ -21,6 +21,7 @@ from bughunt.errors import BughuntError
 from bughunt.inputs.flags import positive
 from bughunt.inputs.tokens import parse_token_text, read_token_file
 from bughunt.implementations import DEVICES, DTYPES, ImplChoice, runner_class
+from bughunt import metrics
 from bughunt.metrics import UNIT_ROUNDOFF, compare_traces
 from bughunt.output import check_output_dir
 from bughunt.result import SCHEMA_VERSION, Result, environment, write_atomically
@@ -147,7 +148,7 @@ def noise_floor(checkpoint: Path, spec: Spec, dtype: str, tokens: np.ndarray, fp
             emulated = run_implementation(ImplChoice("reference", dtype), checkpoint, spec, dtype, "cpu", tokens,
                                           allow_pickle=allow_pickle, stem=stem(f"floor-{dtype}"), inner=inner)
         timings["emulated_forward_s"] = emulated.meta["timings"]["forward_s"]
-        measured = {m["point"]: m for m in compare_traces(emulated, fp64)}
+        measured = {m["point"]: m for m in compare_traces(emulated, fp64, tokens)}
     points = {}
     for p in fp64.points():
         ref_norm = _norm(fp64.arrays[p])
@@ -156,6 +157,8 @@ def noise_floor(checkpoint: Path, spec: Spec, dtype: str, tokens: np.ndarray, fp
         per_pos = (measured[p].get("per_position") or {}).get("rel_l2")
         if per_pos is not None:
             points[p]["floor_rel_l2_per_position"] = [max(v or 0.0, u) for v in per_pos]
+    if "logits" in points:
+        points["logits"].update(metrics.loss_floor(measured.get("logits", {}), fp64.arrays["logits"], tokens, u))
     return {"dtype": dtype, "unit_roundoff": u, "method": "reference emulating the family's rounding policy vs float64",
             "timings": timings, "points": points}
 
@@ -188,6 +191,8 @@ def judge(points: list[dict], floor: dict, factor: float) -> tuple[list[dict], s
                 per_floor = per_floor[len(per_floor) - len(per_rel):]  # suffix-aligned, as the metrics are
                 p["first_position_above_floor"] = next(
                     (i for i, (v, fl) in enumerate(zip(per_rel, per_floor)) if v is None or v > factor * fl), None)
+        if f is not None and p["point"] == "logits":
+            metrics.judge_loss(p, f, factor)
         if p["above_floor"] and first is None:
             first = p["point"]
     return points, first
@@ -210,7 +215,8 @@ def compare(checkpoint: str | Path, implementations: Sequence[str | ImplChoice] 
             floor_factor: float = DEFAULT_FLOOR_FACTOR, branches: bool = True, allow_pickle: bool = False,
             render: bool = True, isolate: bool = True, timeout: float | None = None, pool=None,
             max_memory: int | None = None, device_map: str | None = None, require_comparison: bool = False,
-            weight_check: bool = False, inner: bool = False, isolate_layers: bool = False, text=None) -> Result:
+            weight_check: bool = False, inner: bool = False, isolate_layers: bool = False, text=None,
+            generate: int | None = None, top_k: int = 5, decode_config: dict | None = None) -> Result:
     """Compare implementations of one checkpoint layer by layer. Returns the Result; writes files when `out` is set.
 
     With `isolate` (the default) every implementation except the in-process float64 reference runs in a worker
@@ -226,7 +232,10 @@ def compare(checkpoint: str | Path, implementations: Sequence[str | ImplChoice] 
     `isolate_layers` (--isolate), each candidate that can is run once more with every decoder layer fed the
     reference's input to that layer, so each layer's own error shows without the error it inherits.
     `text` (a bughunt.text.TextRequest) gives the input as text instead of `tokens`: the checkpoint's
-    tokenizer turns it into the ids every implementation is fed, and result.json records both."""
+    tokenizer turns it into the ids every implementation is fed, and result.json records both.
+    With `generate` = N, every implementation also generates N tokens greedily through its own generation path and
+    each candidate's tokens are compared with the reference's (bughunt.generation); `decode_config` changes config
+    values on the candidates' one-token decoding steps only (a planted decode bug)."""
     checkpoint = Path(checkpoint)
     if out is not None:
         check_output_dir(out, "compare", [("the checkpoint", checkpoint)])
@@ -245,6 +254,16 @@ def compare(checkpoint: str | Path, implementations: Sequence[str | ImplChoice] 
         raise BughuntError("no input tokens: pass at least one token id.")
     if tokens.min() < 0 or tokens.max() >= spec.vocab_size:
         raise BughuntError(f"token ids must lie in [0, {spec.vocab_size}) for this checkpoint (vocab_size); got [{tokens.min()}, {tokens.max()}].")
+    from bughunt import generation
+
+    generation.check_settings(generate, top_k, spec.vocab_size, spec.max_position_embeddings, tokens.shape[1])
+    if decode_config:
+        from bughunt.inputs.config import validate_decode_config
+        from bughunt.spec import load_config
+
+        if not generate:
+            raise BughuntError("--decode-config changes the decoding steps of generation; add --generate N (or use bughunt decode).")
+        decode_config = validate_decode_config(decode_config, load_config(checkpoint), str(checkpoint / "config.json"))
     choices, ref_choice = _choices(implementations, reference)
     if require_comparison and all(c.label == ref_choice.label for c in choices):
         raise BughuntError(f"nothing to compare: only the reference {ref_choice.label} was given. Add a candidate, e.g. --impl hf.")
@@ -261,6 +280,8 @@ def compare(checkpoint: str | Path, implementations: Sequence[str | ImplChoice] 
     traces: dict[str, Trace] = {}
     floor_traces: dict[str, Trace] = {}
     isolated: dict[str, Trace] = {}
+    generations: dict[str, generation.Generation] = {}
+    generation_failures: dict[str, str] = {}
     entries = []
     own_pool = pool is None and isolate
     pool = pool or (WorkerPool() if isolate else None)
@@ -289,6 +310,16 @@ def compare(checkpoint: str | Path, implementations: Sequence[str | ImplChoice] 
                                        Path(scratch.name) / f"trace{index}", branches, allow_pickle, timeout, device_map=device_map,
                                        check_weights=weight_check, inner=inner)
             entry["meta"] = trace.meta
+            if generate:
+                with progress.task(choice.label, unit="step") as bar:
+                    bar.update(stage=f"generating {generate} tokens")
+                    try:
+                        generations[choice.label] = generation.generate_choice(
+                            choice, checkpoint, spec, impl_dtype, device, tokens, generate, Path(scratch.name) / f"generation{index}",
+                            None if in_process else pool, None if choice is ref_choice else decode_config, allow_pickle, timeout,
+                            device_map, branches)
+                    except (BughuntError, WorkerFailure) as e:
+                        generation_failures[choice.label] = str(e)
         except BughuntError as e:
             entry.update(status="failed", error=str(e))
         except WorkerFailure as e:
@@ -355,6 +386,11 @@ def compare(checkpoint: str | Path, implementations: Sequence[str | ImplChoice] 
                                    {**schedule.as_dict(), "order": order}, floor_traces, inner,
                                    isolated if isolate_layers else None)
         attach(result.data, encoded, paths)
+        if generate:
+            generation.attach(result.data, generations, generation_failures, ref_choice.label, generate, top_k, tokens.shape[1],
+                              decode_config or {})
+            result.data["command"] += f" --generate {generate}" + (f" --top-k {top_k}" if top_k != 5 else "") + "".join(
+                f" --decode-config {k}={v}" for k, v in (decode_config or {}).items())
         if require_comparison and not result.comparisons:
             failed = "; ".join(f"{e['label']}: {(e['error'] or '').splitlines()[0][:300].rstrip('.')}" for e in entries if e["status"] != "ok")
             raise BughuntError(f"nothing could be compared: every candidate failed or was refused ({failed}). Nothing was written.")
@@ -438,7 +474,7 @@ def _judge_and_report(checkpoint, spec, choices, ref_choice, entries, traces, to
             floors[entry["dtype"]] = noise_floor(checkpoint, spec, entry["dtype"], tokens, fp64, allow_pickle, scratch,
                                                  floor_traces.get(entry["dtype"]) if fp64 is not None else None, inner)
         floor = floors[entry["dtype"]]
-        points, first = judge(compare_traces(traces[entry["label"]], reference_trace), floor, floor_factor)
+        points, first = judge(compare_traces(traces[entry["label"]], reference_trace, tokens), floor, floor_factor)
         comparisons.append({"candidate": entry["label"], "reference": ref_choice.label, "dtype": entry["dtype"],
                             "points": points, "first_above_floor": first, "summary": _summary(points)})
         if isolated and entry["label"] in isolated:
@@ -455,6 +491,15 @@ def _judge_and_report(checkpoint, spec, choices, ref_choice, entries, traces, to
                                          f"is {p['ratio_to_floor']:.1f}x the {entry['dtype']} noise floor ({p['floor_rel_l2']:.1e})")})
         if entry["meta"].get("cannot_represent"):
             findings.append(unrepresentable_finding(entry["label"], entry["meta"]["cannot_represent"], first, points, entry["dtype"]))
+        loss = next((p for p in points if p["point"] == "logits" and p.get("nll_above_floor")), None)
+        if loss is not None and not nonfinite:
+            at = loss.get("first_position_nll_above_floor")
+            findings.append({"severity": "warning", "kind": "loss", "implementation": entry["label"], "point": "logits",
+                             "message": (f"{entry['label']} changes the loss on the input: mean NLL {loss['nll']:.4f} vs "
+                                         f"{loss['nll_reference']:.4f} nats/token under {ref_choice.label} (delta {loss['delta_nll']:+.2e}, "
+                                         f"perplexity x{_ratio_text(loss.get('ppl_ratio'))}), {loss['delta_nll_ratio_to_floor']:.1f}x the "
+                                         f"{entry['dtype']} floor ({loss['floor_delta_nll']:.1e})"
+                                         + (f"; first above it predicting position {at + 1}" if at is not None else ""))})
     findings += weight_findings(entries)
     for note in spec.notes:
         findings.append({"severity": "info", "kind": "config", "implementation": None, "point": None, "message": note})
@@ -517,12 +562,17 @@ def weight_findings(entries: list[dict]) -> list[dict]:
     return out
 
 
+def _ratio_text(r: float | None) -> str:
+    return "inf" if r is None else f"{r:.6g}"
+
+
 def _summary(points: list[dict]) -> dict:
     residual = [p for p in points if p.get("rel_l2") is not None]
     worst = max(residual, key=lambda p: p["rel_l2"], default=None)
     logits = next((p for p in points if p["point"] == "logits"), {})
     return {"max_rel_l2": worst["rel_l2"] if worst else None, "max_rel_l2_point": worst["point"] if worst else None,
-            "logits_kl": logits.get("kl"), "logits_top1": logits.get("top1")}
+            "logits_kl": logits.get("kl"), "logits_top1": logits.get("top1"), "delta_nll": logits.get("delta_nll"),
+            "ppl_ratio": logits.get("ppl_ratio")}
 
 
 def save(result: Result, out: Path, traces: dict[str, Trace] | None = None, render: bool = True) -> None:

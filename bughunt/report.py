@@ -135,6 +135,49 @@ def isolation_figure(result: Result):
     return fig
 
 
+def _loss_points(result: Result) -> list[tuple[dict, dict]]:
+    """(comparison, its logits point) for every comparison whose logits carry the loss on the input."""
+    out = []
+    for c in result.comparisons:
+        p = next((p for p in c["points"] if p["point"] == "logits" and p.get("delta_nll_per_position")), None)
+        if p is not None:
+            out.append((c, p))
+    return out
+
+
+def loss_figure(result: Result):
+    """Delta NLL (candidate minus reference, nats) of each actual next token by position, one line per implementation;
+    the band is +-factor x the dtype's loss floor (symmetric log scale, linear inside the smallest floor)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(9, 3.4), dpi=110)
+    factor = result.data["settings"]["floor_factor"]
+    rows = _loss_points(result)
+    floors = [p["floor_delta_nll"] for _, p in rows if p.get("floor_delta_nll")]
+    for i, (c, p) in enumerate(rows):
+        ys = [v if v is not None else float("nan") for v in p["delta_nll_per_position"]]
+        xs = list(range(1, len(ys) + 1))  # position t's logits predict token t + 1
+        color = _COLORS[i % len(_COLORS)]
+        ax.plot(xs, ys, marker=".", lw=1.2, color=color,
+                label=f"{c['candidate']} (mean {p['delta_nll']:+.1e}, ppl x{p['ppl_ratio']:.6g})" if p.get("ppl_ratio") else c["candidate"])
+        if p.get("floor_delta_nll"):
+            band = _BAND_COLORS.get(c["dtype"], "#bdbdbd")
+            ax.fill_between(xs, [-factor * p["floor_delta_nll"]] * len(xs), [factor * p["floor_delta_nll"]] * len(xs),
+                            color=band, alpha=0.2, lw=0)
+        if p.get("first_position_nll_above_floor") is not None:
+            ax.axvline(p["first_position_nll_above_floor"] + 1, color=color, ls=":", lw=1)
+    if floors:
+        ax.set_yscale("symlog", linthresh=min(floors))
+    ax.axhline(0, color="#444", lw=0.6)
+    ax.set_xlabel("position of the predicted token")
+    ax.set_ylabel("delta NLL (nats)")
+    ax.set_title(f"loss on the input: candidate minus {result.data['settings']['reference']} (band: {factor:g}x the loss floor)")
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 def _encode(fig, svg: bool = False) -> tuple[bytes, str | None]:
     """PNG bytes, and the SVG text only when asked (only the per-layer plot is written as SVG)."""
     png = io.BytesIO()
@@ -173,8 +216,8 @@ def decode_figure(result: Result):
 
 
 def render(result: Result, out: Path) -> dict[str, Path]:
-    """Write the plots (layers.png/.svg, positions.png, heatmap.png for comparisons; decode.png for decode runs)
-    and report.html into `out`."""
+    """Write the plots (layers.png/.svg, positions.png, heatmap.png and, with the loss on the input, loss.png for
+    comparisons; decode.png for decode runs) and report.html into `out`."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     images: dict[str, bytes] = {}
@@ -192,6 +235,9 @@ def render(result: Result, out: Path) -> dict[str, Path]:
     if any(c.get("isolated") for c in result.comparisons):
         images["isolated"], _ = _encode(isolation_figure(result))
         (out / "isolated.png").write_bytes(images["isolated"])
+        if _loss_points(result):
+            images["loss"], _ = _encode(loss_figure(result))
+            (out / "loss.png").write_bytes(images["loss"])
     if result.data.get("decode"):
         images["decode"], _ = _encode(decode_figure(result))
         (out / "decode.png").write_bytes(images["decode"])
@@ -225,6 +271,8 @@ def render_html(result: Result, images: dict[str, bytes]) -> str:
     checks = [e["meta"]["weight_check"] for e in result.data.get("implementations", []) if (e.get("meta") or {}).get("weight_check")]
     if checks:
         sections.append({"title": "Weights", "html": weights_section(checks)})
+    if result.data.get("generation"):
+        sections.insert(0, {"title": "Greedy generation", "html": generation_section(result)})
     return template.render(r=result.data, images=b64, extra_sections=sections)
 
 
@@ -357,3 +405,55 @@ def isolated_section(result: Result, png_b64: str) -> str:
             f"<img alt='accumulated and isolated error' src='data:image/png;base64,{png_b64}'>"
             "<table><tr><th class='l'>candidate</th><th class='l'>first above floor (accumulated)</th>"
             f"<th class='l'>first above floor (isolated)</th><th class='l'>layers above floor on their own</th></tr>{rows}</table>")
+
+
+def generation_section(result: Result) -> str:
+    """Each implementation's greedy tokens beside the reference's (differences marked), and at the first differing
+    step the top-k containment check, the log-prob gaps and the reference's top-2 margin."""
+    import html
+
+    g = result.data["generation"]
+    e = html.escape
+    ref = g.get("reference")
+    parts = [f"<p>{g['steps']} tokens generated greedily after the {g['prompt_length']}-token input, each implementation through its "
+             f"own generation path; top-k check with k = {g['top_k']} (as vLLM's model tests gate: where the tokens first differ, "
+             "each must be within the other's top-k)"
+             + (f"; decode-only config on the candidates: <code>{e(str(g['decode_config']))}</code>" if g.get("decode_config") else "")
+             + ".</p>"]
+    if ref is None:
+        return "".join(parts) + "<p class='failed'>the reference could not generate.</p>"
+
+    def tokens_row(label: str, path: str, rows: list[list[int]], against: list[list[int]] | None) -> str:
+        cells = []
+        for t, tok in enumerate(rows[0]):
+            differs = against is not None and tok != against[0][t]
+            style = " style='background:#ffd6d2'" if differs else ""
+            cells.append(f"<td{style}>{tok}</td>")
+        return f"<tr><td class='l'>{e(label)}</td><td class='l'>{e(path)}</td>{''.join(cells)}</tr>"
+
+    head = "".join(f"<th>{t}</th>" for t in range(g["steps"]))
+    rows = [tokens_row(ref["label"], ref["path"], ref["tokens"], None)]
+    rows += [tokens_row(c["candidate"], c["path"], c["tokens"], ref["tokens"]) for c in g["candidates"]]
+    margin = "".join(f"<td>{m:.2g}</td>" for m in ref["margins"][0])
+    parts.append(f"<table><tr><th class='l'>implementation</th><th class='l'>path</th>{head}</tr>{''.join(rows)}"
+                 f"<tr><td class='l' colspan=2>reference top-2 margin (nats)</td>{margin}</tr></table><p><small>First row of the batch; "
+                 "a small margin is a near tie, where a correct implementation at a lower precision may flip.</small></p>")
+    checks = []
+    for c in g["candidates"]:
+        for b, r in enumerate(c["rows"]):
+            if r["first_diff"] is None:
+                checks.append(f"<tr><td class='l'>{e(c['candidate'])}</td><td>{b}</td><td class='l' colspan=7>identical to the reference</td></tr>")
+                continue
+            checks.append(f"<tr class='{'' if r['topk_ok'] else 'first'}'><td class='l'>{e(c['candidate'])}</td><td>{b}</td><td>{r['step']}</td>"
+                          f"<td>{r['candidate_token']} / {r['reference_token']}</td><td>{r['candidate_rank_under_reference'] + 1}</td>"
+                          f"<td>{r['reference_rank_under_candidate'] + 1}</td><td>{r['reference_gap']:.3g} / {r['candidate_gap']:.3g}</td>"
+                          f"<td>{r['reference_margin']:.3g}</td><td class='l'>{'pass' if r['topk_ok'] else 'FAIL'}</td></tr>")
+    parts.append("<table><tr><th class='l'>candidate</th><th>row</th><th>first differing step</th><th>token cand / ref</th>"
+                 "<th>rank of cand's token under ref</th><th>rank of ref's token under cand</th><th>log-prob gap ref / cand</th>"
+                 f"<th>ref top-2 margin</th><th class='l'>top-{g['top_k']} check</th></tr>{''.join(checks)}</table>")
+    sources = "; ".join(f"{e(c['candidate'])}: {e(c['logits_source'])}" for c in g["candidates"])
+    if sources:
+        parts.append(f"<p><small>Per-step log-probs: {sources}.</small></p>")
+    for label, error in (g.get("failed") or {}).items():
+        parts.append(f"<p class='failed'>{e(label)} could not generate: {e(error)}</p>")
+    return "".join(parts)

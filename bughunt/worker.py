@@ -215,6 +215,9 @@ def serve() -> None:
                 from bughunt.weightcheck import check_runner
 
                 answer = {"ok": True, "weights": check_runner(runner).to_dict(all_rows=True)}
+            elif job.get("kind") == "generate":  # greedy generation through the implementation's own path
+                runner.generate(np.asarray(job["tokens"]), int(job["steps"]), job.get("decode_config") or None).save(Path(job["out_stem"]))
+                answer = {"ok": True, "generation": job["out_stem"]}
             else:
                 from bughunt.trace import Trace
 

@@ -152,6 +152,33 @@ class Runner:
             meta["cannot_represent"] = list(self.cannot_represent)
         return out.finish(self.label, meta)
 
+    def generate(self, tokens: np.ndarray, steps: int, decode_config: dict | None = None):
+        """Greedy generation of `steps` tokens after each row of `tokens` through this implementation's own path
+        (a bughunt.generation.Generation). The default, for implementations without one (the reference), recomputes the
+        whole prefix each step: exactly what a KV cache must reproduce."""
+        import shutil
+        import tempfile
+
+        from bughunt.generation import Generation, recompute
+
+        if decode_config:
+            raise BughuntError(f"{self.label} generates by recomputing the prefix, so a decode-only config change means nothing for it.")
+        scratch = tempfile.mkdtemp(prefix="bughunt-generate-")
+        count = [0]
+
+        def last_logits(ids: np.ndarray) -> np.ndarray:
+            count[0] += 1
+            trace = self.run(ids, Path(scratch) / f"step{count[0]}")  # streams to disk: memory stays one trace's worth
+            last = np.array(trace.arrays["logits"][:, -1:], dtype=np.float64)
+            del trace
+            return last
+
+        try:
+            ids, logits = recompute(last_logits, tokens, steps)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        return Generation(self.label, ids, logits, "greedy by recomputing the whole prefix each step", "the same forward passes")
+
     def close(self) -> None:
         self._close()
         self.is_open = False

@@ -184,6 +184,47 @@ class DeepMindRunner(Runner):
         arrays["logits"] = out.logits
         return {k: np.asarray(v, dtype=np.float32) for k, v in arrays.items()}
 
+    def generate(self, tokens: np.ndarray, steps: int, decode_config: dict | None = None):
+        """Greedy generation through the library's own `gm.text.Sampler` (its prefill, KV cache and jitted sampler
+        loop) with the ids given directly: a subclass replaces only the text-to-ids and ids-to-text steps, and the
+        end tokens are ids no model emits, so exactly `steps` tokens come out. The sampler keeps no scores, so the
+        per-step logits come from this runner's forward pass over the generated sequence."""
+        import types
+
+        from gemma import gm
+
+        from bughunt.generation import Generation
+        from bughunt.toggles import apply_to_tokens
+
+        if decode_config:
+            raise BughuntError(f"{self.label}: a decode-only config change is applied only on hf's generation path.")
+        ids = apply_to_tokens(np.atleast_2d(np.asarray(tokens, dtype=np.int64)), self.spec, self.toggles)
+        if (ids == 0).any():
+            raise BughuntError(f"{self.label}: the input holds token id 0, which DeepMind's sampler treats as padding; "
+                               "it cannot generate after it. Give ids without 0.")
+        jnp = self.jnp
+
+        class IdsSampler(gm.text.Sampler):
+            def _tokenize_prompts(self, prompt, *, add_bos, pad_length=None):
+                return jnp.asarray(prompt, jnp.int32)  # the ids as given: BOS is already where the input has it
+
+            def _decode_state(self, state, predicted_tokens, *, has_batch_dim, return_state):
+                return predicted_tokens
+
+        class NoStop:  # a class, as the library's special tokens are (jit hashes them): no id stops generation
+            EOS = -1
+            END_OF_TURN = -1
+
+        stand_in = types.SimpleNamespace(special_tokens=NoStop, FORBIDDEN_TOKENS=(), VERSION=None)
+        b, p = ids.shape
+        sampler = IdsSampler(model=self.model, params=self.params, tokenizer=stand_in, cache_length=p + steps + 1,
+                             max_out_length=steps, pad_length=None)
+        new = np.asarray(sampler.sample(ids.tolist(), max_new_tokens=steps, rng=0), dtype=np.int64)[:, :steps]
+        full = np.concatenate([ids, new], axis=1)
+        logits = self.run(full[:, :-1]).arrays["logits"][:, p - 1:]
+        return Generation(self.label, new, np.asarray(logits, dtype=np.float32), "DeepMind gemma Sampler (greedy, KV cache)",
+                          "a forward pass over the generated sequence (the sampler keeps no scores)")
+
     def versions(self) -> dict[str, str]:
         from importlib import metadata
 

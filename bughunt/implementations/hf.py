@@ -356,6 +356,52 @@ class HFRunner(Runner):
             t = tensor.detach()
             yield name, (t.float() if t.dtype == torch.bfloat16 else t).cpu().numpy()
 
+
+    def generate(self, tokens: np.ndarray, steps: int, decode_config: dict | None = None):
+        """Greedy generation through transformers' own `generate` with its KV cache, exactly `steps` tokens (no stop
+        at EOS). The per-step logits are those `generate` chose from (output_logits). `decode_config` changes config
+        values for the one-token steps only (a wrapper on the model's forward that sets them while the cache is
+        non-empty, restored after each call): a decode-path bug the prefill does not have."""
+        import torch
+        import transformers
+
+        from bughunt.generation import Generation
+        from bughunt.toggles import apply_to_tokens
+
+        ids = torch.from_numpy(apply_to_tokens(np.atleast_2d(np.asarray(tokens, dtype=np.int64)), self.spec, self.toggles))
+        ids = ids.to(self._input_device())
+        config = transformers.GenerationConfig(max_new_tokens=steps, min_new_tokens=steps, do_sample=False, num_beams=1,
+                                               eos_token_id=None, pad_token_id=self.spec.pad_token_id if self.spec.pad_token_id is not None else 0,
+                                               output_logits=True, return_dict_in_generate=True)
+        model, original = self.model, self.model.forward
+        if decode_config:
+            def decode_only(*args, **kwargs):
+                cache = kwargs.get("past_key_values")
+                if cache is None or cache.get_seq_length() == 0:
+                    return original(*args, **kwargs)
+                saved = {k: getattr(model.config, k) for k in decode_config}
+                try:
+                    for key, value in decode_config.items():
+                        setattr(model.config, key, value)
+                    return original(*args, **kwargs)
+                finally:
+                    for key, value in saved.items():
+                        setattr(model.config, key, value)
+
+            model.forward = decode_only
+        try:
+            with torch.no_grad():
+                out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config)
+        finally:
+            if decode_config:
+                del model.forward  # the instance attribute goes; the class's forward is back
+        new = out.sequences[:, ids.shape[1]:]
+        if new.shape[1] != steps:
+            raise BughuntError(f"transformers' generate returned {new.shape[1]} tokens where {steps} were asked for.")
+        logits = torch.stack([x.float() for x in out.logits], dim=1).cpu().numpy()
+        return Generation(self.label, new.cpu().numpy().astype(np.int64), logits, "transformers generate (greedy, KV cache)",
+                          "the logits generate chose from")
+
     def forward_plain(self, tokens: np.ndarray) -> np.ndarray:
         """A forward pass with no hooks at all (for the capture-overhead benchmark and the hook tests)."""
         import torch

@@ -101,6 +101,33 @@ class KerasRunner(Runner):
             value = np.asarray(ops.convert_to_numpy(ops.cast(variable.value, "float32")))
             yield name, _to_checkpoint_layout(value, layouts.get(path))
 
+
+    def generate(self, tokens: np.ndarray, steps: int, decode_config: dict | None = None):
+        """Greedy generation through keras-hub's own `CausalLM.generate` (its cache and sampler loop, compiled as the
+        library compiles it), on the same backbone, with no preprocessor: the ids go in padded to prompt + steps and
+        generation never stops early. keras-hub's generate returns no scores, so the per-step logits come from this
+        runner's forward pass over the generated sequence (teacher-forced on the tokens it chose)."""
+        import keras_hub
+
+        from bughunt.generation import Generation
+        from bughunt.toggles import apply_to_tokens
+
+        if decode_config:
+            raise BughuntError(f"{self.label}: a decode-only config change is applied only on hf's generation path.")
+        ids = apply_to_tokens(np.atleast_2d(np.asarray(tokens, dtype=np.int64)), self.spec, self.toggles)
+        cls = _causal_lm_class(keras_hub, type(self.backbone))
+        lm = cls(backbone=self.backbone, preprocessor=None)
+        lm.compile(sampler="greedy")
+        b, p = ids.shape
+        padded = np.concatenate([ids, np.zeros((b, steps), dtype=np.int64)], axis=1).astype("int32")
+        mask = np.concatenate([np.ones((b, p), dtype=bool), np.zeros((b, steps), dtype=bool)], axis=1)
+        out = lm.generate({"token_ids": padded, "padding_mask": mask}, stop_token_ids=None)
+        full = np.asarray(out["token_ids"], dtype=np.int64)
+        new = full[:, p:]
+        logits = self.run(full[:, :-1]).arrays["logits"][:, p - 1:]
+        return Generation(self.label, new, np.asarray(logits, dtype=np.float32), f"keras-hub {cls.__name__}.generate (greedy sampler, cache)",
+                          "a forward pass over the generated sequence (keras-hub's generate returns no scores)")
+
     def versions(self) -> dict[str, str]:
         import keras
         import keras_hub
@@ -151,6 +178,19 @@ def _to_checkpoint_layout(value: np.ndarray, layout: tuple[str, str | None] | No
     moved = value.transpose([kernel.index(ch) for ch in produced + contracted])
     rows = int(np.prod([value.shape[kernel.index(ch)] for ch in produced]))
     return moved.reshape(rows, -1)
+
+
+def _causal_lm_class(keras_hub, backbone_cls):
+    """The keras-hub CausalLM task class built on this backbone class."""
+    todo, seen = [keras_hub.models.CausalLM], []
+    while todo:
+        cls = todo.pop()
+        seen.append(cls)
+        todo.extend(cls.__subclasses__())
+    match = [c for c in seen if getattr(c, "backbone_cls", None) is backbone_cls]
+    if not match:
+        raise BughuntError(f"keras-hub has no CausalLM task for {backbone_cls.__name__}, so it cannot generate.")
+    return match[0]
 
 
 class KerasJaxRunner(KerasRunner):
