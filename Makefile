@@ -14,8 +14,8 @@ $(VENV)/.core: $(VENV)/bin/python pyproject.toml
 	$(PIP) install -q -e .
 	touch $@
 
-$(VENV)/.stacks: $(VENV)/.core requirements/keras.txt requirements/jax.txt
-	$(PIP) install -q --no-deps -r requirements/keras.txt -r requirements/jax.txt
+$(VENV)/.stacks: $(VENV)/.core requirements/keras.txt requirements/jax.txt requirements/mlx.txt
+	$(PIP) install -q --no-deps -r requirements/keras.txt -r requirements/jax.txt -r requirements/mlx.txt
 	touch $@
 
 $(VENV)/.test: $(VENV)/.stacks

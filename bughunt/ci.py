@@ -45,6 +45,7 @@ import numpy as np
 
 from bughunt.errors import BughuntError
 from bughunt.implementations import DEVICES, DTYPES, ImplChoice, available, require_device
+from bughunt.implementations.catalog import family_refusal
 from bughunt.inputs.config import MAX_TOKEN_ID
 from bughunt.inputs.documents import check_baseline_points, read_baseline_json, read_toml
 from bughunt.output import check_output_dir, check_output_file, write_output_dir, write_output_file
@@ -738,7 +739,7 @@ def diagnosis_text(result, candidate: str) -> str | None:
 @dataclass
 class CellOutcome:
     cell: Cell
-    status: str  # pass | fail | error (the implementation or the run failed)
+    status: str  # pass | fail | error (the implementation or the run failed) | skipped (it does not run the family)
     violations: list[Violation] = field(default_factory=list)
     error: str | None = None
     diagnosis: str | None = None
@@ -752,6 +753,8 @@ class CellOutcome:
     def message(self) -> str:
         if self.status == "error":
             return f"cell {self.cell.id}: {self.error}"
+        if self.status == "skipped":
+            return f"cell {self.cell.id}: skipped: {self.error}"
         if self.status == "pass":
             return f"cell {self.cell.id}: pass"
         first = self.violations[0]
@@ -787,12 +790,12 @@ class CiRun:
 
     @property
     def failed(self) -> list[CellOutcome]:
-        return [o for o in self.outcomes if o.status != "pass"]
+        return [o for o in self.outcomes if o.status not in ("pass", "skipped")]
 
     @property
     def exit_code(self) -> int:
         """0 every cell passes; 1 a regression (or a failed cell among compared ones); 2 nothing could be compared."""
-        if self.outcomes and all(o.status == "error" for o in self.outcomes):
+        if self.outcomes and all(o.status in ("error", "skipped") for o in self.outcomes):
             return 2
         return 1 if self.failed else 0
 
@@ -808,6 +811,7 @@ class _Group:
     cells: list[Cell]
     baselines: dict[str, dict | None]
     text: Any = None  # the bughunt.text.EncodedText the tokens came from, recorded in the group's report
+    skipped: dict[str, str] = field(default_factory=dict)  # cell id -> why its implementation does not run the family
 
     @property
     def name(self) -> str:
@@ -845,9 +849,10 @@ def _plan(matrix: Matrix, baseline_dir: Path, update: bool) -> list[_Group]:
         for device in entry.devices:
             require_device(device, f"{where}: devices")
             cells = [c for c in cells_all if c.device == device]
-            baselines = {c.id: None if update else read_baseline(baseline_dir / c.baseline_name, c, tokens, matrix.branches,
-                                                                  matrix.source, baseline_dir) for c in cells}
-            groups.append(_Group(entry, device, path, tokens, cells, baselines, encoded))
+            skipped = {c.id: why for c in cells if (why := family_refusal(c.impl.name, c.impl.python, spec.family))}
+            baselines = {c.id: None if update or c.id in skipped else read_baseline(
+                baseline_dir / c.baseline_name, c, tokens, matrix.branches, matrix.source, baseline_dir) for c in cells}
+            groups.append(_Group(entry, device, path, tokens, cells, baselines, encoded, skipped))
     for rule in matrix.thresholds:
         if rule.index not in points_seen:
             raise BughuntError(f"{matrix.source.name}: thresholds[{rule.index}] ({rule.describe()}) matches no capture point of any cell. "
@@ -877,8 +882,10 @@ def _run_group(group: _Group, matrix: Matrix, out: Path, log: Callable[[str], No
     from bughunt import report
     from bughunt.compare import compare
 
-    labels = [c.impl.label for c in group.cells] + [group.entry.reference.label]
+    labels = [c.impl.label for c in group.cells if c.id not in group.skipped] + [group.entry.reference.label]
     t0 = time.perf_counter()
+    if len(labels) == 1:
+        return [CellOutcome(c, "skipped", error=group.skipped[c.id]) for c in group.cells]
     try:
         result = compare(group.path, labels, reference=group.entry.reference.label, dtype=group.cells[0].dtype,
                          device=group.device, tokens=None if group.text is not None else group.tokens, out=None,
@@ -891,6 +898,9 @@ def _run_group(group: _Group, matrix: Matrix, out: Path, log: Callable[[str], No
     outcomes = []
     entries = {e["label"]: e for e in result.data["implementations"]}
     for cell in group.cells:
+        if cell.id in group.skipped:
+            outcomes.append(CellOutcome(cell, "skipped", error=group.skipped[cell.id]))
+            continue
         entry = entries[cell.impl.label]
         timings = (entry.get("meta") or {}).get("timings") or {}
         seconds = float(timings.get("load_s", 0.0) + timings.get("forward_s", 0.0))
@@ -1004,13 +1014,16 @@ def junit_xml(run: CiRun) -> str:
     total_time = f"{sum(o.seconds for o in run.outcomes):.3f}"
     suites = ET.Element("testsuites", name="bughunt ci", tests=str(len(run.outcomes)), failures=str(failures), errors=str(errors), time=total_time)
     suite = ET.SubElement(suites, "testsuite", name=f"bughunt ci {run.matrix.source.name}", tests=str(len(run.outcomes)),
-                          failures=str(failures), errors=str(errors), skipped="0", time=total_time)
+                          failures=str(failures), errors=str(errors), time=total_time,
+                          skipped=str(sum(o.status == "skipped" for o in run.outcomes)))
     for o in run.outcomes:
         case = ET.SubElement(suite, "testcase", classname=f"bughunt.{o.cell.checkpoint}", name=o.cell.id, time=f"{o.seconds:.3f}")
         if o.status == "fail":
             ET.SubElement(case, "failure", message=o.message, type="regression").text = o.details
         elif o.status == "error":
             ET.SubElement(case, "error", message=o.message, type="failed").text = o.details
+        elif o.status == "skipped":
+            ET.SubElement(case, "skipped", message=o.message)
     ET.indent(suites)
     return '<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(suites, encoding="unicode") + "\n"
 
@@ -1035,11 +1048,11 @@ def markdown_summary(run: CiRun) -> str:
              "| cell | status | first regressed point | by how much | max rel L2 (baseline) |",
              "|---|---|---|---|---|"]
     for o in run.outcomes:
-        status = {"pass": "✅ pass", "fail": "❌ regression", "error": "💥 error"}[o.status]
+        status = {"pass": "✅ pass", "fail": "❌ regression", "error": "💥 error", "skipped": "⏭ skipped"}[o.status]
         first, how = "–", "–"
         if o.status == "fail":
             first, how = o.violations[0].point, o.violations[0].detail
-        elif o.status == "error":
+        elif o.status in ("error", "skipped"):
             how = o.error or ""
         worst = "–" if o.max_rel_l2 is None else f"{o.max_rel_l2:.1e}"
         if o.max_rel_l2_baseline is not None:

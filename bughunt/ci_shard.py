@@ -73,7 +73,7 @@ class _Violation(_Strict):
 
 class _Outcome(_Strict):
     cell: _Cell
-    status: Literal["pass", "fail", "error"]
+    status: Literal["pass", "fail", "error", "skipped"]
     violations: tuple[_Violation, ...]
     error: str | None
     diagnosis: str | None

@@ -313,6 +313,14 @@ def cmd_render(args) -> int:
     return 0
 
 
+def cmd_implementations(args) -> int:
+    from bughunt.implementations.catalog import catalog_json, describe_all, format_catalog
+
+    infos = describe_all()
+    print(catalog_json(infos) if args.json else format_catalog(infos))
+    return 0
+
+
 def cmd_ci(args) -> int:
     from bughunt.ci import run_ci
 
@@ -372,6 +380,7 @@ def cmd_weights(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from bughunt.implementations import DEVICES, DTYPES
+    from bughunt.implementations.catalog import impl_help
 
     p = argparse.ArgumentParser(prog="bughunt", description="Find numerics bugs in transformer implementations, layer by layer.",
                                 epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -383,8 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = command("compare", help="compare implementations of one checkpoint against a reference")
     c.add_argument("checkpoint", help="Hugging Face-format checkpoint directory (config.json + *.safetensors)")
-    c.add_argument("--impl", action="append", metavar="NAME[:DTYPE][@PYTHON]",
-                   help="implementation to run (repeatable): hf, reference; default: hf and reference")
+    c.add_argument("--impl", action="append", metavar="NAME[:DTYPE][@PYTHON]", help=impl_help())
     c.add_argument("--reference", default="reference", help="which implementation is the reference (default: reference, float64)")
     c.add_argument("--dtype", default="fp32", choices=DTYPES, help="dtype for implementations given without :DTYPE (default fp32)")
     c.add_argument("--device", default="cpu", choices=DEVICES)
@@ -494,6 +502,11 @@ def build_parser() -> argparse.ArgumentParser:
     wt.add_argument("--in-process", action="store_true", help="load in this process instead of a worker process")
     wt.add_argument("--timeout", type=_positive_seconds, default=600.0, help="seconds the worker may take (default 600)")
     wt.set_defaults(func=cmd_weights)
+
+    im = command("implementations", help="list every implementation: installed here or not, library versions, families, "
+                 "dtypes, devices, toggles, and how to install a missing one")
+    im.add_argument("--json", action="store_true", help="print the list as JSON")
+    im.set_defaults(func=cmd_implementations)
 
     g = sub.add_parser("ci", help="run a TOML matrix of cells against stored baselines: exit 0 pass, 1 regression, 2 bad input",
                        usage="bughunt ci MATRIX --baseline DIR [--update-baseline] [--shard K/N] [--out DIR]\n"

@@ -19,7 +19,11 @@ from bughunt.tiny import TINY_FAMILIES, tiny_checkpoint
 
 # keras-hub's bf16 lines show only bf16 rounding on these models; fp32 is where its findings are. Keeps the demo
 # within a minute on 2 cores.
-DEMO_DTYPES = {"keras-jax": ("fp32",), "keras-torch": ("fp32",)}
+DEMO_DTYPES = {"keras-jax": ("fp32",), "keras-torch": ("fp32",), "hf+sdpa": ("fp32",), "hf+flex": ("fp32",),
+               "hf+compile": ("fp32",), "mlx": ("fp32",)}
+# flex attention and torch.compile compile each model on first use (tens of seconds to minutes per family on 2
+# cores): the demo shows each on one family.
+DEMO_FAMILIES = {"hf+flex": ("qwen3",), "hf+compile": ("qwen3",)}
 
 
 def run_demo(out: Path, families: list[str] | None = None) -> list:
@@ -31,7 +35,8 @@ def run_demo(out: Path, families: list[str] | None = None) -> list:
         rows = []
         for family in families or TINY_FAMILIES:
             checkpoint = tiny_checkpoint(family, trained=True)
-            choices = [f"{name}:{dt}" for name in impls if supports(name, family) for dt in DEMO_DTYPES.get(name, ("fp32", "bf16"))]
+            choices = [f"{name}:{dt}" for name in impls if supports(name, family) and family in DEMO_FAMILIES.get(name, (family,))
+                       for dt in DEMO_DTYPES.get(name, ("fp32", "bf16"))]
             result = compare(checkpoint, choices + ["reference"], reference="reference", out=tmp / family, pool=pool,
                              text=default_request())
             results.append(result)

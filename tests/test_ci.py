@@ -169,7 +169,7 @@ def test_malformed_matrix_is_bad_input_with_a_useful_message(tmp_path, capsys, t
 
 def test_example_matrix_is_valid():
     matrix = load_matrix(ROOT / "examples" / "bughunt.toml")
-    assert [c.name for c in matrix.checkpoints] == ["llama", "gemma2-seed1", "my-model"]
+    assert [c.name for c in matrix.checkpoints] == ["llama", "gemma2-seed1", "gemma2-every-path", "my-model"]
     assert len(matrix.thresholds) == 7
 
 

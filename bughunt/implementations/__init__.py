@@ -17,6 +17,10 @@ DEVICES = ("cpu", "cuda")
 REGISTRY: dict[str, tuple[str, tuple[str, ...], dict[str, str]]] = {
     "reference": ("bughunt.implementations.reference:ReferenceRunner", ("numpy", "ml_dtypes"), {}),
     "hf": ("bughunt.implementations.hf:HFRunner", ("torch", "transformers"), {}),
+    "hf+sdpa": ("bughunt.implementations.hf_variants:HFSdpaRunner", ("torch", "transformers"), {}),
+    "hf+flex": ("bughunt.implementations.hf_variants:HFFlexRunner", ("torch", "transformers"), {}),
+    "hf+compile": ("bughunt.implementations.hf_variants:HFCompileRunner", ("torch", "transformers"), {}),
+    "mlx": ("bughunt.implementations.mlx:MLXRunner", ("mlx", "mlx_lm"), {}),
     "deepmind": ("bughunt.implementations.deepmind:DeepMindRunner", ("jax", "flax", "gemma", "kauldron"), {}),
     "keras-jax": ("bughunt.implementations.keras:KerasJaxRunner", ("keras", "keras_hub", "jax"), {"KERAS_BACKEND": "jax"}),
     "keras-torch": ("bughunt.implementations.keras:KerasTorchRunner", ("keras", "keras_hub", "torch"), {"KERAS_BACKEND": "torch"}),
@@ -48,7 +52,7 @@ class ImplChoice:
         import re
 
         rest, _, python = text.partition("@")
-        m = re.fullmatch(r"([A-Za-z0-9_-]+)(?::([A-Za-z0-9]+))?(?:\[([^\]]*)\])?", rest.strip())
+        m = re.fullmatch(r"([A-Za-z0-9_+-]+)(?::([A-Za-z0-9]+))?(?:\[([^\]]*)\])?", rest.strip())
         if not m:
             raise BughuntError(f"cannot read implementation '{text}'. Write NAME[:DTYPE][toggle=value,...][@PYTHON], e.g. hf:bf16[gelu=exact].")
         name, dtype, toggles = m.group(1), m.group(2) or "", m.group(3)

@@ -46,6 +46,7 @@ class HFRunner(Runner):
 
     # module swaps and function wrappers (see _apply_toggles): a sweep switches them on the loaded model
     live_toggles = frozenset({"bos", "gelu", "query_scale", "rope_dtype", "rope_positions", "rope_pairing", "embed_scale_dtype"})
+    attn_implementation = "eager"  # transformers' attention backend (hf+sdpa, hf+flex: implementations/hf_variants.py)
 
     def __init__(self, *args, config_overrides: dict | None = None, device_map: str | None = None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -92,7 +93,7 @@ class HFRunner(Runner):
                              max_memory={**{i: f"{m}MiB" for i, m in gpus.items()}, "cpu": f"{cpu}MiB"})
         try:
             self.model = transformers.AutoModelForCausalLM.from_pretrained(
-                self.checkpoint, config=config, dtype=dtype, attn_implementation="eager",
+                self.checkpoint, config=config, dtype=dtype, attn_implementation=self.attn_implementation,
                 use_safetensors=not self.allow_pickle, **placement,
             )
         except (OSError, ValueError, RuntimeError) as e:
