@@ -42,7 +42,8 @@ class Library:
 
 
 # implementation (the part of the name before any "+variant") -> the library its release picks
-LIBRARIES = {"hf": Library("transformers", "transformers"), "litgpt": Library("litgpt", "litgpt")}
+LIBRARIES = {"hf": Library("transformers", "transformers", ("torch", "accelerate")),  # hf loads through a device_map
+             "litgpt": Library("litgpt", "litgpt")}
 
 # implementation -> (environment variable naming its interpreter, its default place under the project, how to create it)
 OWN_ENVIRONMENTS = {"litgpt": ("BUGHUNT_LITGPT_PYTHON", ".venv-litgpt", "make litgpt")}
