@@ -212,27 +212,65 @@ def _create(lib: Library, version: str, base_packages: dict[str, str], base: str
             _run([sys.executable, "-m", "venv", "--without-pip", str(build)], "create a virtual environment")
             pins = {k: v for k, v in base_packages.items() if _norm(k) != _norm(lib.package)}
             pins["torch"] = torch_version
+            bar.update(stage="reading the release's requirements")
+            relaxed = _relax(lib, version, pins, build)
             constraints = build / "bughunt-constraints.txt"
             constraints.write_text("".join(f"{k}=={v}\n" for k, v in sorted(pins.items())))
             bar.update(stage="pip install")
             wanted = [f"{lib.package}=={version}", *lib.extras, *WORKER_PACKAGES]
             _run([sys.executable, "-m", "pip", "--python", str(build / "bin" / "python"), "install", "--no-input",
                   "--disable-pip-version-check", "-q", "-c", str(constraints), *wanted],
-                 f"install {lib.package}=={version} with every other package pinned to {base}'s versions",
-                 hint="Creating a library-version environment needs the package registry (PyPI, or the index your pip "
-                      "configuration names), and the release must exist (`pip index versions " + lib.package + "`).")
+                 f"install {lib.package}=={version} with every other package pinned to {base}'s versions"
+                 + (f" (but {', '.join(relaxed)}, which the release constrains)" if relaxed else ""),
+                 hint=REGISTRY_HINT.format(lib.package))
             bar.update(stage="checking it imports")
             _run([str(build / "bin" / "python"), "-c", f"import {lib.module}, torch, numpy, ml_dtypes, pydantic"],
                  f"import {lib.module} in the new environment")
             _, installed = _installed(str(build / "bin" / "python"))
         meta = {"package": lib.package, "version": version, "python": python_version, "torch": torch_version, "base": base,
                 "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                "seconds": round(time.monotonic() - started, 1), "packages": installed}
+                "seconds": round(time.monotonic() - started, 1), "relaxed": relaxed, "packages": installed}
         (build / MARKER).write_text(json.dumps(meta, indent=1))
         os.rename(build, path)  # atomic: the environment appears complete or not at all
     finally:
         if build.exists():
             shutil.rmtree(build, ignore_errors=True)
+
+
+def _relax(lib: Library, version: str, pins: dict[str, str], build: Path) -> dict[str, str]:
+    """Drop the pins the release itself excludes (its Requires-Dist does not admit the usual environment's version),
+    so pip takes a version the release accepts; everything else stays pinned. Returns {package: why} for the record.
+    torch is never relaxed: a release that needs another torch is refused."""
+    import zipfile
+    from email.parser import Parser
+
+    from packaging.requirements import Requirement
+
+    download = build / ".download"
+    _run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-input", "--disable-pip-version-check", "-q",
+          "-d", str(download), f"{lib.package}=={version}"], f"download {lib.package}=={version}", hint=REGISTRY_HINT.format(lib.package))
+    wheel = next(download.glob("*.whl"), None)
+    relaxed: dict[str, str] = {}
+    if wheel is not None:  # an sdist would need building to read; pip then reports any conflict itself
+        with zipfile.ZipFile(wheel) as z:
+            metadata = z.read(next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))).decode()
+        for text in Parser().parsestr(metadata).get_all("Requires-Dist") or []:
+            req = Requirement(text)
+            if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+                continue
+            key = next((k for k in pins if _norm(k) == _norm(req.name)), None)
+            if key is None or req.specifier.contains(pins[key], prereleases=True):
+                continue
+            if _norm(key) == "torch":
+                raise BughuntError(f"{lib.package}=={version} needs torch{req.specifier}, and bughunt runs every version "
+                                   f"of a library on the same torch ({pins[key]}). Compare that release on its own torch with @PYTHON.")
+            relaxed[key] = f"{pins.pop(key)} in the usual environment; {lib.package} {version} needs {req.name}{req.specifier}"
+    shutil.rmtree(download, ignore_errors=True)
+    return relaxed
+
+
+REGISTRY_HINT = ("Creating a library-version environment needs the package registry (PyPI, or the index your pip "
+                 "configuration names), and the release must exist (`pip index versions {}`).")
 
 
 def _run(cmd: list[str], what: str, hint: str = "") -> None:
@@ -316,6 +354,7 @@ def format_list(envs: list[EnvInfo]) -> str:
         state = f"created {e.meta.get('created', '?')} in {e.meta.get('seconds', '?')} s" if e.complete \
             else "half-built (a creation under way, or one that was killed; never used)"
         lines.append(f"  {e.name}  {e.size / 2**30:.2f} GB  {state}")
+        lines += [f"    not pinned to the usual environment: {k} ({why})" for k, why in e.meta.get("relaxed", {}).items()]
     for name in OWN_ENVIRONMENTS:
         python = own_python(name)
         lines.append(f"{name}'s own environment: {python or 'not created (' + OWN_ENVIRONMENTS[name][2] + ')'}")
