@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import fcntl
+import functools
 import importlib.metadata
 import json
 import os
@@ -140,6 +141,7 @@ _SCAN = ("import importlib.metadata as m, json, platform; print(json.dumps([plat
          "{d.metadata['Name']: d.version for d in m.distributions() if d.read_text('direct_url.json') is None}]))")
 
 
+@functools.lru_cache(maxsize=None)  # an interpreter's packages do not change during a run; asked once per choice
 def _installed(python: str) -> tuple[str, dict[str, str]]:
     """(python version, {distribution: version}) of an interpreter, leaving out packages installed from a path or URL
     (bughunt itself, editable installs): those are not on the registry."""
@@ -153,6 +155,12 @@ def _installed(python: str) -> tuple[str, dict[str, str]]:
         raise BughuntError(f"could not list the packages of {python}: {out.stderr.strip()[-500:]}")
     version, packages = json.loads(out.stdout)
     return version, packages
+
+
+def _ours(path: Path) -> bool:
+    """A directory bughunt made under the root: a complete environment, or one named like an environment or a build
+    of one (half-built). Anything else there is left alone, whatever `remove --all` says."""
+    return (path / MARKER).exists() or re.fullmatch(r"\.?[^/]+==[^/]+-py\d+\.\d+-torch[^/]+", path.name) is not None
 
 
 def _norm(name: str) -> str:
@@ -309,7 +317,7 @@ def list_envs() -> list[EnvInfo]:
         return []
     out = []
     for p in sorted(root().iterdir()):
-        if not p.is_dir():
+        if not p.is_dir() or not _ours(p):
             continue
         marker = p / MARKER
         meta = json.loads(marker.read_text()) if marker.exists() else {}

@@ -71,13 +71,15 @@ def test_half_built_environments_are_never_used_and_can_be_removed(tmp_path, mon
     monkeypatch.setenv("BUGHUNT_ENVS", str(tmp_path))
     (tmp_path / f".{_key('5.21.0')}.build-abc").mkdir()  # a creation that was killed
     (tmp_path / _key("5.20.0")).mkdir()  # a directory without bughunt's completion marker
+    (tmp_path / "users-own").mkdir()  # not bughunt's: listed nowhere, never removed
     assert main(["envs", "list"]) == 0
     out = capsys.readouterr().out
     assert "half-built" in out and _key("5.20.0") in out
     with pytest.raises(BughuntError, match="not a complete bughunt environment"):
         envs.ensure("hf", "5.20.0")
+    assert "users-own" not in out
     assert main(["envs", "remove", "--all"]) == 0
-    assert not any(p.is_dir() for p in tmp_path.iterdir())
+    assert [p.name for p in tmp_path.iterdir() if p.is_dir()] == ["users-own"]
 
 
 def test_without_the_package_registry_the_run_is_refused_with_one_message(tmp_path, tiny, monkeypatch, capsys):
@@ -91,3 +93,22 @@ def test_without_the_package_registry_the_run_is_refused_with_one_message(tmp_pa
     assert "transformers==5.21.0" in err and "package registry" in err and "Traceback" not in err
     assert not out.exists()
     assert not [p for p in (tmp_path / "envs").iterdir() if p.is_dir()]  # nothing half-built left behind
+
+
+def test_a_run_asking_for_an_environment_another_is_creating_waits_and_reuses_it(tmp_path, monkeypatch):
+    import fcntl
+    import threading
+
+    monkeypatch.setenv("BUGHUNT_ENVS", str(tmp_path))
+    key = _key("5.19.0")
+    got = []
+    with open(tmp_path / f".{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another run is creating it
+        waiter = threading.Thread(target=lambda: got.append(envs.ensure("hf", "5.19.0")))
+        waiter.start()
+        waiter.join(timeout=2)
+        assert waiter.is_alive() and not got  # waits on the lock instead of building a second copy
+        (tmp_path / key).mkdir()
+        (tmp_path / key / envs.MARKER).write_text("{}")  # the other run finished and renamed it into place
+    waiter.join(timeout=30)
+    assert got == [str(tmp_path / key / "bin" / "python")]
