@@ -2,6 +2,8 @@
 # dependencies (torch 2.13.0 CPU wheel; no resolver backtracking): the core from pyproject.toml, then the JAX
 # `gemma` and keras-hub stacks from requirements/*.txt with --no-deps (every transitive dependency is pinned
 # there; see DEVELOPERS.md for why gemma, kauldron and keras-hub must not resolve their own dependencies).
+# `make test` also builds litgpt's own environment (.venv-litgpt, requirements/litgpt.txt) and the library-version
+# environment the tests compare against (hf==5.22.0, in the user cache), so CI runs those tests too.
 PY ?= python3
 VENV ?= .venv
 PIP = $(VENV)/bin/pip
