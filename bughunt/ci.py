@@ -246,6 +246,13 @@ def _implementations(v: Any, where: str) -> tuple[ImplChoice, ...]:
             raise BughuntError(f"{where}[{i}]: '{text}' names a dtype; list implementations without one (e.g. '{choice.name}') "
                                f"and put the dtypes in dtypes = [...], so every implementation runs at every dtype.")
         if choice.python is None and not available(choice.name):
+            from bughunt.envs import OWN_ENVIRONMENTS, require_own_python
+
+            if choice.name in OWN_ENVIRONMENTS:
+                try:
+                    require_own_python(choice.name)
+                except BughuntError as e:
+                    raise BughuntError(f"{where}[{i}]: {e}") from None
             raise BughuntError(f"{where}[{i}]: implementation '{choice.name}' is not installed here. Install it, "
                                f"or run it in another interpreter with '{choice.name}@/path/to/python'.")
         out.append(choice)

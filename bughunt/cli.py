@@ -264,6 +264,28 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_envs(args) -> int:
+    from bughunt import envs
+    from bughunt.implementations import ImplChoice
+
+    if args.action == "list":
+        print(envs.format_list(envs.list_envs()))
+    elif args.action == "create":
+        choices = [ImplChoice.parse(n) for n in args.names]
+        for c in choices:
+            if not c.version or c.dtype or c.toggles:
+                raise BughuntError(f"envs create: '{c.label}' is not NAME==VERSION. Name a library release, e.g. hf==5.22.0.")
+        for c in choices:
+            python = envs.ensure(c.name, c.version)
+            print(f"{c.label}: {python or sys.executable + ' (this interpreter has that release)'}")
+    else:
+        if not args.names and not args.all:
+            raise BughuntError("envs remove: name the environments to remove (as `bughunt envs list` shows them, or hf==VERSION), or pass --all.")
+        for name in envs.remove(args.names, everything=args.all):
+            print(f"removed {envs.root() / name}")
+    return 0
+
+
 def cmd_tiny(args) -> int:
     from bughunt.output import check_output_dir, describe_written, write_output_dir
     from bughunt.tiny import TINY_FAMILIES, make_tiny_checkpoint
@@ -477,6 +499,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--trained", action="store_true", help="train the seeded model briefly on the shipped text (seconds on "
                    "CPU, deterministic: the same seed gives byte-identical weights), so loss on text means something")
     t.set_defaults(func=cmd_tiny)
+
+    e = command("envs", help="list, create or remove the library-version environments (hf==VERSION) in the user cache")
+    e.add_argument("action", choices=["list", "create", "remove"])
+    e.add_argument("names", nargs="*", metavar="NAME", help="create: IMPL==VERSION, e.g. hf==5.22.0; remove: a name from "
+                   "`bughunt envs list`, or IMPL==VERSION")
+    e.add_argument("--all", action="store_true", help="remove: every environment")
+    e.set_defaults(func=cmd_envs)
 
     r = command("render", help="re-render plots and report.html from a result.json")
     r.add_argument("result", help="result.json or the directory holding it")

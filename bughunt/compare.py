@@ -15,7 +15,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from bughunt import progress
+from bughunt import envs, progress
 from bughunt.checkpoint import validate_weights
 from bughunt.errors import BughuntError
 from bughunt.inputs.flags import positive
@@ -70,6 +70,9 @@ def run_implementation(choice: ImplChoice, checkpoint: Path, spec: Spec, dtype: 
     """Open, run and close one implementation in this process. With `stem` the trace streams to disk there. With
     `check_weights`, the loaded parameters are checked against the checkpoint (trace.meta["weight_check"]); `inner`
     and `feed` go to Runner.run (points inside the layer; each layer fed the reference's input)."""
+    from bughunt.envs import refuse_in_process
+
+    refuse_in_process(choice, "--in-process runs every implementation in this interpreter; drop --in-process")
     cls = runner_class(choice.name)
     with cls(checkpoint, spec, dtype, device, branches=branches, label=choice.label, allow_pickle=allow_pickle, **runner_kwargs) as runner:
         trace = runner.run(tokens, stem, inner=inner, feed=feed)
@@ -97,7 +100,7 @@ def run_choice(choice: ImplChoice, checkpoint: Path, spec: Spec, dtype: str, dev
            "device": device, "tokens": np.asarray(tokens).tolist(), "branches": branches, "allow_pickle": allow_pickle,
            "label": choice.label, "out_stem": str(stem), "toggles": toggles, "runner_kwargs": extra,
            "check_weights": check_weights, "inner": inner, "feed": str(feed.stem) if feed is not None else None}
-    pool.run(choice.name, choice.python, job, timeout)
+    pool.run(choice.name, envs.interpreter(choice), job, timeout)
     return Trace.load(stem)
 
 
@@ -267,6 +270,7 @@ def compare(checkpoint: str | Path, implementations: Sequence[str | ImplChoice] 
     choices, ref_choice = _choices(implementations, reference)
     if require_comparison and all(c.label == ref_choice.label for c in choices):
         raise BughuntError(f"nothing to compare: only the reference {ref_choice.label} was given. Add a candidate, e.g. --impl hf.")
+    envs.prepare(choices, in_process=not isolate)  # create missing library-version environments; refuse an implementation whose one is missing
 
     from bughunt import memory
     from bughunt.worker import WorkerFailure, WorkerPool
@@ -336,7 +340,7 @@ def compare(checkpoint: str | Path, implementations: Sequence[str | ImplChoice] 
             # when the memory plan allows it, one after another otherwise.
             groups: dict[tuple, list[tuple[int, ImplChoice]]] = {}
             for i, choice in enumerate(choices):
-                groups.setdefault((choice.name, choice.python), []).append((i, choice))
+                groups.setdefault((choice.name, envs.interpreter(choice)), []).append((i, choice))
             results: dict[int, tuple[dict, Trace | None]] = {}
             order: list[str] = []
 
@@ -350,7 +354,7 @@ def compare(checkpoint: str | Path, implementations: Sequence[str | ImplChoice] 
                 paths[key] = {}
                 job = {"kind": "tokenize", "name": choice.name, "checkpoint": str(checkpoint.resolve()), "text": text_job(encoded)}
                 try:
-                    answer = (pool.run(choice.name, choice.python, job, timeout) if isolate
+                    answer = (pool.run(choice.name, envs.interpreter(choice), job, timeout) if isolate
                               else encode_path(choice.name, checkpoint, job["text"]))
                     paths[key] = {"path": answer["path"], "rows": answer["rows"]}
                 except (BughuntError, WorkerFailure) as e:
@@ -364,7 +368,7 @@ def compare(checkpoint: str | Path, implementations: Sequence[str | ImplChoice] 
                     order.append(choice.label)
                     results[i] = attempt(choice, i)
                     if own_pool and not schedule.side_by_side:
-                        pool.stop(choice.name, choice.python)  # its memory goes back before the next one starts
+                        pool.stop(choice.name, envs.interpreter(choice))  # its memory goes back before the next one starts
 
             parallel = max(1, min(len(groups), os.cpu_count() or 1)) if schedule.side_by_side else 1
             with ThreadPoolExecutor(max_workers=parallel) as executor:

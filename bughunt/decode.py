@@ -35,6 +35,9 @@ def _rel_per_step(a: np.ndarray, b: np.ndarray) -> list[float]:
 def incremental(choice: ImplChoice, checkpoint: Path, spec, dtype: str, device: str, tokens: np.ndarray, prefill: int,
                 decode_config: dict | None) -> tuple[np.ndarray, np.ndarray, str]:
     """(full-pass logits, incremental logits, how the incremental path was taken)."""
+    from bughunt.envs import refuse_in_process
+
+    refuse_in_process(choice, "decode runs implementations in this process")
     cls = runner_class(choice.name)
     with cls(checkpoint, spec, dtype, device, branches=False, label=choice.label, toggles=choice.toggle_dict) as runner:
         full = runner.run(tokens).arrays["logits"]

@@ -128,6 +128,9 @@ def _sweep(checkpoint, impl, reference, dtype, device, toggles, mode, side, cand
     positive(floor_factor, "--floor-factor", "a finding is a point above this multiple of the noise floor")
     cand_choice = ImplChoice.parse(impl)
     ref_choice = ImplChoice.parse(reference or f"reference:{dtype}")
+    from bughunt.envs import prepare
+
+    prepare([cand_choice, ref_choice], in_process=pool is None)  # create missing library-version environments; refuse a missing own one
     cand_dtype = cand_choice.dtype or (dtype if cand_choice.name != "reference" else "fp64")
     ref_dtype = ref_choice.dtype or ("fp64" if ref_choice.name == "reference" else dtype)
     cand_fixed = parse_toggles(candidate_toggles, spec)
