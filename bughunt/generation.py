@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bughunt import envs
 from bughunt.errors import BughuntError
 
 DEFAULT_TOP_K = 5
@@ -181,7 +182,7 @@ def generate_choice(choice, checkpoint: Path, spec, dtype: str, device: str, tok
            "dtype": dtype, "device": device, "tokens": np.asarray(tokens).tolist(), "branches": branches, "allow_pickle": allow_pickle,
            "label": choice.label, "out_stem": str(stem), "toggles": choice.toggle_dict, "runner_kwargs": extra,
            "steps": steps, "decode_config": decode_config or {}}
-    pool.run(choice.name, choice.python, job, timeout)
+    pool.run(choice.name, envs.interpreter(choice), job, timeout)
     return Generation.load(stem)
 
 

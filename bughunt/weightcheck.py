@@ -13,6 +13,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
+from bughunt import envs
 from bughunt.errors import BughuntError
 
 WEIGHTS_SCHEMA = "bughunt.weights"
@@ -273,7 +274,7 @@ def check(checkpoint: str | Path, impl: str, dtype: str = "fp32", device: str = 
     job = {"task": "weights", "checkpoint": str(checkpoint.resolve()), "name": choice.name, "choice_dtype": choice.dtype,
            "dtype": dtype, "device": device, "tokens": [[0]], "label": choice.label, "toggles": choice.toggle_dict}
     try:
-        answer = pool.run(choice.name, choice.python, job, timeout)
+        answer = pool.run(choice.name, envs.interpreter(choice), job, timeout)
     except WorkerFailure as e:
         raise BughuntError(f"{choice.label} could not load {checkpoint} for the weight check: {e}") from None
     finally:
