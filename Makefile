@@ -2,6 +2,9 @@
 # dependencies (torch 2.13.0 CPU wheel; no resolver backtracking): the core from pyproject.toml, then the JAX
 # `gemma` and keras-hub stacks from requirements/*.txt with --no-deps (every transitive dependency is pinned
 # there; see DEVELOPERS.md for why gemma, kauldron and keras-hub must not resolve their own dependencies).
+# llama.cpp (`make llamacpp`, part of `make test`): requirements/llamacpp.txt builds llama-cpp-python from its source
+# archive (~15-25 min the first time; pip caches the wheel), then the archive's vendored converter
+# (convert_hf_to_gguf.py, conversion/, gguf-py) is extracted into $(VENV)/share/bughunt. `make demo` never builds it.
 PY ?= python3
 VENV ?= .venv
 PIP = $(VENV)/bin/pip
@@ -22,10 +25,26 @@ $(VENV)/.test: $(VENV)/.stacks
 	$(PIP) install -q -e '.[test]'
 	touch $@
 
+LLAMACPP_VERSION = 0.3.36
+LLAMACPP_CMAKE_ARGS = -DGGML_NATIVE=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_TOOLS=OFF \
+	-DLLAMA_BUILD_SERVER=OFF -DGGML_BLAS=OFF
+LLAMACPP_SDIST = $(VENV)/share/bughunt/sdist/llama_cpp_python-$(LLAMACPP_VERSION).tar.gz
+
+$(VENV)/.llamacpp: $(VENV)/.core requirements/llamacpp.txt
+	CMAKE_ARGS="$(LLAMACPP_CMAKE_ARGS)" $(PIP) install -q --no-deps -r requirements/llamacpp.txt
+	$(PIP) download -q --no-binary :all: --no-deps llama-cpp-python==$(LLAMACPP_VERSION) -d $(VENV)/share/bughunt/sdist
+	$(VENV)/bin/python -m bughunt.implementations.gguf_convert extract $(LLAMACPP_SDIST) --cmake-args "$(LLAMACPP_CMAKE_ARGS)"
+	touch $@
+
+llamacpp: $(VENV)/.llamacpp
+
+llamacpp-cmake-args:
+	@echo "$(LLAMACPP_CMAKE_ARGS)"
+
 demo: $(VENV)/.stacks
 	$(VENV)/bin/bughunt demo
 
-test: $(VENV)/.test
+test: $(VENV)/.test $(VENV)/.llamacpp
 	$(VENV)/bin/python -m pytest -q
 
-.PHONY: demo test
+.PHONY: demo test llamacpp llamacpp-cmake-args
