@@ -17,7 +17,7 @@ from bughunt.tiny import TINY_FAMILIES, tiny_checkpoint
 
 # keras-hub's bf16 lines show only bf16 rounding on these models; fp32 is where its findings are. Keeps the demo
 # within a minute on 2 cores.
-DEMO_DTYPES = {"keras-jax": ("fp32",), "keras-torch": ("fp32",)}
+DEMO_DTYPES = {"keras-jax": ("fp32",), "keras-torch": ("fp32",), "llamacpp": ("fp32",)}
 
 
 def run_demo(out: Path, families: list[str] | None = None) -> list:
@@ -27,6 +27,14 @@ def run_demo(out: Path, families: list[str] | None = None) -> list:
 
     def write(tmp: Path) -> None:
         rows = []
+        if "llamacpp" in impls:  # every family's GGUF in one converter process (a failure shows in its family's row)
+            from bughunt.errors import BughuntError
+            from bughunt.implementations.gguf_convert import convert_many
+
+            try:
+                convert_many([(tiny_checkpoint(f), "fp32") for f in families or TINY_FAMILIES])
+            except BughuntError:
+                pass
         for family in families or TINY_FAMILIES:
             checkpoint = tiny_checkpoint(family)
             choices = [f"{name}:{dt}" for name in impls if supports(name, family) for dt in DEMO_DTYPES.get(name, ("fp32", "bf16"))]
