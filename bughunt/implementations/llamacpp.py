@@ -26,7 +26,30 @@ FAMILY_ARCH = {"llama": "llama", "mistral": "llama", "gemma": "gemma", "gemma2":
                "phi3": "phi3", "qwen2": "qwen2", "qwen3": "qwen3"}
 
 
-def gguf_file(checkpoint: Path, dtype: str, vocab: str = "auto", log=lambda: "") -> tuple[Path, dict]:
+_LOG: list[str] = []  # llama.cpp's last log lines (the reason, when a load fails), instead of printing them
+_LOG_CALLBACK = None  # kept for the life of the process: llama.cpp holds the pointer until it is replaced
+
+
+def _install_log() -> None:
+    global _LOG_CALLBACK
+    if _LOG_CALLBACK is None:
+        import llama_cpp
+
+        def log(level, text, user_data):
+            _LOG.append((text or b"").decode("utf-8", "replace"))
+            del _LOG[:-200]
+
+        _LOG_CALLBACK = llama_cpp.llama_log_callback(log)
+        llama_cpp.llama_log_set(_LOG_CALLBACK, ctypes.c_void_p(0))
+
+
+def _last_log() -> str:
+    lines = [ln.strip() for ln in "".join(_LOG).splitlines() if ln.strip()]
+    errors = [ln for ln in lines if "error" in ln.lower() or "failed" in ln.lower()]
+    return "; ".join((errors or lines)[-3:]) or "llama.cpp logged nothing"
+
+
+def gguf_file(checkpoint: Path, dtype: str, vocab: str = "auto") -> tuple[Path, dict]:
     """The cached GGUF llama.cpp runs for `dtype`: the converter's output for fp32/fp16/bf16; for a quantized type,
     llama.cpp's own quantizer (`llama_model_quantize`) applied to the converter's f32 output (tensors whose rows do
     not fit the type's block fall back as llama.cpp decides; the GGUF records the type each tensor got)."""
@@ -38,6 +61,7 @@ def gguf_file(checkpoint: Path, dtype: str, vocab: str = "auto", log=lambda: "")
         return path, record
     import llama_cpp
 
+    _install_log()
     out = path.with_name(path.name.replace("-f32-", f"-{dtype}-"))
     if not out.is_file():
         params = llama_cpp.llama_model_quantize_default_params()
@@ -47,7 +71,7 @@ def gguf_file(checkpoint: Path, dtype: str, vocab: str = "auto", log=lambda: "")
         try:
             rc = llama_cpp.llama_model_quantize(str(path).encode(), str(tmp).encode(), ctypes.byref(params))
             if rc != 0:
-                raise BughuntError(f"llama.cpp's quantizer failed to make {dtype} from {path} (code {rc}): {log()}")
+                raise BughuntError(f"llama.cpp's quantizer failed to make {dtype} from {path} (code {rc}): {_last_log()}")
             os.replace(tmp, out)
         finally:
             if tmp.exists():
@@ -77,11 +101,10 @@ class LlamaCppRunner(Runner):
         self.vocab = vocab
         self.model = None
         self.conversion: dict = {}
-        self._log: list[str] = []
 
     # -- conversion ---------------------------------------------------------------------------------
     def _gguf(self) -> Path:
-        path, record = gguf_file(self.checkpoint, self.dtype, self.vocab, self._last_log)
+        path, record = gguf_file(self.checkpoint, self.dtype, self.vocab)
         self.conversion = record
         return path
 
@@ -89,7 +112,7 @@ class LlamaCppRunner(Runner):
     def _open(self) -> None:
         import llama_cpp
 
-        self._install_log()
+        _install_log()
         self.gguf_path = self._gguf()
         arch = self.conversion.get("gguf_arch")
         if arch != FAMILY_ARCH[self.spec.family]:
@@ -100,28 +123,12 @@ class LlamaCppRunner(Runner):
         params.n_gpu_layers = 0
         self.model = llama_cpp.llama_model_load_from_file(str(self.gguf_path).encode(), params)
         if not self.model:
-            raise BughuntError(f"llama.cpp could not load {self.gguf_path} (converted from {self.checkpoint}): {self._last_log()}")
+            raise BughuntError(f"llama.cpp could not load {self.gguf_path} (converted from {self.checkpoint}): {_last_log()}")
         vocab = llama_cpp.llama_model_get_vocab(self.model)
         n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
         if n_vocab != self.spec.vocab_size:
             raise BughuntError(f"llama.cpp reads a vocabulary of {n_vocab} tokens from the GGUF, but config.json says "
                                f"vocab_size={self.spec.vocab_size}.")
-
-    def _install_log(self) -> None:
-        """Keep llama.cpp's log (the last lines name the reason when a load fails) instead of printing it."""
-        import llama_cpp
-
-        def log(level, text, user_data):
-            self._log.append((text or b"").decode("utf-8", "replace"))
-            del self._log[:-200]
-
-        self._log_cb = llama_cpp.llama_log_callback(log)
-        llama_cpp.llama_log_set(self._log_cb, ctypes.c_void_p(0))
-
-    def _last_log(self) -> str:
-        lines = [ln.strip() for ln in "".join(self._log).splitlines() if ln.strip()]
-        errors = [ln for ln in lines if "error" in ln.lower() or "failed" in ln.lower()]
-        return "; ".join((errors or lines)[-3:]) or "llama.cpp logged nothing"
 
     def settings(self) -> dict[str, str]:
         """The runtime settings this run uses (defaults: what llama.cpp gives a user who sets nothing)."""
@@ -147,7 +154,7 @@ class LlamaCppRunner(Runner):
         c.cb_eval = self._cb
         ctx = llama_cpp.llama_init_from_model(self.model, c)
         if not ctx:
-            raise BughuntError(f"llama.cpp could not create a context for {n_tokens} tokens with {settings}: {self._last_log()}")
+            raise BughuntError(f"llama.cpp could not create a context for {n_tokens} tokens with {settings}: {_last_log()}")
         return ctx
 
     def _run(self, tokens: np.ndarray, out) -> None:
@@ -171,7 +178,7 @@ class LlamaCppRunner(Runner):
                 if capture.error is not None:
                     raise capture.error
                 if rc != 0:
-                    raise BughuntError(f"llama_decode failed (code {rc}): {self._last_log()}")
+                    raise BughuntError(f"llama_decode failed (code {rc}): {_last_log()}")
                 n_vocab = self.spec.vocab_size
                 logits = np.stack([np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, i), shape=(n_vocab,)).copy()
                                    for i in range(n)])
@@ -182,6 +189,7 @@ class LlamaCppRunner(Runner):
             if missing:
                 raise BughuntError(f"llama.cpp's graph for {self.spec.family} produced no node for {', '.join(missing[:6])}"
                                    f"{' ...' if len(missing) > 6 else ''} (captured {len(capture.arrays)} points).")
+            capture.arrays = {p: a.reshape(n, -1) for p, a in capture.arrays.items()}  # ggml [1, 1, tokens, width]
             capture.arrays["logits"] = logits
             self.graph_nodes = capture.order
             per_sequence.append(capture.arrays)
@@ -204,14 +212,12 @@ class LlamaCppRunner(Runner):
         return trace
 
     def versions(self) -> dict[str, str]:
-        from importlib import metadata
-
         import llama_cpp
 
         source = self.conversion.get("converter", {})
-        return {"llama_cpp_python": metadata.version("llama_cpp_python"),
+        return {"llama_cpp_python": llama_cpp.__version__,
                 "llama_cpp_commit": source.get("llama_cpp_commit", "unknown") if source.get("llama_cpp_python") ==
-                metadata.version("llama_cpp_python") else "unknown (the converter's source archive is another version)",
+                llama_cpp.__version__ else "unknown (the converter's source archive is another version)",
                 "build_flags": source.get("wheel_cmake_args") or "unknown (not built by `make llamacpp`)",
                 "system_info": llama_cpp.llama_print_system_info().decode().strip(),
                 "converter": f"convert_hf_to_gguf.py from llama-cpp-python {source.get('llama_cpp_python', '?')} sdist"}
