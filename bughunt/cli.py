@@ -122,7 +122,8 @@ def cmd_compare(args) -> int:
                      dtype=args.dtype, device=args.device, tokens=_tokens(args), out=out, floor_factor=args.floor_factor,
                      branches=not args.no_branches, allow_pickle=args.allow_pickle, isolate=not args.in_process,
                      timeout=args.timeout, max_memory=_max_memory(args), device_map=args.device_map,
-                     require_comparison=True)
+                     require_comparison=True, weight_check=not args.no_weight_check, inner=args.inner,
+                     isolate_layers=args.isolate)
     print(format_summary(result))
     print(describe_written(out))
     return _gate(args, result)
@@ -275,6 +276,23 @@ def cmd_lint(args) -> int:
     return report.exit_code
 
 
+def cmd_weights(args) -> int:
+    from bughunt.output import check_output_file
+    from bughunt.weightcheck import WEIGHTS_SCHEMA, check, format_check, write_json
+
+    _require_device(args.device)
+    protect = [("the checkpoint", Path(args.checkpoint))]
+    if args.json:
+        check_output_file(args.json, WEIGHTS_SCHEMA, protect)
+    wc = check(args.checkpoint, args.impl, dtype=args.dtype, device=args.device, in_process=args.in_process,
+               timeout=args.timeout)
+    print(format_check(wc))
+    if args.json:
+        write_json(wc, Path(args.json), protect)
+        print(f"wrote {args.json}")
+    return 1 if wc.departures else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from bughunt.implementations import DEVICES, DTYPES
 
@@ -307,6 +325,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "and a run that cannot fit is refused before it starts")
     c.add_argument("--device-map", choices=["auto"], help="load hf through accelerate's device map: spread over GPUs, "
                    "CPU and disk offload for a model larger than memory (hooks still capture every layer)")
+    c.add_argument("--no-weight-check", action="store_true", help="skip checking each implementation's loaded parameters "
+                   "against the checkpoint (see `bughunt weights`)")
+    c.add_argument("--inner", action="store_true", help="also capture the points inside each layer where an implementation "
+                   "can (hf, reference): layer.{i}.attn.q, .k (after RoPE), .scores (after scale and soft-cap), .probs, .out "
+                   "(before the output projection), layer.{i}.mlp.hidden; scores and probs take tokens^2 per head and layer")
+    c.add_argument("--isolate", action="store_true", help="also run each candidate that can (hf, reference) with every "
+                   "decoder layer fed the reference's input to that layer, so each layer's own error shows without the "
+                   "error it inherits; the report draws accumulated and isolated error side by side")
     c.set_defaults(func=cmd_compare)
 
     w = command("sweep", help="run one implementation under toggle settings; search for the ones that explain a divergence")
@@ -367,6 +393,19 @@ def build_parser() -> argparse.ArgumentParser:
     lt.add_argument("--tokenizers", action="store_true",
                     help="also encode a corpus of tricky strings with every available tokenizer implementation and report disagreements")
     lt.set_defaults(func=cmd_lint)
+
+    wt = command("weights", help="compare every parameter an implementation loaded with the checkpoint: exit 0 all identical, "
+                 "1 a parameter departs, 2 bad input")
+    wt.add_argument("checkpoint", help="Hugging Face-format checkpoint directory")
+    wt.add_argument("--impl", required=True, metavar="NAME[:DTYPE][@PYTHON]", help="the implementation whose loaded parameters "
+                    "are checked: hf, keras-jax, keras-torch, deepmind")
+    wt.add_argument("--dtype", default="fp32", choices=DTYPES, help="dtype to load at when --impl has no :DTYPE (default fp32); "
+                    "the checkpoint rounded to it counts as identical")
+    wt.add_argument("--device", default="cpu", choices=DEVICES)
+    wt.add_argument("--json", type=_path, metavar="FILE", help="also write every parameter's relation to FILE (JSON)")
+    wt.add_argument("--in-process", action="store_true", help="load in this process instead of a worker process")
+    wt.add_argument("--timeout", type=_positive_seconds, default=600.0, help="seconds the worker may take (default 600)")
+    wt.set_defaults(func=cmd_weights)
 
     g = sub.add_parser("ci", help="run a TOML matrix of cells against stored baselines: exit 0 pass, 1 regression, 2 bad input",
                        usage="bughunt ci MATRIX --baseline DIR [--update-baseline] [--shard K/N] [--out DIR]\n"

@@ -63,33 +63,45 @@ def _choices(implementations: Iterable[str | ImplChoice], reference: str) -> tup
 
 
 def run_implementation(choice: ImplChoice, checkpoint: Path, spec: Spec, dtype: str, device: str, tokens: np.ndarray,
-                       branches: bool = True, allow_pickle: bool = False, stem: Path | None = None, **runner_kwargs) -> Trace:
-    """Open, run and close one implementation in this process. With `stem` the trace streams to disk there."""
+                       branches: bool = True, allow_pickle: bool = False, stem: Path | None = None,
+                       check_weights: bool = False, inner: bool = False, feed: Trace | None = None, **runner_kwargs) -> Trace:
+    """Open, run and close one implementation in this process. With `stem` the trace streams to disk there. With
+    `check_weights`, the loaded parameters are checked against the checkpoint (trace.meta["weight_check"]); `inner`
+    and `feed` go to Runner.run (points inside the layer; each layer fed the reference's input)."""
     cls = runner_class(choice.name)
     with cls(checkpoint, spec, dtype, device, branches=branches, label=choice.label, allow_pickle=allow_pickle, **runner_kwargs) as runner:
-        return runner.run(tokens, stem)
+        trace = runner.run(tokens, stem, inner=inner, feed=feed)
+        if check_weights and runner.exposes_weights:
+            from bughunt.weightcheck import check_for_trace
+
+            trace.meta["weight_check"] = check_for_trace(runner)
+            if trace.stem is not None:
+                trace.save_meta()
+        return trace
 
 
 def run_choice(choice: ImplChoice, checkpoint: Path, spec: Spec, dtype: str, device: str, tokens: np.ndarray, pool=None,
                stem: Path | None = None, branches: bool = True, allow_pickle: bool = False, timeout: float | None = None,
-               toggles: dict | None = None, device_map: str | None = None) -> Trace:
+               toggles: dict | None = None, device_map: str | None = None, check_weights: bool = False,
+               inner: bool = False, feed: Trace | None = None) -> Trace:
     """Run one implementation: in this process when `pool` is None or it is the plain in-process reference, otherwise
     as a job for its worker (the trace comes back through the file `stem`)."""
     toggles = {**choice.toggle_dict, **(toggles or {})}
     extra = {"device_map": device_map} if device_map and choice.name == "hf" else {}
     if pool is None or (choice.name == "reference" and choice.python is None):
         return run_implementation(choice, checkpoint, spec, dtype, device, tokens, branches, allow_pickle, stem,
-                                  toggles=toggles, **extra)
+                                  check_weights, inner, feed, toggles=toggles, **extra)
     job = {"checkpoint": str(Path(checkpoint).resolve()), "name": choice.name, "choice_dtype": choice.dtype, "dtype": dtype,
            "device": device, "tokens": np.asarray(tokens).tolist(), "branches": branches, "allow_pickle": allow_pickle,
-           "label": choice.label, "out_stem": str(stem), "toggles": toggles, "runner_kwargs": extra}
+           "label": choice.label, "out_stem": str(stem), "toggles": toggles, "runner_kwargs": extra,
+           "check_weights": check_weights, "inner": inner, "feed": str(feed.stem) if feed is not None else None}
     pool.run(choice.name, choice.python, job, timeout)
     return Trace.load(stem)
 
 
 def run_reference_with_floors(choice: ImplChoice, checkpoint: Path, spec: Spec, device: str, tokens: np.ndarray,
                               floor_dtypes: Sequence[str], scratch: Path, branches: bool = True,
-                              allow_pickle: bool = False, on_step=None) -> tuple[Trace, dict[str, Trace]]:
+                              allow_pickle: bool = False, on_step=None, inner: bool = False) -> tuple[Trace, dict[str, Trace]]:
     """The float64 reference and its noise-floor passes (the reference emulating each dtype) in one read of the
     model: the passes step through the layers side by side, sharing each layer's weights."""
     from bughunt.implementations.reference import ReferenceRunner, run_together
@@ -104,7 +116,8 @@ def run_reference_with_floors(choice: ImplChoice, checkpoint: Path, spec: Spec, 
     try:
         for r in runners:
             r.open()
-        traces = run_together(runners, tokens, [scratch / "reference-fp64"] + [scratch / f"floor-{d}" for d in dtypes], on_step)
+        traces = run_together(runners, tokens, [scratch / "reference-fp64"] + [scratch / f"floor-{d}" for d in dtypes], on_step,
+                              inner)
     finally:
         for r in runners:
             r.close()
@@ -116,7 +129,8 @@ def run_reference_with_floors(choice: ImplChoice, checkpoint: Path, spec: Spec, 
 
 
 def noise_floor(checkpoint: Path, spec: Spec, dtype: str, tokens: np.ndarray, fp64: Trace | None = None,
-                allow_pickle: bool = False, scratch: Path | None = None, emulated: Trace | None = None) -> dict:
+                allow_pickle: bool = False, scratch: Path | None = None, emulated: Trace | None = None,
+                inner: bool = False) -> dict:
     """The divergence a correct implementation at `dtype` shows against float64: the reference emulating the
     family's HF rounding policy at that dtype, against the unrounded reference. Never below the dtype's unit roundoff.
     With `scratch`, the reference traces stream to files there instead of memory."""
@@ -124,11 +138,11 @@ def noise_floor(checkpoint: Path, spec: Spec, dtype: str, tokens: np.ndarray, fp
     timings = {}
     if fp64 is None and scratch is not None and dtype != "fp64":  # both passes in one read of the model
         fp64, floors = run_reference_with_floors(ImplChoice("reference", "fp64"), checkpoint, spec, "cpu", tokens, [dtype],
-                                                 Path(scratch), allow_pickle=allow_pickle)
+                                                 Path(scratch), allow_pickle=allow_pickle, inner=inner)
         emulated = floors[dtype]
     if fp64 is None:
         fp64 = run_implementation(ImplChoice("reference", "fp64"), checkpoint, spec, "fp64", "cpu", tokens,
-                                  allow_pickle=allow_pickle, stem=stem("floor-fp64"))
+                                  allow_pickle=allow_pickle, stem=stem("floor-fp64"), inner=inner)
         timings["fp64_forward_s"] = fp64.meta["timings"]["forward_s"]
     u = UNIT_ROUNDOFF.get(dtype, UNIT_ROUNDOFF["fp32"])  # quantized weights: llama.cpp computes in fp32
     if dtype == "fp64":
@@ -136,7 +150,7 @@ def noise_floor(checkpoint: Path, spec: Spec, dtype: str, tokens: np.ndarray, fp
     else:
         if emulated is None:
             emulated = run_implementation(ImplChoice("reference", dtype), checkpoint, spec, dtype, "cpu", tokens,
-                                          allow_pickle=allow_pickle, stem=stem(f"floor-{dtype}"))
+                                          allow_pickle=allow_pickle, stem=stem(f"floor-{dtype}"), inner=inner)
         timings["emulated_forward_s"] = emulated.meta["timings"]["forward_s"]
         measured = {m["point"]: m for m in compare_traces(emulated, fp64)}
     points = {}
@@ -200,7 +214,8 @@ def compare(checkpoint: str | Path, implementations: Sequence[str | ImplChoice] 
             tokens: Sequence[int] | np.ndarray | None = None, out: str | Path | None = None,
             floor_factor: float = DEFAULT_FLOOR_FACTOR, branches: bool = True, allow_pickle: bool = False,
             render: bool = True, isolate: bool = True, timeout: float | None = None, pool=None,
-            max_memory: int | None = None, device_map: str | None = None, require_comparison: bool = False) -> Result:
+            max_memory: int | None = None, device_map: str | None = None, require_comparison: bool = False,
+            weight_check: bool = True, inner: bool = False, isolate_layers: bool = False) -> Result:
     """Compare implementations of one checkpoint layer by layer. Returns the Result; writes files when `out` is set.
 
     With `isolate` (the default) every implementation except the in-process float64 reference runs in a worker
@@ -208,7 +223,13 @@ def compare(checkpoint: str | Path, implementations: Sequence[str | ImplChoice] 
     side by side when their estimated peaks fit in memory (`max_memory` bytes, default what is available), one
     after another otherwise; a run that cannot fit is refused before anything starts. Traces stream to disk.
     With `require_comparison` (the CLI), a run in which no candidate could be compared raises BughuntError and
-    writes nothing."""
+    writes nothing.
+    With `weight_check` (the default), every implementation that exposes its loaded parameters also checks them
+    against the checkpoint (bughunt/weightcheck.py); the result names each relation and a finding per departure.
+    With `inner`, implementations that can also capture the points inside each layer (layer.{i}.attn.q, .k, .scores,
+    .probs, .out, layer.{i}.mlp.hidden), so a finding names the innermost point that departs first. With
+    `isolate_layers` (--isolate), each candidate that can is run once more with every decoder layer fed the
+    reference's input to that layer, so each layer's own error shows without the error it inherits."""
     checkpoint = Path(checkpoint)
     if out is not None:
         check_output_dir(out, "compare", [("the checkpoint", checkpoint)])
@@ -241,6 +262,7 @@ def compare(checkpoint: str | Path, implementations: Sequence[str | ImplChoice] 
 
     traces: dict[str, Trace] = {}
     floor_traces: dict[str, Trace] = {}
+    isolated: dict[str, Trace] = {}
     entries = []
     own_pool = pool is None and isolate
     pool = pool or (WorkerPool() if isolate else None)
@@ -260,12 +282,13 @@ def compare(checkpoint: str | Path, implementations: Sequence[str | ImplChoice] 
                     bar.update(stage="float64 + noise-floor passes", total=steps(spec), done=0)
                     trace, floors = run_reference_with_floors(choice, checkpoint, spec, device, tokens,
                                                               [impl_dtype_of(c) for c in choices if c is not ref_choice],
-                                                              Path(scratch.name), branches, allow_pickle, bar.advance)
+                                                              Path(scratch.name), branches, allow_pickle, bar.advance, inner)
                     floor_traces.update(floors)
                 else:
                     bar.update(stage="loading and running" + ("" if in_process else " in its worker"))
                     trace = run_choice(choice, checkpoint, spec, impl_dtype, device, tokens, None if in_process else pool,
-                                       Path(scratch.name) / f"trace{index}", branches, allow_pickle, timeout, device_map=device_map)
+                                       Path(scratch.name) / f"trace{index}", branches, allow_pickle, timeout, device_map=device_map,
+                                       check_weights=weight_check, inner=inner)
             entry["meta"] = trace.meta
         except BughuntError as e:
             entry.update(status="failed", error=str(e))
@@ -302,12 +325,17 @@ def compare(checkpoint: str | Path, implementations: Sequence[str | ImplChoice] 
                 if trace is not None:
                     traces[entry["label"]] = trace
                 entries.append(entry)
+            if isolate_layers and ref_choice.label in traces:
+                isolated = _run_isolated(choices, ref_choice, entries, traces[ref_choice.label], checkpoint, spec, dtype,
+                                         impl_dtype_of, device, tokens, pool if isolate else None, Path(scratch.name),
+                                         branches, allow_pickle, timeout, inner)
         finally:
             if own_pool:
                 pool.close()
         result = _judge_and_report(checkpoint, spec, choices, ref_choice, entries, traces, tokens, dtype, device,
                                    floor_factor, branches, allow_pickle, Path(scratch.name),
-                                   {**schedule.as_dict(), "order": order}, floor_traces)
+                                   {**schedule.as_dict(), "order": order}, floor_traces, inner,
+                                   isolated if isolate_layers else None)
         if require_comparison and not result.comparisons:
             failed = "; ".join(f"{e['label']}: {(e['error'] or '').splitlines()[0][:300].rstrip('.')}" for e in entries if e["status"] != "ok")
             raise BughuntError(f"nothing could be compared: every candidate failed or was refused ({failed}). Nothing was written.")
@@ -322,11 +350,37 @@ def compare(checkpoint: str | Path, implementations: Sequence[str | ImplChoice] 
     finally:
         traces.clear()
         floor_traces.clear()
+        isolated.clear()
         scratch.cleanup()
 
 
+def _run_isolated(choices, ref_choice, entries, reference: Trace, checkpoint, spec, dtype, impl_dtype_of, device, tokens, pool,
+                  scratch: Path, branches, allow_pickle, timeout, inner) -> dict[str, Trace]:
+    """--isolate: each candidate that ran, run again with every decoder layer fed the reference's input to that layer.
+    Records in each entry whether it was isolated (or why not); returns label -> isolated trace."""
+    out = {}
+    for index, choice in enumerate(choices):
+        entry = next(e for e in entries if e["label"] == choice.label)
+        if choice is ref_choice or entry["status"] != "ok":
+            continue
+        if not runner_class(choice.name).accepts_feed:
+            entry["isolated_layers"] = {"status": "unsupported", "reason": f"{choice.name} offers no seam to feed a decoder layer its input"}
+            continue
+        try:
+            with progress.task(f"{choice.label} isolated", unit="step") as bar:
+                bar.update(stage="each layer fed the reference's input")
+                in_process = pool is None or (choice.name == "reference" and choice.python is None)
+                out[choice.label] = run_choice(choice, checkpoint, spec, impl_dtype_of(choice), device, tokens, None if in_process else pool,
+                                               scratch / f"isolated{index}", branches, allow_pickle, timeout, inner=inner, feed=reference)
+            entry["isolated_layers"] = {"status": "ok"}
+        except Exception as e:  # noqa: BLE001 - the accumulated comparison stands; the isolated one is reported missing
+            entry["isolated_layers"] = {"status": "failed", "reason": f"{type(e).__name__}: {e}"}
+    return out
+
+
 def _judge_and_report(checkpoint, spec, choices, ref_choice, entries, traces, tokens, dtype, device, floor_factor,
-                      branches, allow_pickle, scratch: Path, schedule: dict, floor_traces: dict[str, Trace]) -> Result:
+                      branches, allow_pickle, scratch: Path, schedule: dict, floor_traces: dict[str, Trace],
+                      inner: bool = False, isolated: dict[str, Trace] | None = None) -> Result:
     ref_entry = next(e for e in entries if e["label"] == ref_choice.label)
     if ref_entry["status"] != "ok":
         raise BughuntError(f"the reference implementation {ref_choice.label} failed: {ref_entry['error']}")
@@ -345,11 +399,14 @@ def _judge_and_report(checkpoint, spec, choices, ref_choice, entries, traces, to
             continue
         if entry["dtype"] not in floors:
             floors[entry["dtype"]] = noise_floor(checkpoint, spec, entry["dtype"], tokens, fp64, allow_pickle, scratch,
-                                                 floor_traces.get(entry["dtype"]) if fp64 is not None else None)
+                                                 floor_traces.get(entry["dtype"]) if fp64 is not None else None, inner)
         floor = floors[entry["dtype"]]
         points, first = judge(compare_traces(traces[entry["label"]], reference_trace), floor, floor_factor)
         comparisons.append({"candidate": entry["label"], "reference": ref_choice.label, "dtype": entry["dtype"],
                             "points": points, "first_above_floor": first, "summary": _summary(points)})
+        if isolated and entry["label"] in isolated:
+            comparisons[-1]["isolated"] = _isolated(isolated[entry["label"]], reference_trace, floor, floor_factor)
+            findings.append(_isolated_finding(entry["label"], comparisons[-1]["isolated"]))
         nonfinite = next((p for p in points if p.get("nonfinite")), None)
         if nonfinite:
             findings.append({"severity": "error", "kind": "nonfinite", "implementation": entry["label"], "point": nonfinite["point"],
@@ -359,6 +416,7 @@ def _judge_and_report(checkpoint, spec, choices, ref_choice, entries, traces, to
             findings.append({"severity": "warning", "kind": "divergence", "implementation": entry["label"], "point": first,
                              "message": (f"{entry['label']} departs from {ref_choice.label} at {first}: relative L2 {p['rel_l2']:.2e} "
                                          f"is {p['ratio_to_floor']:.1f}x the {entry['dtype']} noise floor ({p['floor_rel_l2']:.1e})")})
+    findings += weight_findings(entries)
     for note in spec.notes:
         findings.append({"severity": "info", "kind": "config", "implementation": None, "point": None, "message": note})
 
@@ -367,10 +425,12 @@ def _judge_and_report(checkpoint, spec, choices, ref_choice, entries, traces, to
         "schema_version": SCHEMA_VERSION,
         "kind": "compare",
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": _command(checkpoint, choices, ref_choice, dtype, device, tokens, floor_factor),
+        "command": _command(checkpoint, choices, ref_choice, dtype, device, tokens, floor_factor)
+                   + (" --inner" if inner else "") + (" --isolate" if isolated is not None else ""),
         "checkpoint": {"path": str(checkpoint), "spec": spec.to_dict()},
         "inputs": {"tokens": tokens.tolist()},
-        "settings": {"dtype": dtype, "device": device, "reference": ref_choice.label, "floor_factor": floor_factor, "branches": branches},
+        "settings": {"dtype": dtype, "device": device, "reference": ref_choice.label, "floor_factor": floor_factor, "branches": branches,
+                     "inner": inner, "isolate": isolated is not None},
         "schedule": schedule,
         "environment": environment(),
         "implementations": entries,
@@ -379,6 +439,42 @@ def _judge_and_report(checkpoint, spec, choices, ref_choice, entries, traces, to
         "findings": findings,
     }
     return Result(data)
+
+
+def _isolated(trace: Trace, reference: Trace, floor: dict, factor: float) -> dict:
+    """The comparison of a candidate whose every decoder layer was fed the reference's input: per point, judged against
+    the same floor (the accumulated one, so conservative at depth); `layers_above_floor` lists the decoder layers whose
+    own error rises above it."""
+    points, first = judge(compare_traces(trace, reference), floor, factor)
+    above = [p["point"] for p in points if p["above_floor"] and p["point"].startswith("layer.") and p["point"].count(".") == 1]
+    return {"points": points, "first_above_floor": first, "layers_above_floor": above}
+
+
+def _isolated_finding(label: str, iso: dict) -> dict:
+    layers = iso["layers_above_floor"]
+    if not layers:
+        text = "no decoder layer departs on its own: any divergence is inherited from before the first layer or after the last"
+    else:
+        text = f"{'only ' if len(layers) == 1 else ''}{', '.join(layers)} depart{'s' if len(layers) == 1 else ''} on {'its' if len(layers) == 1 else 'their'} own"
+    return {"severity": "info", "kind": "isolated", "implementation": label, "point": layers[0] if layers else None,
+            "message": f"{label} with each decoder layer fed the reference's input (--isolate): {text}"
+                       + (f"; first point above the floor in isolation: {iso['first_above_floor']}" if iso["first_above_floor"] else "") + "."}
+
+
+def weight_findings(entries: list[dict]) -> list[dict]:
+    """A finding for each implementation whose loaded parameters depart from the checkpoint (or could not be checked)."""
+    out = []
+    for entry in entries:
+        wc = (entry.get("meta") or {}).get("weight_check")
+        if not wc:
+            continue
+        if wc.get("error"):
+            out.append({"severity": "info", "kind": "weights", "implementation": entry["label"], "point": None,
+                        "message": f"{entry['label']}: the weight check could not run: {wc['error']}"})
+        elif wc["rows"]:
+            out.append({"severity": "warning", "kind": "weights", "implementation": entry["label"], "point": None,
+                        "message": wc["summary"]})
+    return out
 
 
 def _summary(points: list[dict]) -> dict:

@@ -111,6 +111,30 @@ def heatmap_figure(result: Result, max_panels: int = 4):
     return fig
 
 
+def isolation_figure(result: Result):
+    """Accumulated and isolated error side by side (--isolate): left, log10 L2 per residual point as the candidate ran;
+    right, the same with every decoder layer fed the reference's input. A bug in one layer is a ramp on the left and a
+    single spike on the right."""
+    plt = _plt()
+    comps = [c for c in result.comparisons if c.get("isolated")]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110, sharey=True)
+    for ax, key, title in ((axes[0], None, "accumulated (as run)"), (axes[1], "isolated", "isolated (each layer fed the reference's input)")):
+        for i, c in enumerate(comps):
+            pts = [p for p in (c[key]["points"] if key else c["points"]) if is_residual_point(p["point"])]
+            ys = [p["log10_l2"] if p.get("log10_l2") is not None else float("nan") for p in pts]
+            ax.plot(range(len(pts)), ys, marker="o", ms=3.5, lw=1.6, color=_COLORS[i % len(_COLORS)], label=c["candidate"])
+            above = [j for j, p in enumerate(pts) if p.get("above_floor")]
+            ax.scatter(above, [ys[j] for j in above], s=40, facecolors="none", edgecolors=_COLORS[i % len(_COLORS)])
+            ax.set_xticks(range(len(pts)))
+            ax.set_xticklabels([_short(p["point"]) for p in pts], rotation=45 if len(pts) > 14 else 0, fontsize=8)
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(f"log10 L2 of difference to {result.data['settings']['reference']}")
+    axes[1].legend(fontsize=8, loc="best", title="circled: above the floor", title_fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
 def _encode(fig, svg: bool = False) -> tuple[bytes, str | None]:
     """PNG bytes, and the SVG text only when asked (only the per-layer plot is written as SVG)."""
     png = io.BytesIO()
@@ -165,6 +189,9 @@ def render(result: Result, out: Path) -> dict[str, Path]:
         (out / "positions.png").write_bytes(images["positions"])
         images["heatmap"], _ = _encode(heatmap_figure(result))
         (out / "heatmap.png").write_bytes(images["heatmap"])
+    if any(c.get("isolated") for c in result.comparisons):
+        images["isolated"], _ = _encode(isolation_figure(result))
+        (out / "isolated.png").write_bytes(images["isolated"])
     if result.data.get("decode"):
         images["decode"], _ = _encode(decode_figure(result))
         (out / "decode.png").write_bytes(images["decode"])
@@ -193,6 +220,11 @@ def render_html(result: Result, images: dict[str, bytes]) -> str:
     sections = list(result.data.get("extra_sections", []))
     if result.data.get("sweep"):
         sections.insert(0, {"title": "Sweep", "html": sweep_section(result)})
+    if images.get("isolated"):
+        sections.append({"title": "Isolated layers", "html": isolated_section(result, b64["isolated"])})
+    checks = [e["meta"]["weight_check"] for e in result.data.get("implementations", []) if (e.get("meta") or {}).get("weight_check")]
+    if checks:
+        sections.append({"title": "Weights", "html": weights_section(checks)})
     return template.render(r=result.data, images=b64, extra_sections=sections)
 
 
@@ -223,3 +255,43 @@ def sweep_section(result: Result) -> str:
     parts.append("<details><summary>every configuration's per-layer curve (log10 L2)</summary><table><tr><th class='l'>toggles</th>"
                  f"<th>score</th><th class='l'>first above floor</th>{head}</tr>{''.join(rows)}</table></details>")
     return "".join(parts)
+
+
+def weights_section(checks: list[dict]) -> str:
+    """Each implementation's loaded parameters against the checkpoint (bughunt/weightcheck.py): a count per relation
+    and every parameter that departs."""
+    import html
+
+    e = html.escape
+    parts = ["<p>Each parameter an implementation loaded, back in the checkpoint's layout, against the checkpoint's tensor "
+             "(the checkpoint rounded to the implementation's dtype counts as identical).</p>"]
+    for wc in checks:
+        if wc.get("error"):
+            parts.append(f"<div class='finding info'><b>{e(wc['implementation'])}</b>: the weight check could not run: {e(wc['error'])}</div>")
+            continue
+        counts = ", ".join(f"{e(k)}: {v}" for k, v in sorted(wc["counts"].items()))
+        parts.append(f"<div class='finding {'warning' if wc['rows'] else 'info'}'>{e(wc['summary'])} ({counts})</div>")
+        if wc["rows"]:
+            rows = "".join(f"<tr><td class='l'>{e(r['name'])}</td><td class='l'>{e(r['relation'])}</td><td>{_fmt(r['max_abs'])}</td>"
+                           f"<td>{_fmt(r['max_rel'])}</td><td class='l'>{e(r['detail'])}</td></tr>" for r in wc["rows"])
+            parts.append("<details><summary>parameters that depart</summary><table><tr><th class='l'>parameter</th>"
+                         "<th class='l'>relation</th><th>max abs</th><th>max rel</th><th class='l'>detail</th></tr>"
+                         f"{rows}</table></details>")
+    return "".join(parts)
+
+
+def isolated_section(result: Result, png_b64: str) -> str:
+    """--isolate: the side-by-side plot and, per candidate, the decoder layers whose own error rises above the floor."""
+    import html
+
+    e = html.escape
+    rows = "".join(f"<tr><td class='l'>{e(c['candidate'])}</td><td class='l'>{e(c['first_above_floor'] or 'none')}</td>"
+                   f"<td class='l'>{e(c['isolated']['first_above_floor'] or 'none')}</td>"
+                   f"<td class='l'>{e(', '.join(c['isolated']['layers_above_floor']) or 'none')}</td></tr>"
+                   for c in result.comparisons if c.get("isolated"))
+    return ("<p>Each candidate run once more with every decoder layer fed the reference's input to that layer (PyTorch "
+            "Numeric Suite's shadow comparison): a layer's own error, without the error it inherits. Judged against the "
+            "same floor as the accumulated run.</p>"
+            f"<img alt='accumulated and isolated error' src='data:image/png;base64,{png_b64}'>"
+            "<table><tr><th class='l'>candidate</th><th class='l'>first above floor (accumulated)</th>"
+            f"<th class='l'>first above floor (isolated)</th><th class='l'>layers above floor on their own</th></tr>{rows}</table>")

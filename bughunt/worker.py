@@ -205,10 +205,22 @@ def serve() -> None:
             spec = load_spec(Path(job["checkpoint"]))
             runner, reused = runner_for(job, spec)
             runner.label = job["label"]
-            trace = runner.run(np.asarray(job["tokens"]), Path(job["out_stem"]))  # streams to out_stem as it captures
-            trace.meta["worker"] = {"python": sys.executable, "pid": os.getpid(), "reused_loaded_model": reused}
-            trace.save_meta()
-            answer = {"ok": True, "trace": job["out_stem"]}
+            if job.get("task") == "weights":  # the weight check alone (bughunt weights): no forward pass
+                from bughunt.weightcheck import check_runner
+
+                answer = {"ok": True, "weights": check_runner(runner).to_dict(all_rows=True)}
+            else:
+                from bughunt.trace import Trace
+
+                feed = Trace.load(Path(job["feed"])) if job.get("feed") else None  # --isolate: the reference's trace
+                trace = runner.run(np.asarray(job["tokens"]), Path(job["out_stem"]), inner=job.get("inner", False), feed=feed)
+                trace.meta["worker"] = {"python": sys.executable, "pid": os.getpid(), "reused_loaded_model": reused}
+                if job.get("check_weights") and runner.exposes_weights:
+                    from bughunt.weightcheck import check_for_trace
+
+                    trace.meta["weight_check"] = check_for_trace(runner)
+                trace.save_meta()
+                answer = {"ok": True, "trace": job["out_stem"]}
         except BughuntError as e:
             release_held()
             answer = {"ok": False, "error": str(e)}

@@ -211,15 +211,22 @@ class Numerics:
         return np.concatenate([out, xp], axis=-1)
 
     def attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, softcap: float | None,
-                  window: int | None) -> np.ndarray:
+                  window: int | None, out=None, point: str | None = None) -> np.ndarray:
         """Causal softmax attention, q [b, h, s, d], k/v [b, kv_h, s, d]; query head i uses kv head i // (h / kv_h)
         (grouped-query attention, Ainslie et al. 2023). A sliding window lets query t see keys t-window+1..t.
-        Queries are taken in blocks so the score matrix never exceeds CHUNK_BYTES (each query row is independent)."""
+        Queries are taken in blocks so the score matrix never exceeds CHUNK_BYTES (each query row is independent).
+        When `out` asks for the points inside the layer (out.inner), they go to `{point}.q`, `.k` (after RoPE),
+        `.scores` (after scale and soft-cap; masked positions hold 0), `.probs` and `.out` (heads merged, before the
+        output projection), [batch, seq, ...]; scores and probs are filled a block of queries at a time."""
         b, h, s, d = q.shape
         kvh = k.shape[1]
+        inner = point if getattr(out, "inner", False) else None
+        if inner:
+            out[f"{inner}.q"], out[f"{inner}.k"] = q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3)
+            scores_out, probs_out = out.buffer(f"{inner}.scores", (b, s, h, s)), out.buffer(f"{inner}.probs", (b, s, h, s))
         qg = q.reshape(b, kvh, h // kvh, s, d)  # the query heads that share one kv head, side by side
         kt, vg = np.swapaxes(k, -1, -2)[:, :, None], v[:, :, None]
-        out = np.empty((b, kvh, h // kvh, s, v.shape[-1]))
+        merged = np.empty((b, kvh, h // kvh, s, v.shape[-1]))
         block = max(1, CHUNK_BYTES // (8 * b * h * s))
         ki = np.arange(s)[None, :]
         for q0 in range(0, s, block):
@@ -231,12 +238,20 @@ class Numerics:
             allowed = ki <= qi
             if window is not None:
                 allowed &= (qi - ki) < window
+            if inner:  # [b, kvh, g, queries, keys] -> [b, queries, h, keys]
+                scores_out[:, q0:q1] = np.where(allowed, scores, 0.0).reshape(b, h, q1 - q0, s).transpose(0, 2, 1, 3)
             scores = np.where(allowed, scores, -np.inf)
             scores = scores - scores.max(axis=-1, keepdims=True)
             p = np.exp(scores)
             p = self.r(self.r32(p / p.sum(axis=-1, keepdims=True)))  # softmax in fp32, then back to the model dtype
-            out[..., q0:q1, :] = self.r(p @ vg)
-        return out.reshape(b, h, s, v.shape[-1])
+            if inner:
+                probs_out[:, q0:q1] = p.reshape(b, h, q1 - q0, s).transpose(0, 2, 1, 3)
+            merged[..., q0:q1, :] = self.r(p @ vg)
+        merged = merged.reshape(b, h, s, v.shape[-1])
+        if inner:
+            out[f"{inner}.scores"], out[f"{inner}.probs"] = scores_out, probs_out
+            out[f"{inner}.out"] = merge_heads(merged)
+        return merged
 
     def logits(self, x: np.ndarray, weights: "Weights", name: str, cap: float | None, out: np.ndarray):
         """x W^T for the output embedding, soft-capped, one vocabulary chunk at a time into `out` [b, s, vocab]: the
@@ -327,8 +342,24 @@ def stream_weights(n: Numerics, weights) -> Weights:
     return Weights(n, weights)
 
 
+def layer_input(out, i: int, x: np.ndarray, n: Numerics) -> np.ndarray:
+    """The input to decoder layer i: this pass's own `x`, or with --isolate (out.feed) the reference's input to that
+    layer, rounded to the emulated dtype, so the layer's own error shows without the error it inherits."""
+    feed = getattr(out, "feed", None)
+    return x if feed is None else n.r(np.asarray(feed(i), dtype=np.float64))
+
+
+def capture_inner(out, point: str, x: np.ndarray) -> None:
+    """Write a point inside the layer (e.g. `layer.0.mlp.hidden`) only when the pass was asked for them."""
+    if getattr(out, "inner", False):
+        out[point] = x
+
+
 class Points(dict):
     """Capture points kept in memory: what `forward` writes into when no trace file is given."""
+
+    inner = False
+    feed = None
 
     def buffer(self, point: str, shape: tuple[int, ...]) -> np.ndarray:
         self[point] = np.empty(shape)

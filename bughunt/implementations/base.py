@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -76,10 +77,21 @@ class Runner:
     # the dtype this runner's trace stores its arrays in
     trace_dtype = np.float32
 
-    def run(self, tokens: np.ndarray, stem: Path | None = None) -> Trace:
+    # whether the runner can capture the points inside each layer (attn.q/k/scores/probs/out, mlp.hidden), and feed
+    # each decoder layer an input given from outside (--isolate)
+    captures_inner = False
+    accepts_feed = False
+
+    def run(self, tokens: np.ndarray, stem: Path | None = None, inner: bool = False, feed: Trace | None = None) -> Trace:
         """One forward pass. With `stem`, each capture point is written to `<stem>.safetensors` as it is captured and
-        the returned trace is memory-mapped from there; without, the trace is held in memory."""
+        the returned trace is memory-mapped from there; without, the trace is held in memory. With `inner`, runners
+        that can also capture the points inside each layer. With `feed` (a reference trace of the same tokens), each
+        decoder layer i takes the feed's input to that layer (`embed` for layer 0, `layer.{i-1}` after) instead of the
+        previous layer's output: each layer's own error, without the error it inherits (--isolate)."""
         tokens, out = self.prepare(tokens, stem)
+        out.inner = inner and self.captures_inner
+        if feed is not None:
+            out.feed = self.feeder(feed, tokens)
         t = time.perf_counter()
         try:
             arrays = self._run(tokens, out)
@@ -105,6 +117,17 @@ class Runner:
         expected = 3 + self.spec.num_layers * 3
         keep = None if self.branches else (lambda p: not p.endswith((".attn", ".mlp")))
         return tokens, TraceWriter(stem, expected, self.trace_dtype, keep)
+
+    def feeder(self, feed: Trace, tokens: np.ndarray):
+        """layer index -> the feed trace's input to that layer, checked against this run's input shape."""
+        if not self.accepts_feed:
+            raise BughuntError(f"implementation '{self.name}' cannot feed a layer an input from outside (--isolate): its library "
+                               "offers no seam to replace a decoder layer's input.")
+        shape = feed.arrays["embed"].shape
+        if tuple(shape[:2]) != tuple(tokens.shape):
+            raise BughuntError(f"--isolate: the reference's trace holds {list(shape[:2])} positions but {self.label} runs "
+                               f"{list(tokens.shape)} (a bos toggle on one side only?); isolate with the same input on both sides.")
+        return lambda i: feed.arrays["embed" if i == 0 else f"layer.{i - 1}"]
 
     def finish(self, out: TraceWriter, tokens: np.ndarray, seconds: float, **timings: float) -> Trace:
         meta = {"implementation": self.name, "dtype": self.dtype, "device": self.device, "versions": self.versions(),
@@ -133,6 +156,19 @@ class Runner:
 
     def _close(self) -> None:
         pass
+
+    # -- the weight check (bughunt/weightcheck.py) ----------------------------------------------
+    # Whether `loaded_weights` is implemented: the runner can show the parameters its library holds.
+    exposes_weights = False
+
+    def loaded_weights(self) -> Iterator[tuple[str, np.ndarray]]:
+        """The parameters the open model holds, one at a time, as (checkpoint tensor name, array in the checkpoint's
+        orientation). The runner undoes only its library's documented layout transform (a keras EinsumDense kernel
+        back to HF's [out, in], the DeepMind tree's [heads, D, head_dim] back to [heads * head_dim, D]); the values are
+        what the library holds, at its dtype (bf16 may come back as float32, which holds it exactly), so a conversion
+        that rounds, transposes, permutes or offsets a tensor shows against the checkpoint. A parameter the library
+        holds that has no checkpoint tensor is yielded under the name the checkpoint would give it."""
+        raise BughuntError(f"implementation '{self.name}' does not expose its loaded parameters.")
 
     def versions(self) -> dict[str, str]:
         return {}

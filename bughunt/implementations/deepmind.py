@@ -113,6 +113,45 @@ class DeepMindRunner(Runner):
             p[f"layer_{i}"] = block
         return p
 
+    exposes_weights = True
+
+    def loaded_weights(self):
+        """The parameter tree the library runs with, back in HF names and layouts: the inverse of `_convert`'s
+        documented reshapes (q [N, D, H] -> [N*H, D]; o [N, H, D] -> [D, N*H]; gating_einsum [2, D, F] -> gate and
+        up [F, D]; linear [F, D] -> down [D, F]); bf16 comes back as float32, which holds it exactly."""
+        s = self.spec
+        D, N, K, H = s.hidden_size, s.num_heads, s.num_kv_heads, s.head_dim
+        a = lambda x: np.asarray(x, dtype=np.float32)  # noqa: E731
+        heads = lambda w, n: a(w).transpose(0, 2, 1).reshape(n * H, D)  # noqa: E731 - [n, D, H] -> [n*H, D]
+        p = self.params
+        yield "model.embed_tokens.weight", a(p["embedder"]["input_embedding"])
+        for i in range(s.num_layers):
+            pre, block = f"model.layers.{i}.", p[f"layer_{i}"]
+            attn = block["attn"]
+            if "qkv_einsum" in attn:
+                q, k, v = (attn["qkv_einsum"]["w"][j] for j in range(3))
+            else:
+                q, (k, v) = attn["q_einsum"]["w"], (attn["kv_einsum"]["w"][j] for j in range(2))
+            yield pre + "self_attn.q_proj.weight", heads(q, N)
+            yield pre + "self_attn.k_proj.weight", heads(k, K)
+            yield pre + "self_attn.v_proj.weight", heads(v, K)
+            yield pre + "self_attn.o_proj.weight", a(attn["attn_vec_einsum"]["w"]).reshape(N * H, D).T
+            if s.qk_norm:
+                yield pre + "self_attn.q_norm.weight", a(attn["_query_norm"]["scale"])
+                yield pre + "self_attn.k_norm.weight", a(attn["_key_norm"]["scale"])
+            yield pre + "input_layernorm.weight", a(block["pre_attention_norm"]["scale"])
+            gating = a(block["mlp"]["gating_einsum"])
+            yield pre + "mlp.gate_proj.weight", gating[0].T
+            yield pre + "mlp.up_proj.weight", gating[1].T
+            yield pre + "mlp.down_proj.weight", a(block["mlp"]["linear"]).T
+            if s.sandwich_norms:
+                yield pre + "post_attention_layernorm.weight", a(block["post_attention_norm"]["scale"])
+                yield pre + "pre_feedforward_layernorm.weight", a(block["pre_ffw_norm"]["scale"])
+                yield pre + "post_feedforward_layernorm.weight", a(block["post_ffw_norm"]["scale"])
+            else:
+                yield pre + "post_attention_layernorm.weight", a(block["pre_ffw_norm"]["scale"])
+        yield "model.norm.weight", a(p["final_norm"]["scale"])
+
     def _run(self, tokens: np.ndarray, out=None) -> dict[str, np.ndarray]:
         jnp, modules = self.jnp, self._modules
         b, t = tokens.shape

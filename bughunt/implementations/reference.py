@@ -42,6 +42,8 @@ class ReferenceRunner(Runner):
                 raise BughuntError(f"the reference does not implement rope_type '{rope.type}' yet (supports: {', '.join(SUPPORTED_ROPE_TYPES)}).")
 
     trace_dtype = np.float64
+    captures_inner = True  # reference_impls write attn.q/k/scores/probs/out and mlp.hidden when asked
+    accepts_feed = True  # reference_impls._numerics.layer_input
 
     def _open(self) -> None:
         self.weights = load_weights(self.checkpoint, self.spec, self.allow_pickle)  # memory-mapped: nothing read yet
@@ -57,13 +59,17 @@ class ReferenceRunner(Runner):
         forward(self.weights, self.spec, tokens, self.policy, out)
 
 
-def run_together(runners: list[ReferenceRunner], tokens: np.ndarray, stems: list[Path | None], on_step=None) -> list[Trace]:
+def run_together(runners: list[ReferenceRunner], tokens: np.ndarray, stems: list[Path | None], on_step=None,
+                 inner: bool = False) -> list[Trace]:
     """Run several open reference runners of one checkpoint (different toggles or emulated dtypes) side by side, a
     layer at a time, so each weight is read and converted to float64 once for all of them: a search over K
-    settings, or the float64 pass with its noise-floor pass, costs one read of the model instead of K."""
+    settings, or the float64 pass with its noise-floor pass, costs one read of the model instead of K. With `inner`,
+    every pass also writes the points inside each layer."""
     from reference_impls import forward_many
 
     prepared = [r.prepare(tokens, stem) for r, stem in zip(runners, stems)]
+    for _, out in prepared:
+        out.inner = inner
     t = time.perf_counter()
     each: list[float] = []
     try:
