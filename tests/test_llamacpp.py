@@ -183,3 +183,34 @@ def test_bad_llamacpp_choices_exit_2_with_one_message(tiny, tmp_path, capsys):
         err = capsys.readouterr().err
         assert code == 2 and says in err and "Traceback" not in err, err
         assert not (tmp_path / "out").exists()
+
+
+# -- weight check: the GGUF side ----------------------------------------------------------------------------------------
+def test_weight_check_reads_the_gguf_back_and_undoes_the_converters_documented_permutation(tiny, gguf):
+    from bughunt.weightcheck import check
+
+    assert check(tiny["llama"], "llamacpp", in_process=True).counts == {"identical": 39}  # q/k permuted back exactly
+    gemma2 = check(tiny["gemma2"], "llamacpp", in_process=True)
+    assert set(gemma2.counts) == {"identical", "offset_by_one"}  # the converter folds Gemma's (1 + w) into the norms
+    assert all(r.name.endswith("norm.weight") for r in gemma2.departures)
+
+
+def test_weight_check_names_a_planted_fp16_rounding_and_a_planted_permutation_in_the_gguf(tiny, gguf, tmp_path):
+    from bughunt.implementations.quantized_weights import _unpermute, import_gguf
+    from bughunt.weightcheck import check_runner
+
+    planted = tmp_path / "planted.gguf"
+    shutil.copyfile(gguf["llama"][0], planted)
+    reader = import_gguf().GGUFReader(str(planted), "r+")
+    tensors = {t.name: t for t in reader.tensors}
+    embed = tensors["token_embd.weight"].data
+    embed[...] = embed.astype(np.float16).astype(np.float32)  # a converter that rounds the embedding to fp16
+    q = tensors["blk.1.attn_q.weight"].data
+    q[...] = _unpermute(np.array(q), 4)  # a converter that forgets the RoPE permutation of one q projection
+    del reader, tensors, embed, q
+    spec = load_spec(tiny["llama"])
+    with LlamaCppRunner(tiny["llama"], spec, "fp32") as r:
+        r.gguf_path = planted
+        wc = check_runner(r)
+    by_name = {x.name: x.relation for x in wc.departures}
+    assert by_name == {"model.embed_tokens.weight": "rounded_fp16", "model.layers.1.self_attn.q_proj.weight": "permuted"}

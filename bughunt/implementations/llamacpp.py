@@ -196,6 +196,36 @@ class LlamaCppRunner(Runner):
         for point in per_sequence[0]:
             out[point] = np.stack([arrays[point] for arrays in per_sequence])
 
+    # -- weight check (bughunt/weightcheck.py) --------------------------------------------------------
+    exposes_weights = True
+
+    def loaded_weights(self):
+        """The GGUF's tensors as llama.cpp loads them, read back with gguf-py, in checkpoint names and layout (a GGUF
+        [ne1, ne0] tensor is HF's [out, in] already). The converter's Q/K row permutation for ggml's RoPE (llama
+        architecture: convert_hf_to_gguf's LlamaModel.permute) is undone exactly; Gemma's (1 + w) folded into the norm
+        weights is left for the check to name ("offset by 1"), since subtracting 1 again in fp32 would not give w back."""
+        if self.dtype in QUANT_TYPES:
+            raise BughuntError(f"the weight check compares float tensors; a {self.dtype} GGUF differs from the checkpoint by "
+                               "design (its quantization floor is what judges it). Check llamacpp:fp32, fp16 or bf16.")
+        from bughunt.checkpoint import load_weights
+        from bughunt.implementations.quantized_weights import _unpermute, import_gguf
+
+        gguf = import_gguf()
+        reader = gguf.GGUFReader(str(self.gguf_path))
+        stored = {t.name: t for t in reader.tensors}
+        arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == FAMILY_ARCH[self.spec.family])
+        names = gguf.get_tensor_name_map(arch, self.spec.num_layers)
+        for name, array in load_weights(self.checkpoint, self.spec, self.allow_pickle).items():
+            if name == "lm_head.weight" and self.spec.tie_word_embeddings:
+                continue  # llama.cpp decodes with token_embd: checked as the embedding
+            tensor = stored.get(names.get_name(name, try_suffixes=(".weight", ".bias")) or "")
+            if tensor is None:
+                continue  # not carried into the GGUF: the check lists it as not exposed
+            values = np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type), dtype=np.float32).reshape(array.shape)
+            if FAMILY_ARCH[self.spec.family] == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
+                values = _unpermute(values, self.spec.num_heads if "q_proj" in name else self.spec.num_kv_heads)
+            yield name, values
+
     def _close(self) -> None:
         if self.model is not None:
             import llama_cpp
