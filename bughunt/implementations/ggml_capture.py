@@ -107,6 +107,7 @@ class GraphCapture:
     order: list[tuple[str, str]] = field(default_factory=list)  # (node name, capture point) in the order captured
     _layer: int = 0  # l_out nodes seen so far: the layer that unindexed names belong to
     _wanted: dict[int, str] = field(default_factory=dict)  # node address -> capture point, between ask and copy
+    error: BaseException | None = None  # raised inside the callback: kept, the graph stopped, re-raised after decode
 
     def point_of(self, t: int) -> str | None:
         name = self.ggml.name(t)
@@ -156,8 +157,6 @@ class GraphCapture:
         except BaseException as e:  # an exception must not cross the C boundary: keep it, stop the graph
             self.error = e
             return False
-
-    error: BaseException | None = None
 
     def expected(self) -> list[str]:
         from bughunt.trace import capture_points

@@ -133,11 +133,9 @@ def convert(checkpoint: Path, dtype: str, vocab: str = "auto", timeout: float = 
     return convert_many([(checkpoint, dtype)], vocab, timeout)[0]
 
 
-def convert_many(jobs: list[tuple[Path, str]], vocab: str = "auto", timeout: float = 3600.0,
-                 vocab_only: bool = False) -> list[tuple[Path, dict]]:
+def convert_many(jobs: list[tuple[Path, str]], vocab: str = "auto", timeout: float = 3600.0) -> list[tuple[Path, dict]]:
     """`convert` for several (checkpoint, dtype) pairs, the missing ones in one converter process (one import of
-    torch and the converter for all of them). A conversion that fails raises BughuntError with the converter's reason.
-    With `vocab_only`, the converter's --vocab-only output (a GGUF holding the tokenizer and no tensors)."""
+    torch and the converter for all of them). A conversion that fails raises BughuntError with the converter's reason."""
     for _, dtype in jobs:
         if dtype not in OUTTYPES:
             raise BughuntError(f"the llama.cpp converter writes {', '.join(OUTTYPES)}; {dtype} is made by quantizing a converted file.")
@@ -149,21 +147,21 @@ def convert_many(jobs: list[tuple[Path, str]], vocab: str = "auto", timeout: flo
     planned = []
     for checkpoint, dtype in jobs:
         digest = checkpoint_hash(checkpoint)
-        key = f"{digest[:24]}-llamacpp{source['llama_cpp_python']}-{'vocab' if vocab_only else OUTTYPES[dtype]}-{vocab}"
+        key = f"{digest[:24]}-llamacpp{source['llama_cpp_python']}-{OUTTYPES[dtype]}-{vocab}"
         planned.append((Path(checkpoint), dtype, digest, root / f"{key}.gguf"))
     todo = [p for p in dict.fromkeys(planned) if not (p[3].is_file() and p[3].with_suffix(".json").is_file())]
     if todo:
-        _run_converter(todo, vocab, source, timeout, vocab_only)
+        _run_converter(todo, vocab, source, timeout)
     return [(out, json.loads(out.with_suffix(".json").read_text())) for _, _, _, out in planned]
 
 
-def _run_converter(todo: list, vocab: str, source: dict, timeout: float, vocab_only: bool) -> None:
+def _run_converter(todo: list, vocab: str, source: dict, timeout: float) -> None:
     tmps = []
     for _, _, _, out in todo:
         fd, tmp = tempfile.mkstemp(prefix=out.stem + ".", suffix=".gguf.tmp", dir=out.parent)
         os.close(fd)
         tmps.append(tmp)
-    payload = [{"checkpoint": str(c.resolve()), "outfile": t, "outtype": OUTTYPES[d], "vocab": vocab, "vocab_only": vocab_only}
+    payload = [{"checkpoint": str(c.resolve()), "outfile": t, "outtype": OUTTYPES[d], "vocab": vocab}
                for (c, d, _, _), t in zip(todo, tmps)]
     driver = Path(__file__).with_name("_gguf_driver.py")
     try:
