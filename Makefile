@@ -4,6 +4,9 @@
 # there; see DEVELOPERS.md for why gemma, kauldron and keras-hub must not resolve their own dependencies).
 # `make test` also builds litgpt's own environment (.venv-litgpt, requirements/litgpt.txt) and the library-version
 # environment the tests compare against (hf==5.22.0, in the user cache), so CI runs those tests too.
+# llama.cpp (`make llamacpp`, part of `make test`): requirements/llamacpp.txt builds llama-cpp-python from its source
+# archive (~15-25 min the first time; pip caches the wheel), then the archive's vendored converter
+# (convert_hf_to_gguf.py, conversion/, gguf-py) is extracted into $(VENV)/share/bughunt. `make demo` never builds it.
 PY ?= python3
 VENV ?= .venv
 PIP = $(VENV)/bin/pip
@@ -43,10 +46,26 @@ litgpt: $(LITGPT_VENV)/.installed
 envs: $(VENV)/.core
 	$(VENV)/bin/bughunt envs create $(TEST_ENVS)
 
+LLAMACPP_VERSION = 0.3.36
+LLAMACPP_CMAKE_ARGS = -DGGML_NATIVE=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_TOOLS=OFF \
+	-DLLAMA_BUILD_SERVER=OFF -DGGML_BLAS=OFF
+LLAMACPP_SDIST = $(VENV)/share/bughunt/sdist/llama_cpp_python-$(LLAMACPP_VERSION).tar.gz
+
+$(VENV)/.llamacpp: $(VENV)/.core requirements/llamacpp.txt
+	CMAKE_ARGS="$(LLAMACPP_CMAKE_ARGS)" $(PIP) install -q --no-deps -r requirements/llamacpp.txt
+	$(PIP) download -q --no-binary :all: --no-deps llama-cpp-python==$(LLAMACPP_VERSION) -d $(VENV)/share/bughunt/sdist
+	$(VENV)/bin/python -m bughunt.implementations.gguf_convert extract $(LLAMACPP_SDIST) --cmake-args "$(LLAMACPP_CMAKE_ARGS)"
+	touch $@
+
+llamacpp: $(VENV)/.llamacpp
+
+llamacpp-cmake-args:
+	@echo "$(LLAMACPP_CMAKE_ARGS)"
+
 demo: $(VENV)/.stacks
 	$(VENV)/bin/bughunt demo
 
-test: $(VENV)/.test $(LITGPT_VENV)/.installed envs
+test: $(VENV)/.test $(VENV)/.llamacpp $(LITGPT_VENV)/.installed envs
 	$(VENV)/bin/python -m pytest -q
 
-.PHONY: demo test litgpt envs
+.PHONY: demo test litgpt envs llamacpp llamacpp-cmake-args

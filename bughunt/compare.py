@@ -112,6 +112,8 @@ def run_reference_with_floors(choice: ImplChoice, checkpoint: Path, spec: Spec, 
     from bughunt.implementations.reference import ReferenceRunner, run_together
 
     dtypes = [d for d in dict.fromkeys(floor_dtypes) if d != "fp64"]
+    quantized = [d for d in dtypes if d not in DTYPES]  # other weights: each floor pass reads its own
+    dtypes = [d for d in dtypes if d in DTYPES]
     runners = [ReferenceRunner(checkpoint, spec, "fp64", device, branches=branches, label=choice.label,
                                allow_pickle=allow_pickle, toggles=choice.toggle_dict)]
     runners += [ReferenceRunner(checkpoint, spec, d, "cpu", branches=branches, label=f"reference:{d}", allow_pickle=allow_pickle)
@@ -124,7 +126,11 @@ def run_reference_with_floors(choice: ImplChoice, checkpoint: Path, spec: Spec, 
     finally:
         for r in runners:
             r.close()
-    return traces[0], dict(zip(dtypes, traces[1:]))
+    floors = dict(zip(dtypes, traces[1:]))
+    for d in quantized:
+        floors[d] = run_implementation(ImplChoice("reference", d), checkpoint, spec, d, "cpu", tokens, branches,
+                                       allow_pickle, scratch / f"floor-{d}")
+    return traces[0], floors
 
 
 def noise_floor(checkpoint: Path, spec: Spec, dtype: str, tokens: np.ndarray, fp64: Trace | None = None,
@@ -143,7 +149,7 @@ def noise_floor(checkpoint: Path, spec: Spec, dtype: str, tokens: np.ndarray, fp
         fp64 = run_implementation(ImplChoice("reference", "fp64"), checkpoint, spec, "fp64", "cpu", tokens,
                                   allow_pickle=allow_pickle, stem=stem("floor-fp64"), inner=inner)
         timings["fp64_forward_s"] = fp64.meta["timings"]["forward_s"]
-    u = UNIT_ROUNDOFF[dtype]
+    u = UNIT_ROUNDOFF.get(dtype, UNIT_ROUNDOFF["fp32"])  # quantized weights: llama.cpp computes in fp32
     if dtype == "fp64":
         measured = {p: {"point": p, "rel_l2": 0.0, "l2": 0.0} for p in fp64.points()}
     else:

@@ -20,7 +20,8 @@ from bughunt.tiny import TINY_FAMILIES, tiny_checkpoint
 # keras-hub's bf16 lines show only bf16 rounding on these models; fp32 is where its findings are. Keeps the demo
 # within a minute on 2 cores.
 DEMO_DTYPES = {"keras-jax": ("fp32",), "keras-torch": ("fp32",), "hf+sdpa": ("fp32",), "hf+flex": ("fp32",),
-               "hf+compile": ("fp32",), "mlx": ("fp32",)}
+               "hf+compile": ("fp32",), "mlx": ("fp32",),
+               "llamacpp": ("fp32",)}
 # flex attention and torch.compile compile each model on first use (tens of seconds to minutes per family on 2
 # cores): the demo shows each on one family.
 DEMO_FAMILIES = {"hf+flex": ("qwen3",), "hf+compile": ("qwen3",)}
@@ -33,6 +34,14 @@ def run_demo(out: Path, families: list[str] | None = None) -> list:
 
     def write(tmp: Path) -> None:
         rows = []
+        if "llamacpp" in impls:  # every family's GGUF in one converter process (a failure shows in its family's row)
+            from bughunt.errors import BughuntError
+            from bughunt.implementations.gguf_convert import convert_many
+
+            try:
+                convert_many([(tiny_checkpoint(f), "fp32") for f in families or TINY_FAMILIES])
+            except BughuntError:
+                pass
         for family in families or TINY_FAMILIES:
             checkpoint = tiny_checkpoint(family, trained=True)
             choices = [f"{name}:{dt}" for name in impls if supports(name, family) and family in DEMO_FAMILIES.get(name, (family,))

@@ -23,6 +23,7 @@ class Toggle:
     default: Callable[[Spec], str] = lambda spec: ""  # what the family's config/paper implies, as a string
     suggestions: Callable[[Spec], tuple[str, ...]] = lambda spec: ()  # values worth trying in a search
     applies: Callable[[Spec], bool] = lambda spec: True  # whether the toggle means anything for this family
+    setting: bool = False  # a runtime setting of a library (its K/V cache type), not a choice the reference models
 
     def parse(self, raw: str, spec: Spec | None = None) -> str:
         """Validate a value and return its canonical string."""
@@ -125,6 +126,12 @@ TOGGLES: dict[str, Toggle] = {t.name: t for t in [
     Toggle("matmul_inputs", "both operands of every linear layer (projections, MLP, output embedding) as the model dtype has "
            "them (model), or rounded first to tf32, bf16 or fp16 (TF32 matmuls, autocast)", "choice",
            ("model", "tf32", "bf16", "fp16"), default=lambda s: "model", suggestions=lambda s: ("model", "tf32", "bf16", "fp16")),
+    # Runtime settings of implementations that keep a K/V cache in the captured pass (llamacpp). The defaults are what
+    # such a library gives a user who sets nothing; no search tries them (they are settings, not hypotheses).
+    Toggle("kv_cache", "type the K and V cache stores keys and values in (llama.cpp's default is f16)", "choice",
+           ("f16", "f32", "bf16", "q8_0"), default=lambda s: "f16", setting=True),
+    Toggle("flash_attn", "flash attention: auto (llama.cpp decides, its default), on or off", "choice", ("auto", "on", "off"),
+           default=lambda s: "auto", setting=True),
 ]}
 
 # Toggles that are Policy fields of the reference (the rest change the Spec or the input ids).

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from bughunt.errors import BughuntError
 
 DTYPES = ("fp64", "fp32", "bf16", "fp16")
+# weight types an implementation makes with its own quantizer (the reference's: its quantization noise floor)
+QUANTIZED = {"llamacpp": ("q8_0", "q4_k_m"), "reference": ("q8_0", "q4_k_m")}
 DEVICES = ("cpu", "cuda")
 
 # name -> (module:class, python modules that must be importable for it to be available, environment for its worker)
@@ -26,6 +28,7 @@ REGISTRY: dict[str, tuple[str, tuple[str, ...], dict[str, str]]] = {
     "keras-torch": ("bughunt.implementations.keras:KerasTorchRunner", ("keras", "keras_hub", "torch"), {"KERAS_BACKEND": "torch"}),
     # runs in its own environment (bughunt/envs.py: OWN_ENVIRONMENTS), never in this interpreter
     "litgpt": ("bughunt.implementations.litgpt:LitGPTRunner", ("torch", "litgpt"), {}),
+    "llamacpp": ("bughunt.implementations.llamacpp:LlamaCppRunner", ("llama_cpp", "torch", "transformers"), {}),
 }
 
 
@@ -55,7 +58,7 @@ class ImplChoice:
         import re
 
         rest, _, python = text.partition("@")
-        m = re.fullmatch(r"([A-Za-z0-9_+-]+)(?:==([0-9][A-Za-z0-9.!+_-]*))?(?::([A-Za-z0-9]+))?(?:\[([^\]]*)\])?", rest.strip())
+        m = re.fullmatch(r"([A-Za-z0-9_+-]+)(?:==([0-9][A-Za-z0-9.!+_-]*))?(?::([A-Za-z0-9_]+))?(?:\[([^\]]*)\])?", rest.strip())
         if not m:
             raise BughuntError(f"cannot read implementation '{text}'. Write NAME[==VERSION][:DTYPE][toggle=value,...][@PYTHON], "
                                "e.g. hf:bf16[gelu=exact] or hf==5.22.0.")
@@ -67,8 +70,8 @@ class ImplChoice:
             pairs = tuple(parse_toggles([t.strip() for t in toggles.split(",") if t.strip()]).items())
         if name not in REGISTRY:
             raise BughuntError(f"unknown implementation '{name}' in '{text}'. Known: {', '.join(sorted(REGISTRY))}.")
-        if dtype and dtype not in DTYPES:
-            raise BughuntError(f"unknown dtype '{dtype}' in '{text}'. Use one of: {', '.join(DTYPES)}.")
+        if dtype and dtype not in DTYPES + QUANTIZED.get(name, ()):
+            raise BughuntError(f"unknown dtype '{dtype}' in '{text}'. Use one of: {', '.join(DTYPES + QUANTIZED.get(name, ()))}.")
         if version:
             from bughunt.envs import check_version
 

@@ -18,7 +18,7 @@ from bughunt.trace import Trace
 class ReferenceRunner(Runner):
     name = "reference"
     families = ("gemma", "gemma2", "gemma3", "llama", "mistral", "phi3", "qwen2", "qwen3")
-    dtypes = ("fp64", "fp32", "bf16", "fp16")
+    dtypes = ("fp64", "fp32", "bf16", "fp16", "q8_0", "q4_k_m")  # quantized: float64 on llama.cpp's quantized weights
     devices = ("cpu", "cuda")  # numpy runs on the host whatever the device asked; the trace says so
     toggle_support = {name: None for name in ("gelu", "rope_dtype", "rope_pairing", "norm_dtype", "embed_scale_dtype", "bos",
                                               "sliding_window", "attn_softcap", "final_softcap", "query_scale", "rope_theta", "rms_eps",
@@ -33,7 +33,8 @@ class ReferenceRunner(Runner):
         from bughunt.toggles import POLICY_TOGGLES, apply_to_spec
 
         policy_fields = {k: v for k, v in self.toggles.items() if k in POLICY_TOGGLES}
-        self.policy = Policy(**{**(policy or Policy()).__dict__, **policy_fields, "dtype": self.dtype})
+        self.quantized = self.dtype if self.dtype.startswith("q") else None
+        self.policy = Policy(**{**(policy or Policy()).__dict__, **policy_fields, "dtype": "fp64" if self.quantized else self.dtype})
         self.config_spec = self.spec  # what the checkpoint holds: its weights are loaded and checked against this
         self.spec = apply_to_spec(self.spec, self.toggles)
         from bughunt.spec import SUPPORTED_ROPE_TYPES
@@ -48,6 +49,11 @@ class ReferenceRunner(Runner):
 
     def _open(self) -> None:
         self.weights = load_weights(self.checkpoint, self.config_spec, self.allow_pickle)  # memory-mapped: nothing read yet
+        if self.quantized:  # the quantization noise floor: dequantize(quantize(w)) as llama.cpp's GGUF types say
+            from bughunt.implementations.llamacpp import gguf_file
+            from bughunt.implementations.quantized_weights import QuantizedWeights
+
+            self.weights = QuantizedWeights(self.weights, self.config_spec, gguf_file(self.checkpoint, self.quantized)[0])
 
     def _run(self, tokens: np.ndarray, out) -> None:
         from reference_impls import forward
