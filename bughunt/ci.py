@@ -9,13 +9,14 @@ A matrix file (see examples/bughunt.toml for every key):
     dtypes = ["fp32", "bf16"]
     devices = ["cpu"]
     tokens = { length = 16, seed = 0 } # or tokens = { ids = [[2, 17, 99]] }
+    generate = { steps = 8, top_k = 5 } # optional: greedy generation per cell (metrics gen_matched_steps, gen_topk_ok)
 
     [[checkpoints]]
     tiny = "llama"                     # a generated tiny checkpoint, or path = "models/x" (relative to this file)
 
     [[thresholds]]
-    metric = "rel_l2"                  # rel_l2 | log10_l2 | cosine | max_abs | kl | top1
-    points = "*"                       # glob over capture points; kl and top1 exist only at "logits"
+    metric = "rel_l2"                  # rel_l2 | log10_l2 | cosine | max_abs | kl | top1 | delta_nll | ppl_ratio
+    points = "*"                       # glob over capture points; kl, top1, delta_nll, ppl_ratio exist only at "logits"
     baseline_factor = 10               # regression: worse than 10 x the baseline value + slack
     slack = 1e-6
 
@@ -55,8 +56,15 @@ BASELINE_SCHEMA_VERSION = 1
 
 ERROR_METRICS = ("rel_l2", "log10_l2", "max_abs", "kl")  # larger is worse
 SIMILARITY_METRICS = ("cosine", "top1")  # 1 is perfect; judged by their distance from 1
-METRICS = ERROR_METRICS + SIMILARITY_METRICS
-LOGITS_ONLY = ("kl", "top1")
+# The loss on the input: delta_nll (candidate minus reference mean NLL, nats/token) is judged by its absolute value;
+# ppl_ratio = exp(delta_nll) by its distance from 1 under baseline rules, as is under max/min.
+LOSS_METRICS = ("delta_nll", "ppl_ratio")
+# Greedy generation (with a matrix's `generate`): gen_matched_steps, the tokens equal to the reference's before the first
+# difference (judged by min); gen_topk_ok, the fraction of rows passing the top-k check where they first differ (1 is perfect).
+GENERATION_METRICS = ("gen_matched_steps", "gen_topk_ok")
+METRICS = ERROR_METRICS + SIMILARITY_METRICS + LOSS_METRICS + GENERATION_METRICS
+LOGITS_ONLY = ("kl", "top1") + LOSS_METRICS + GENERATION_METRICS
+FLOOR_OF = {"rel_l2": "floor_rel_l2", "delta_nll": "floor_delta_nll"}  # metrics a floor_factor rule can judge
 SUMMARIES = ("max", "min", "mean")
 DEFAULT_TOKENS = {"length": 16, "seed": 0}
 MAX_TOKENS = 1_000_000  # input length a cell may ask for (far beyond any context a CI cell runs)
@@ -81,13 +89,23 @@ class Tokens:
     ids: tuple[tuple[int, ...], ...] | None = None
     length: int = DEFAULT_TOKENS["length"]
     seed: int = DEFAULT_TOKENS["seed"]
+    text: Any = None  # a bughunt.text.TextRequest: prompt, prompt_file or chat, through the checkpoint's tokenizer
 
-    def resolve(self, spec) -> np.ndarray:
+    def resolve(self, spec, checkpoint: Path | None = None) -> np.ndarray:
+        return self.encode(spec, checkpoint)[0]
+
+    def encode(self, spec, checkpoint: Path | None = None):
+        """(ids, the bughunt.text.EncodedText they came from, or None for ids given as ids or drawn from the seed)."""
         from bughunt.compare import default_tokens
 
+        if self.text is not None:
+            from bughunt.text import encode_text
+
+            encoded = encode_text(checkpoint, self.text, spec)
+            return encoded.tokens, encoded
         if self.ids is not None:
-            return np.asarray(self.ids, dtype=np.int64)
-        return default_tokens(spec, self.length, self.seed)
+            return np.asarray(self.ids, dtype=np.int64), None
+        return default_tokens(spec, self.length, self.seed), None
 
 
 @dataclass(frozen=True)
@@ -101,12 +119,13 @@ class CheckpointEntry:
     dtypes: tuple[str, ...]
     devices: tuple[str, ...]
     tokens: Tokens
+    trained: bool = False  # a tiny checkpoint trained briefly on the shipped text (bughunt tiny --trained)
 
     def resolve(self) -> Path:
         if self.tiny is not None:
             from bughunt.tiny import tiny_checkpoint
 
-            return tiny_checkpoint(self.tiny, self.seed)
+            return tiny_checkpoint(self.tiny, self.seed, trained=self.trained)
         assert self.path is not None
         return self.path
 
@@ -135,6 +154,8 @@ class Threshold:
             limits.append(f">= {self.min:g}")
         if self.floor_factor is not None:
             limits.append(f"<= {self.floor_factor:g}x the noise floor")
+        if self.metric == "delta_nll" and (self.max is not None or self.min is not None or self.floor_factor is not None):
+            limits = [f"|delta_nll| {x}" for x in limits]
         if self.baseline_factor is not None:
             what = {"cosine": "1 - cosine", "top1": "1 - top1", "log10_l2": "L2"}.get(self.metric, self.metric)
             limits.append(f"{what} <= {self.baseline_factor:g}x baseline + {self.slack:g}")
@@ -148,10 +169,11 @@ class Matrix:
     checkpoints: tuple[CheckpointEntry, ...]
     thresholds: tuple[Threshold, ...]
     branches: bool = True
+    generate: tuple[int, int] | None = None  # (steps, top_k): each cell also generates greedily
 
 
-_TOP_KEYS = ("reference", "implementations", "dtypes", "devices", "tokens", "branches", "checkpoints", "thresholds")
-_CHECKPOINT_KEYS = ("name", "path", "tiny", "seed", "reference", "implementations", "dtypes", "devices", "tokens")
+_TOP_KEYS = ("reference", "implementations", "dtypes", "devices", "tokens", "branches", "generate", "checkpoints", "thresholds")
+_CHECKPOINT_KEYS = ("name", "path", "tiny", "seed", "trained", "reference", "implementations", "dtypes", "devices", "tokens")
 _THRESHOLD_KEYS = ("metric", "points", "cells", "summary", "max", "min", "floor_factor", "baseline_factor", "slack")
 _NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 
@@ -224,6 +246,13 @@ def _implementations(v: Any, where: str) -> tuple[ImplChoice, ...]:
             raise BughuntError(f"{where}[{i}]: '{text}' names a dtype; list implementations without one (e.g. '{choice.name}') "
                                f"and put the dtypes in dtypes = [...], so every implementation runs at every dtype.")
         if choice.python is None and not available(choice.name):
+            from bughunt.envs import OWN_ENVIRONMENTS, require_own_python
+
+            if choice.name in OWN_ENVIRONMENTS:
+                try:
+                    require_own_python(choice.name)
+                except BughuntError as e:
+                    raise BughuntError(f"{where}[{i}]: {e}") from None
             raise BughuntError(f"{where}[{i}]: implementation '{choice.name}' is not installed here. Install it, "
                                f"or run it in another interpreter with '{choice.name}@/path/to/python'.")
         out.append(choice)
@@ -245,10 +274,18 @@ def _reference(v: Any, where: str) -> ImplChoice:
     return choice
 
 
-def _tokens(v: Any, where: str) -> Tokens:
+def _tokens(v: Any, where: str, base_dir: Path) -> Tokens:
+    from bughunt.text import TEXT_KEYS, request_from_table
+
     if not isinstance(v, dict):
-        raise BughuntError(f"{where} must be a table, e.g. {{ length = 16, seed = 0 }} or {{ ids = [[2, 17, 99]] }}; found {_type_name(v)} {v!r}.")
-    _check_keys(v, ("ids", "length", "seed"), where)
+        raise BughuntError(f"{where} must be a table, e.g. {{ length = 16, seed = 0 }}, {{ ids = [[2, 17, 99]] }} or "
+                           f"{{ prompt = \"Hello\" }}; found {_type_name(v)} {v!r}.")
+    _check_keys(v, ("ids", "length", "seed") + TEXT_KEYS, where)
+    text = request_from_table(v, where, base_dir)
+    if text is not None:
+        if any(k in v for k in ("ids", "length", "seed")):
+            raise BughuntError(f"{where}: give either text (prompt, prompt_file, chat) or ids, or length and seed; not both.")
+        return Tokens(text=text)
     if "ids" in v:
         if "length" in v or "seed" in v:
             raise BughuntError(f"{where}: give either ids, or length and seed, not both.")
@@ -280,10 +317,14 @@ def _checkpoint(t: Any, where: str, defaults: dict, base_dir: Path) -> Checkpoin
         if tiny not in TINY_FAMILIES:
             raise BughuntError(f"{where}.tiny: no tiny checkpoint for family '{tiny}'. Choose one of: {', '.join(TINY_FAMILIES)}.")
         seed = _int(t.get("seed", 0), f"{where}.seed", minimum=0, maximum=MAX_TOKEN_ID)
-        default_name = tiny if seed == 0 else f"{tiny}-seed{seed}"
+        trained = t.get("trained", False)
+        if not isinstance(trained, bool):
+            raise BughuntError(f"{where}.trained must be true or false, found {_type_name(trained)} {trained!r}.")
+        default_name = (tiny if seed == 0 else f"{tiny}-seed{seed}") + ("-trained" if trained else "")
     else:
-        if "seed" in t:
-            raise BughuntError(f"{where}.seed only applies to tiny checkpoints; remove it or use tiny = \"family\".")
+        for key in ("seed", "trained"):
+            if key in t:
+                raise BughuntError(f"{where}.{key} only applies to tiny checkpoints; remove it or use tiny = \"family\".")
         path = Path(os.path.expanduser(_string(t["path"], f"{where}.path")))
         path = path if path.is_absolute() else base_dir / path
         default_name = path.name
@@ -296,7 +337,8 @@ def _checkpoint(t: Any, where: str, defaults: dict, base_dir: Path) -> Checkpoin
         implementations=_implementations(t["implementations"], f"{where}.implementations") if "implementations" in t else defaults["implementations"],
         dtypes=_dtypes(t["dtypes"], f"{where}.dtypes") if "dtypes" in t else defaults["dtypes"],
         devices=_devices(t["devices"], f"{where}.devices") if "devices" in t else defaults["devices"],
-        tokens=_tokens(t["tokens"], f"{where}.tokens") if "tokens" in t else defaults["tokens"],
+        tokens=_tokens(t["tokens"], f"{where}.tokens", base_dir) if "tokens" in t else defaults["tokens"],
+        trained=bool(tiny is not None and t.get("trained", False)),
     )
 
 
@@ -323,12 +365,16 @@ def _threshold(t: Any, index: int, where: str) -> Threshold:
         raise BughuntError(f"{where}: no limit given. Add at least one of max, min (absolute), floor_factor (x the noise floor) "
                            "or baseline_factor (x the baseline value, with slack).")
     if "floor_factor" in limits:
-        if metric != "rel_l2":
-            raise BughuntError(f"{where}.floor_factor: the noise floor is a relative L2; use it with metric = \"rel_l2\".")
+        if metric not in FLOOR_OF:
+            raise BughuntError(f"{where}.floor_factor: noise floors exist for {' and '.join(FLOOR_OF)}; use it with metric = \"rel_l2\" "
+                               "or metric = \"delta_nll\".")
         if summary is not None:
             raise BughuntError(f"{where}.floor_factor judges each capture point against its own floor; remove summary.")
         if limits["floor_factor"] <= 0:
             raise BughuntError(f"{where}.floor_factor must be positive, found {limits['floor_factor']:g}.")
+    if metric == "gen_matched_steps" and "baseline_factor" in limits:
+        raise BughuntError(f"{where}: gen_matched_steps is a count of steps, not an error that grows; bound it with min = N "
+                           "(at least N generated tokens equal to the reference's) instead of baseline_factor.")
     if "baseline_factor" in limits and limits["baseline_factor"] < 1:
         raise BughuntError(f"{where}.baseline_factor must be at least 1 (how many times worse than the baseline is allowed), found {limits['baseline_factor']:g}.")
     if "slack" in limits:
@@ -348,7 +394,7 @@ def parse_matrix(data: dict, source: Path) -> Matrix:
         "implementations": _implementations(data.get("implementations", ["hf"]), f"{where}: implementations"),
         "dtypes": _dtypes(data.get("dtypes", ["fp32"]), f"{where}: dtypes"),
         "devices": _devices(data.get("devices", ["cpu"]), f"{where}: devices"),
-        "tokens": _tokens(data.get("tokens", dict(DEFAULT_TOKENS)), f"{where}: tokens"),
+        "tokens": _tokens(data.get("tokens", dict(DEFAULT_TOKENS)), f"{where}: tokens", source.parent),
     }
     branches = data.get("branches", True)
     if not isinstance(branches, bool):
@@ -377,7 +423,24 @@ def parse_matrix(data: dict, source: Path) -> Matrix:
         raise BughuntError(f"{where}: thresholds must be a list of tables ([[thresholds]]), found {_type_name(raw_t)} {raw_t!r}. "
                            "Leave it out to use the defaults.")
     thresholds = tuple(_threshold(t, i, f"{where}: thresholds[{i}]") for i, t in enumerate(raw_t))
-    return Matrix(source=source, checkpoints=checkpoints, thresholds=thresholds, branches=branches)
+    generate = _generate(data["generate"], f"{where}: generate") if "generate" in data else None
+    for rule in thresholds:
+        if rule.metric in GENERATION_METRICS and generate is None:
+            raise BughuntError(f"{where}: thresholds[{rule.index}] judges {rule.metric}, which needs generation. Add "
+                               "generate = { steps = 8, top_k = 5 } at the top of the matrix, or remove the rule.")
+    return Matrix(source=source, checkpoints=checkpoints, thresholds=thresholds, branches=branches, generate=generate)
+
+
+def _generate(v: Any, where: str) -> tuple[int, int]:
+    from bughunt.generation import DEFAULT_TOP_K, MAX_STEPS
+
+    if not isinstance(v, dict):
+        raise BughuntError(f"{where} must be a table, e.g. generate = {{ steps = 8, top_k = 5 }}; found {_type_name(v)} {v!r}.")
+    _check_keys(v, ("steps", "top_k"), where)
+    if "steps" not in v:
+        raise BughuntError(f"{where}: missing key 'steps' (how many tokens each implementation generates), e.g. steps = 8.")
+    return (_int(v["steps"], f"{where}.steps", minimum=1, maximum=MAX_STEPS),
+            _int(v.get("top_k", DEFAULT_TOP_K), f"{where}.top_k", minimum=1, maximum=MAX_TOKEN_ID))
 
 
 def load_matrix(path: str | Path) -> Matrix:
@@ -425,8 +488,12 @@ def _round(value: float | None, metric: str) -> float | None:
     """Four significant digits; for cosine and top1, four significant digits of the distance from 1."""
     if value is None:
         return None
-    if metric in SIMILARITY_METRICS:
+    if metric in SIMILARITY_METRICS or metric == "gen_topk_ok":
         return float(Decimal(1) - Decimal(f"{1.0 - value:.3e}"))
+    if metric == "gen_matched_steps":
+        return float(value)
+    if metric == "ppl_ratio":
+        return float(Decimal(1) + Decimal(f"{value - 1.0:.3e}"))
     return float(f"{value:.3e}")
 
 
@@ -519,6 +586,12 @@ def _badness(metric: str, value: float | None) -> float | None:
         return None
     if metric == "log10_l2":
         return 10.0 ** value
+    if metric == "delta_nll":
+        return abs(value)
+    if metric == "ppl_ratio":
+        return abs(value - 1.0)
+    if metric == "gen_topk_ok":
+        return 1.0 - value
     return 1.0 - value if metric in SIMILARITY_METRICS else value
 
 
@@ -527,8 +600,10 @@ def _fmt(metric: str, v: float | None) -> str:
         return "none"
     if metric == "log10_l2":
         return f"{v:.2f}"
-    if metric in SIMILARITY_METRICS:
+    if metric in SIMILARITY_METRICS or metric in ("ppl_ratio", "gen_topk_ok"):
         return f"{v:.6g}"
+    if metric == "gen_matched_steps":
+        return f"{v:g}"
     return f"{v:.1e}"
 
 
@@ -549,7 +624,8 @@ def _baseline_check(rule: Threshold, v: float | None, b: float | None) -> str | 
     if bad_v <= rule.baseline_factor * bad_b + rule.slack:
         return None
     ratio = bad_v / bad_b if bad_b > 0 else math.inf
-    what = {"cosine": "1 - cosine ", "top1": "1 - top1 ", "log10_l2": "L2 "}.get(rule.metric, "")
+    what = {"cosine": "1 - cosine ", "top1": "1 - top1 ", "log10_l2": "L2 ", "delta_nll": "|delta_nll| ",
+            "ppl_ratio": "|ppl_ratio - 1| "}.get(rule.metric, "")
     return (f"{rule.metric} {_fmt(rule.metric, v)} vs baseline {_fmt(rule.metric, b)} "
             f"({what}{_times(ratio)}, limit {rule.baseline_factor:g}x + {rule.slack:g})")
 
@@ -557,6 +633,12 @@ def _baseline_check(rule: Threshold, v: float | None, b: float | None) -> str | 
 def _absolute_check(rule: Threshold, v: float | None) -> str | None:
     if v is None:
         return f"{rule.metric} is missing in this run"
+    if rule.metric == "delta_nll":  # a loss moved either way is a difference
+        if rule.max is not None and abs(v) > rule.max:
+            return f"|delta_nll| {abs(v):.1e} above the limit {rule.max:g}"
+        if rule.min is not None and abs(v) < rule.min:
+            return f"|delta_nll| {abs(v):.1e} below the minimum {rule.min:g}"
+        return None
     if rule.max is not None and v > rule.max:
         return f"{rule.metric} {_fmt(rule.metric, v)} above the limit {rule.max:g}"
     if rule.min is not None and v < rule.min:
@@ -625,11 +707,13 @@ def judge_cell(cell: Cell, comparison: dict, baseline: dict | None, thresholds: 
             v = _value(p, rule.metric)
             msg = _absolute_check(rule, v) if (rule.max is not None or rule.min is not None) else None
             if msg is None and rule.floor_factor is not None:
-                floor = p.get("floor_rel_l2")
-                if floor is None or v is None:
-                    msg = "rel_l2 has no noise floor to compare with"
-                elif v > rule.floor_factor * floor:
-                    msg = (f"rel_l2 {v:.1e} is {_times(v / floor)} the {cell.dtype} noise floor {floor:.1e} "
+                floor = p.get(FLOOR_OF[rule.metric])
+                bad_v = _badness(rule.metric, v)
+                if floor is None or bad_v is None:
+                    msg = f"{rule.metric} has no noise floor to compare with"
+                elif bad_v > rule.floor_factor * floor:
+                    what = "|delta_nll|" if rule.metric == "delta_nll" else rule.metric
+                    msg = (f"{what} {bad_v:.1e} is {_times(bad_v / floor)} the {cell.dtype} noise floor {floor:.1e} "
                            f"(limit {rule.floor_factor:g}x)")
             if msg is None and rule.baseline_factor is not None and baseline and n in base:
                 msg = _baseline_check(rule, v, _value(base[n], rule.metric))
@@ -733,6 +817,7 @@ class _Group:
     tokens: np.ndarray
     cells: list[Cell]
     baselines: dict[str, dict | None]
+    text: Any = None  # the bughunt.text.EncodedText the tokens came from, recorded in the group's report
     skipped: dict[str, str] = field(default_factory=dict)  # cell id -> why its implementation does not run the family
 
     @property
@@ -756,7 +841,10 @@ def _plan(matrix: Matrix, baseline_dir: Path, update: bool) -> list[_Group]:
             spec = load_spec(path)
         except BughuntError as e:
             raise BughuntError(f"{where}: {e}") from None
-        tokens = entry.tokens.resolve(spec)
+        try:
+            tokens, encoded = entry.tokens.encode(spec, path)
+        except BughuntError as e:
+            raise BughuntError(f"{where}: {e}") from None
         if tokens.max() >= spec.vocab_size:
             raise BughuntError(f"{where}: token id {tokens.max()} is outside the vocabulary [0, {spec.vocab_size}). Fix tokens.ids.")
         points = capture_points(spec.num_layers, matrix.branches)
@@ -771,7 +859,7 @@ def _plan(matrix: Matrix, baseline_dir: Path, update: bool) -> list[_Group]:
             skipped = {c.id: why for c in cells if (why := family_refusal(c.impl.name, c.impl.python, spec.family))}
             baselines = {c.id: None if update or c.id in skipped else read_baseline(
                 baseline_dir / c.baseline_name, c, tokens, matrix.branches, matrix.source, baseline_dir) for c in cells}
-            groups.append(_Group(entry, device, path, tokens, cells, baselines, skipped))
+            groups.append(_Group(entry, device, path, tokens, cells, baselines, encoded, skipped))
     for rule in matrix.thresholds:
         if rule.index not in points_seen:
             raise BughuntError(f"{matrix.source.name}: thresholds[{rule.index}] ({rule.describe()}) matches no capture point of any cell. "
@@ -807,7 +895,10 @@ def _run_group(group: _Group, matrix: Matrix, out: Path, log: Callable[[str], No
         return [CellOutcome(c, "skipped", error=group.skipped[c.id]) for c in group.cells]
     try:
         result = compare(group.path, labels, reference=group.entry.reference.label, dtype=group.cells[0].dtype,
-                         device=group.device, tokens=group.tokens, out=None, branches=matrix.branches, render=False, pool=pool)
+                         device=group.device, tokens=None if group.text is not None else group.tokens, out=None,
+                         branches=matrix.branches, render=False, pool=pool, text=group.text,
+                         generate=matrix.generate[0] if matrix.generate else None,
+                         top_k=matrix.generate[1] if matrix.generate else 5)
     except BughuntError as e:
         return [CellOutcome(c, "error", error=f"the compare run failed: {e}", seconds=time.perf_counter() - t0) for c in group.cells]
     report_rel = f"reports/{group.name}/report.html"

@@ -57,6 +57,7 @@ class _Impl(_Strict):
     dtype: str | None
     python: str | None
     toggles: tuple[tuple[str, str], ...]
+    version: str | None = None
 
 
 class _Cell(_Strict):

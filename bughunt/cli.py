@@ -13,7 +13,7 @@ EXIT_CODES = """\
 exit codes (the same for every bughunt command):
   0    compared, and within thresholds (findings are reported; they fail only a command that gates on them)
   1    a finding or regression, where the command gates on it: compare, sweep and decode with --fail-on-finding,
-       lint on an error-severity check, ci on a regression
+       lint on an error-severity check, ci on a regression, weights on a parameter that departs from the checkpoint
   2    bad input (one message says what was wrong and how to fix it; nothing is written), or nothing could be
        compared (every candidate refused or failed)
   130  interrupted by SIGINT (Ctrl-C), 143 by SIGTERM: workers stopped, temporary files removed, nothing half-written
@@ -71,6 +71,14 @@ def format_summary(result) -> str:
     d = result.data
     lines = [f"{d['checkpoint']['spec']['family']} · {d['checkpoint']['path']} · reference {d['settings']['reference']} · "
              f"floor factor {d['settings']['floor_factor']:g}"]
+    text = d["inputs"].get("text")
+    if text:
+        shape = f"{len(d['inputs']['tokens'])} x {len(d['inputs']['tokens'][0])} ids"
+        lines.append(f"  input: {text['kind']} ({shape}) through {text['tokenizer']}; {text['bos']}")
+        for path, p in (text.get("paths") or {}).items():
+            state = p["skipped"][:100] if "skipped" in p else "same ids" if p.get("agrees") else "DIFFERENT ids"
+            lines.append(f"  tokenizer path {path}: {state}")
+    lines += [f"  {f['severity'].upper()}: {f['message']}" for f in d["findings"] if f["kind"] in ("input", "tokenizer")]
     header = f"  {'implementation':<28} {'dtype':<5} {'first above floor':<18} {'max rel L2':>11} {'at':<12} {'logits KL':>10} {'top-1':>6}"
     lines.append(header)
     for e in d["implementations"]:
@@ -84,8 +92,14 @@ def format_summary(result) -> str:
         fmt = lambda v, f: "–" if v is None else format(v, f)  # noqa: E731
         lines.append(f"  {e['label']:<28} {c['dtype']:<5} {c['first_above_floor'] or 'none':<18} {fmt(s['max_rel_l2'], '.2e'):>11} "
                      f"{s['max_rel_l2_point'] or '–':<12} {fmt(s['logits_kl'], '.2e'):>10} {fmt(s['logits_top1'], '.3f'):>6}")
+    gen = d.get("generation")
+    if gen and gen.get("reference"):
+        for c in gen["candidates"]:
+            what = (f"identical to {gen['reference']['label']} for all {gen['steps']} steps" if c["first_diff"] is None else
+                    f"first differs at step {c['first_diff']}, top-{gen['top_k']} check {'passes' if c['topk_ok'] == 1 else 'FAILS'}")
+            lines.append(f"  generation {c['candidate']}: {what}")
     for f in d["findings"]:
-        if f["severity"] != "info":
+        if f["severity"] != "info" and f["kind"] not in ("input", "tokenizer"):  # those came first, above the numerics
             lines.append(f"  {f['severity'].upper()}: {f['message']}")
     if d.get("schedule"):
         sch = d["schedule"]
@@ -106,6 +120,36 @@ def _tokens(args, spec=None):
     return None
 
 
+class _TextOption(argparse.Action):
+    """--prompt and --prompt-file append to one list, so the rows keep the order they were given in."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        items = list(getattr(namespace, "text", None) or [])
+        items.append(("prompt-file" if option_string == "--prompt-file" else "prompt", value))
+        setattr(namespace, "text", items)
+
+
+def _add_text_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompt", action=_TextOption, dest="text", metavar="TEXT",
+                   help="input text, through the checkpoint's tokenizer (BOS as its config says); repeatable: each prompt is a "
+                        "row of one batch, every row cut to the shortest row's length (the cut is reported). Default, when "
+                        "neither ids nor text are given: a short text shipped with bughunt (seeded ids without a tokenizer)")
+    p.add_argument("--prompt-file", action=_TextOption, dest="text", metavar="FILE",
+                   help="a UTF-8 file whose whole text (less one final newline) is one prompt; repeatable, mixes with --prompt")
+    p.add_argument("--chat", metavar="FILE", help='a JSON list of messages ([{"role": "user", "content": "..."}]) rendered '
+                   "through the checkpoint's chat template (with the generation prompt when the last role is not assistant)")
+
+
+def _text(args):
+    """The text the user gave (a TextRequest), or the shipped default text when neither ids nor text were given."""
+    from bughunt.text import default_request, request
+
+    text = request(getattr(args, "text", None), getattr(args, "chat", None))
+    if text is None and args.tokens is None and args.tokens_file is None:
+        return default_request()
+    return text
+
+
 def _max_memory(args) -> int | None:
     from bughunt.memory import parse_size
 
@@ -122,7 +166,9 @@ def cmd_compare(args) -> int:
                      dtype=args.dtype, device=args.device, tokens=_tokens(args), out=out, floor_factor=args.floor_factor,
                      branches=not args.no_branches, allow_pickle=args.allow_pickle, isolate=not args.in_process,
                      timeout=args.timeout, max_memory=_max_memory(args), device_map=args.device_map,
-                     require_comparison=True)
+                     require_comparison=True, weight_check=args.weight_check, inner=args.inner,
+                     isolate_layers=args.isolate, text=_text(args), generate=args.generate,
+                     top_k=args.top_k, decode_config=_decode_config(args.decode_config))
     print(format_summary(result))
     print(describe_written(out))
     return _gate(args, result)
@@ -136,30 +182,46 @@ def cmd_sweep(args) -> int:
     out = Path(args.out) if args.out else Path("reports") / f"{Path(args.checkpoint).resolve().name}-sweep-{args.mode}"
     result = sweep(args.checkpoint, impl=args.impl, reference=args.reference, dtype=args.dtype, device=args.device,
                    toggles=args.toggle or [], mode=args.mode, side=args.side, candidate_toggles=args.candidate_toggle or [],
-                   reference_toggles=args.reference_toggle or [], tokens=_tokens(args), out=out, floor_factor=args.floor_factor)
+                   reference_toggles=args.reference_toggle or [], tokens=_tokens(args), out=out, floor_factor=args.floor_factor,
+                   text=_text(args))
     sw = result.data["sweep"]
     print(f"sweep {sw['mode']} ({sw['side']} side): {sw['candidate']} vs {sw['reference']}")
     print(f"  {'configuration':<48} {'score':>7} {'first above floor':<18}")
-    configs = sorted(sw["configurations"], key=lambda c: c["score"])[:20] if sw["search"] else sw["configurations"]
-    for c in configs:
-        print(f"  {c['label']:<48} {c['score']:>7.3f} {c['first_above_floor'] or 'none':<18}")
+    if sw["search"]:  # best first; settings with the same divergence at every point share a row, the search's pick marked
+        from bughunt.report import group_configurations
+
+        for row in group_configurations(sw)[:20]:
+            first, *more = row["labels"]
+            mark = "*" if row["chosen"] else " "
+            print(f" {mark}{first:<48} {row['score']:>7.3f} {row['first_above_floor'] or 'none':<18}{'  <- chosen' if row['chosen'] else ''}")
+            for other in more:
+                print(f"    = {other}")
+    else:
+        for c in sw["configurations"]:
+            print(f"  {c['label']:<48} {c['score']:>7.3f} {c['first_above_floor'] or 'none':<18}")
     if sw["search"]:
         s = sw["search"]
         print(f"  search: {s['method']}, {s['evaluated']} of {s['space_size']} settings evaluated")
+        for x in s.get("explanations") or []:
+            if len(x["spellings"]) > 1 or x["toggle"].startswith("field:"):
+                print(f"  {x['toggle']}={x['value']}: {x['description']}")
+                if len(x["spellings"]) > 1:
+                    print("    the same explanation, spelled otherwise: " + ", ".join(
+                        "{" + ", ".join(f"{k}={v}" for k, v in sp.items()) + "}" for sp in x["spellings"][1:]))
         for a in s["ablation"]:
             print(f"  without {a['toggle']}={a['value']}: fit worse by {a['delta']:.2f} decades (first above floor: {a['first_above_floor_without']})")
+        for f in result.findings:
+            if f["kind"] == "unrepresentable":
+                print(f"  {f['severity'].upper()}: {f['message']}")
         print(f"DIAGNOSIS: {s['diagnosis']}")
     print(describe_written(out))
     return _gate(args, result)
 
 
-def cmd_decode(args) -> int:
-    from bughunt.decode import decode_check
-    from bughunt.output import describe_written
-
-    _require_device(args.device)
+def _decode_config(items: list[str] | None) -> dict:
+    """--decode-config KEY=VALUE items -> {key: int, float or str}."""
     config = {}
-    for item in args.decode_config or []:
+    for item in items or []:
         key, sep, value = item.partition("=")
         if not sep:
             raise BughuntError(f"--decode-config '{item}' must be KEY=VALUE, e.g. sliding_window=4095.")
@@ -170,10 +232,20 @@ def cmd_decode(args) -> int:
                 config[key] = float(value)
             except ValueError:
                 config[key] = value
+    return config
+
+
+def cmd_decode(args) -> int:
+    from bughunt.decode import decode_check
+    from bughunt.output import describe_written
+
+    _require_device(args.device)
+    config = _decode_config(args.decode_config)
     tokens = _tokens(args)
     out = Path(args.out) if args.out else Path("reports") / f"{Path(args.checkpoint).resolve().name}-decode"
     result = decode_check(args.checkpoint, impl=args.impl, reference=args.reference, dtype=args.dtype, device=args.device,
-                          tokens=tokens, prefill=args.prefill, decode_config=config, floor_factor=args.floor_factor, out=out)
+                          tokens=tokens, prefill=args.prefill, decode_config=config, floor_factor=args.floor_factor, out=out,
+                          text=_text(args))
     d = result.data["decode"]
     print(f"{d['candidate']}: {d['path']} decoding after a prefill of {d['prefill']}; first step departing from its own "
           f"full pass: {d['self']['first_departing_step']}")
@@ -192,6 +264,28 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_envs(args) -> int:
+    from bughunt import envs
+    from bughunt.implementations import ImplChoice
+
+    if args.action == "list":
+        print(envs.format_list(envs.list_envs()))
+    elif args.action == "create":
+        choices = [ImplChoice.parse(n) for n in args.names]
+        for c in choices:
+            if not c.version or c.dtype or c.toggles:
+                raise BughuntError(f"envs create: '{c.label}' is not NAME==VERSION. Name a library release, e.g. hf==5.22.0.")
+        for c in choices:
+            python = envs.ensure(c.name, c.version)
+            print(f"{c.label}: {python or sys.executable + ' (this interpreter has that release)'}")
+    else:
+        if not args.names and not args.all:
+            raise BughuntError("envs remove: name the environments to remove (as `bughunt envs list` shows them, or hf==VERSION), or pass --all.")
+        for name in envs.remove(args.names, everything=args.all):
+            print(f"removed {envs.root() / name}")
+    return 0
+
+
 def cmd_tiny(args) -> int:
     from bughunt.output import check_output_dir, describe_written, write_output_dir
     from bughunt.tiny import TINY_FAMILIES, make_tiny_checkpoint
@@ -200,8 +294,14 @@ def cmd_tiny(args) -> int:
         raise BughuntError(f"no tiny checkpoint for family '{args.family}'. Choose one of: {', '.join(TINY_FAMILIES)}.")
     out = Path(args.out)
     check_output_dir(out, "tiny")
-    write_output_dir(out, "tiny", lambda tmp: make_tiny_checkpoint(args.family, tmp, seed=args.seed))
-    print(f"tiny {args.family} checkpoint (seed {args.seed}): {describe_written(out)}")
+    write_output_dir(out, "tiny", lambda tmp: make_tiny_checkpoint(args.family, tmp, seed=args.seed, trained=args.trained))
+    trained = ""
+    if args.trained:
+        import json
+
+        t = json.loads((out / "bughunt_tiny.json").read_text())["trained"]
+        trained = f", trained {t['steps']} steps on {t['corpus']}: loss {t['loss_first']:.3f} -> {t['loss_last']:.3f}"
+    print(f"tiny {args.family} checkpoint (seed {args.seed}{trained}): {describe_written(out)}")
     return 0
 
 
@@ -283,6 +383,23 @@ def cmd_lint(args) -> int:
     return report.exit_code
 
 
+def cmd_weights(args) -> int:
+    from bughunt.output import check_output_file
+    from bughunt.weightcheck import WEIGHTS_SCHEMA, check, format_check, write_json
+
+    _require_device(args.device)
+    protect = [("the checkpoint", Path(args.checkpoint))]
+    if args.json:
+        check_output_file(args.json, WEIGHTS_SCHEMA, protect)
+    wc = check(args.checkpoint, args.impl, dtype=args.dtype, device=args.device, in_process=args.in_process,
+               timeout=args.timeout)
+    print(format_check(wc))
+    if args.json:
+        write_json(wc, Path(args.json), protect)
+        print(f"wrote {args.json}")
+    return 1 if wc.departures else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from bughunt.implementations import DEVICES, DTYPES
     from bughunt.implementations.catalog import impl_help
@@ -303,6 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--device", default="cpu", choices=DEVICES)
     c.add_argument("--tokens", help="token ids, comma-separated; several equal-length rows separated by ';'")
     c.add_argument("--tokens-file", help="file of token ids: a JSON list (of lists), or one row per line")
+    _add_text_options(c)
     c.add_argument("--out", type=_path, help="output directory (default reports/<checkpoint>-<dtype>)")
     c.add_argument("--floor-factor", type=float, default=10.0, help="a finding is a point above this multiple of the noise floor")
     c.add_argument("--no-branches", action="store_true", help="capture only the residual stream, not layer.{i}.attn/.mlp")
@@ -315,6 +433,20 @@ def build_parser() -> argparse.ArgumentParser:
                    "and a run that cannot fit is refused before it starts")
     c.add_argument("--device-map", choices=["auto"], help="load hf through accelerate's device map: spread over GPUs, "
                    "CPU and disk offload for a model larger than memory (hooks still capture every layer)")
+    c.add_argument("--weight-check", action="store_true", help="also check each implementation's loaded parameters against "
+                   "the checkpoint (see `bughunt weights`); the report gets a Weights section")
+    c.add_argument("--inner", action="store_true", help="also capture the points inside each layer where an implementation "
+                   "can (hf, reference): layer.{i}.attn.q, .k (after RoPE), .scores (after scale and soft-cap), .probs, .out "
+                   "(before the output projection), layer.{i}.mlp.hidden; scores and probs take tokens^2 per head and layer")
+    c.add_argument("--isolate", action="store_true", help="also run each candidate that can (hf, reference) with every "
+                   "decoder layer fed the reference's input to that layer, so each layer's own error shows without the "
+                   "error it inherits; the report draws accumulated and isolated error side by side")
+    c.add_argument("--generate", type=int, metavar="N", help="also generate N tokens greedily with each implementation's own "
+                   "generation path and report the first step where each candidate's tokens differ from the reference's")
+    c.add_argument("--top-k", type=int, default=5, metavar="K", help="with --generate: where tokens first differ, each must lie "
+                   "within the other's top-K log-probs (default 5)")
+    c.add_argument("--decode-config", action="append", metavar="KEY=VALUE",
+                   help="with --generate: config value changed on the candidates' one-token decoding steps only (plants a decode bug; hf)")
     c.set_defaults(func=cmd_compare)
 
     w = command("sweep", help="run one implementation under toggle settings; search for the ones that explain a divergence")
@@ -332,6 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--device", default="cpu", choices=DEVICES)
     w.add_argument("--tokens")
     w.add_argument("--tokens-file")
+    _add_text_options(w)
     w.add_argument("--out", type=_path)
     w.add_argument("--floor-factor", type=float, default=10.0)
     w.add_argument("--fail-on-finding", action="store_true", help="exit 1 when the candidate as is departs from the reference")
@@ -348,6 +481,7 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--device", default="cpu", choices=DEVICES)
     k.add_argument("--tokens")
     k.add_argument("--tokens-file")
+    _add_text_options(k)
     k.add_argument("--floor-factor", type=float, default=10.0)
     k.add_argument("--out", type=_path)
     k.add_argument("--fail-on-finding", action="store_true", help="exit 1 when a decoding step departs")
@@ -362,7 +496,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("family")
     t.add_argument("--out", type=_path, required=True)
     t.add_argument("--seed", type=_seed, default=0, help="seed of the weights (a non-negative integer, default 0)")
+    t.add_argument("--trained", action="store_true", help="train the seeded model briefly on the shipped text (seconds on "
+                   "CPU, deterministic: the same seed gives byte-identical weights), so loss on text means something")
     t.set_defaults(func=cmd_tiny)
+
+    e = command("envs", help="list, create or remove the library-version environments (hf==VERSION) in the user cache")
+    e.add_argument("action", choices=["list", "create", "remove"])
+    e.add_argument("names", nargs="*", metavar="NAME", help="create: IMPL==VERSION, e.g. hf==5.22.0; remove: a name from "
+                   "`bughunt envs list`, or IMPL==VERSION")
+    e.add_argument("--all", action="store_true", help="remove: every environment")
+    e.set_defaults(func=cmd_envs)
 
     r = command("render", help="re-render plots and report.html from a result.json")
     r.add_argument("result", help="result.json or the directory holding it")
@@ -375,6 +518,19 @@ def build_parser() -> argparse.ArgumentParser:
     lt.add_argument("--tokenizers", action="store_true",
                     help="also encode a corpus of tricky strings with every available tokenizer implementation and report disagreements")
     lt.set_defaults(func=cmd_lint)
+
+    wt = command("weights", help="compare every parameter an implementation loaded with the checkpoint: exit 0 all identical, "
+                 "1 a parameter departs, 2 bad input")
+    wt.add_argument("checkpoint", help="Hugging Face-format checkpoint directory")
+    wt.add_argument("--impl", required=True, metavar="NAME[:DTYPE][@PYTHON]", help="the implementation whose loaded parameters "
+                    "are checked: hf, keras-jax, keras-torch, deepmind")
+    wt.add_argument("--dtype", default="fp32", choices=DTYPES, help="dtype to load at when --impl has no :DTYPE (default fp32); "
+                    "the checkpoint rounded to it counts as identical")
+    wt.add_argument("--device", default="cpu", choices=DEVICES)
+    wt.add_argument("--json", type=_path, metavar="FILE", help="also write every parameter's relation to FILE (JSON)")
+    wt.add_argument("--in-process", action="store_true", help="load in this process instead of a worker process")
+    wt.add_argument("--timeout", type=_positive_seconds, default=600.0, help="seconds the worker may take (default 600)")
+    wt.set_defaults(func=cmd_weights)
 
     im = command("implementations", help="list every implementation: installed here or not, library versions, families, "
                  "dtypes, devices, toggles, and how to install a missing one")

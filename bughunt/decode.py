@@ -22,6 +22,7 @@ from bughunt.metrics import UNIT_ROUNDOFF
 from bughunt.output import check_output_dir
 from bughunt.result import SCHEMA_VERSION, Result, environment
 from bughunt.spec import load_config, load_spec
+from bughunt.text import attach, resolve_input
 
 
 def _rel_per_step(a: np.ndarray, b: np.ndarray) -> list[float]:
@@ -34,6 +35,9 @@ def _rel_per_step(a: np.ndarray, b: np.ndarray) -> list[float]:
 def incremental(choice: ImplChoice, checkpoint: Path, spec, dtype: str, device: str, tokens: np.ndarray, prefill: int,
                 decode_config: dict | None) -> tuple[np.ndarray, np.ndarray, str]:
     """(full-pass logits, incremental logits, how the incremental path was taken)."""
+    from bughunt.envs import refuse_in_process
+
+    refuse_in_process(choice, "decode runs implementations in this process")
     cls = runner_class(choice.name)
     with cls(checkpoint, spec, dtype, device, branches=False, label=choice.label, toggles=choice.toggle_dict) as runner:
         full = runner.run(tokens).arrays["logits"]
@@ -48,14 +52,15 @@ def incremental(choice: ImplChoice, checkpoint: Path, spec, dtype: str, device: 
 
 def decode_check(checkpoint: str | Path, impl: str = "hf", reference: str | None = None, dtype: str = "fp32", device: str = "cpu",
                  tokens=None, prefill: int = 1, decode_config: dict | None = None, floor_factor: float = DEFAULT_FLOOR_FACTOR,
-                 out: str | Path | None = None) -> Result:
+                 out: str | Path | None = None, text=None) -> Result:
     checkpoint = Path(checkpoint)
     if out is not None:
         check_output_dir(out, "decode", [("the checkpoint", checkpoint)])
     spec = load_spec(checkpoint)
     validate_weights(checkpoint, spec)
     decode_config = validate_decode_config(decode_config or {}, load_config(checkpoint), str(checkpoint / "config.json"))
-    tokens = default_tokens(spec, 32) if tokens is None else np.atleast_2d(np.asarray(tokens, dtype=np.int64))
+    tokens, encoded = resolve_input(checkpoint, spec, tokens, text)
+    tokens = default_tokens(spec, 32) if tokens is None else tokens
     check_token_range(tokens, spec.vocab_size)
     positive(floor_factor, "--floor-factor", "a finding is a point above this multiple of the noise floor")
     if tokens.shape[0] != 1:
@@ -105,6 +110,7 @@ def decode_check(checkpoint: str | Path, impl: str = "hf", reference: str | None
                              "error": None, "meta": {}}],
         "noise_floor": {}, "comparisons": [], "findings": findings, "decode": data_decode,
     }
+    attach(data, encoded)
     result = Result(data)
     if out is not None:
         data["extra_sections"] = [{"title": "Decode consistency", "html": _section(data_decode, floor_factor)}]

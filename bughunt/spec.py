@@ -86,9 +86,13 @@ class Spec:
     pad_token_id: int | None
     config_dtype: str | None
     notes: tuple[str, ...] = ()  # how ambiguous or legacy fields were resolved
+    # the config.json this spec was read from (validated), kept so that bughunt/hypotheses.py can ask what the spec
+    # would be had an implementation ignored one of its fields; not part of the spec's value or its JSON form
+    source: dict | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
+        d.pop("source")
         d["layer_types"] = list(self.layer_types)
         d["notes"] = list(self.notes)
         return d
@@ -205,14 +209,21 @@ def spec_from_config(cfg: dict, path: str = "config.json") -> Spec:
     partial = float(cfg.get("partial_rotary_factor", 1.0) or 1.0)
     rp = cfg.get("rope_parameters")
     rope: dict[str, Rope] = {}
+    # Without a rope_theta anywhere, transformers uses the architecture's default_theta (Gemma 3: 1M global, 10k local).
+    default_theta = {"full": 1_000_000.0 if family == "gemma3" else 10000.0, "sliding": 10000.0}
+    if isinstance(rp, dict):
+        for params, kind in [(rp.get("full_attention"), "full"), (rp.get("sliding_attention"), "sliding"), (rp, "full")]:
+            if isinstance(params, dict) and "rope_theta" not in params and cfg.get("rope_theta") is None and \
+                    (params is not rp or not any(k in rp for k in ("full_attention", "sliding_attention"))):
+                notes.append(f"no rope_theta for {kind} layers; using the {family} default {default_theta[kind]:g}, as transformers does")
     if isinstance(rp, dict) and ("full_attention" in rp or "sliding_attention" in rp):
         for key, kind in (("full_attention", "full"), ("sliding_attention", "sliding")):
             if key in rp:
-                rope[kind] = _rope_from(rp[key], cfg.get("rope_theta"), path, partial)
+                rope[kind] = _rope_from(rp[key], cfg.get("rope_theta", default_theta[kind]), path, partial)
         rope.setdefault("full", rope.get("sliding"))
         rope.setdefault("sliding", rope["full"])
     elif isinstance(rp, dict):
-        rope["full"] = rope["sliding"] = _rope_from(rp, cfg.get("rope_theta"), path, partial)
+        rope["full"] = rope["sliding"] = _rope_from(rp, cfg.get("rope_theta", default_theta["full"]), path, partial)
     else:
         scaling = cfg.get("rope_scaling") or {}
         base = dict(scaling)
@@ -271,6 +282,7 @@ def spec_from_config(cfg: dict, path: str = "config.json") -> Spec:
         pad_token_id=cfg.get("pad_token_id"),
         config_dtype=cfg.get("dtype") or cfg.get("torch_dtype"),
         notes=tuple(notes),
+        source=cfg,
     )
 
 

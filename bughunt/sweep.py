@@ -22,13 +22,16 @@ from bughunt import progress
 from bughunt.checkpoint import validate_weights
 from bughunt.inputs.flags import positive
 from bughunt.inputs.tokens import check_token_range
-from bughunt.compare import DEFAULT_FLOOR_FACTOR, _summary, default_tokens, judge, noise_floor, run_choice, save
+from bughunt.compare import (DEFAULT_FLOOR_FACTOR, _summary, default_tokens, judge, noise_floor, run_choice, save,
+                             unrepresentable_finding)
 from bughunt.errors import BughuntError
+from bughunt.hypotheses import PREFIX, changes_for
 from bughunt.implementations import DEVICES, DTYPES, ImplChoice, runner_class
 from bughunt.metrics import compare_traces
 from bughunt.result import SCHEMA_VERSION, Result, environment
 from bughunt.spec import load_spec
-from bughunt.toggles import TOGGLES, changed, defaults, parse_toggles
+from bughunt.text import attach, resolve_input
+from bughunt.toggles import available, changed, defaults, describe_setting, is_field, lookup, parse_toggles
 from bughunt.trace import Trace, is_residual_point
 
 MODES = ("one-at-a-time", "cumulative", "search")
@@ -66,17 +69,20 @@ def fit(points: list[dict]) -> float:
     return float(np.mean(vals)) if vals else 10.0
 
 
-def _parse_sweep_toggles(items: Sequence[str], spec, support: dict) -> list[tuple[str, str | None]]:
+def _parse_sweep_toggles(items: Sequence[str], spec) -> list[tuple[str, str | None]]:
     """'name=value' or a bare 'name' (search every suggested value)."""
+    from bughunt.toggles import _unknown
+
     out = []
     for item in items:
         name, sep, value = item.partition("=")
         name = name.strip()
-        if name not in TOGGLES:
-            raise BughuntError(f"unknown toggle '{name}'. Known toggles: {', '.join(TOGGLES)}.")
-        if not TOGGLES[name].applies(spec):
+        toggle = lookup(name, spec)
+        if toggle is None:
+            raise BughuntError(_unknown(name, spec))
+        if not toggle.applies(spec):
             raise BughuntError(f"toggle {name} does not apply to family {spec.family}.")
-        out.append((name, TOGGLES[name].parse(value, spec) if sep else None))
+        out.append((name, toggle.parse(value, spec) if sep else None))
     return out
 
 
@@ -84,9 +90,14 @@ def sweep(checkpoint: str | Path, impl: str = "hf", reference: str | None = None
           toggles: Sequence[str] = (), mode: str = "one-at-a-time", side: str = "reference",
           candidate_toggles: dict | Sequence[str] | None = None, reference_toggles: dict | Sequence[str] | None = None,
           tokens=None, out: str | Path | None = None, floor_factor: float = DEFAULT_FLOOR_FACTOR,
-          max_exhaustive: int = MAX_EXHAUSTIVE, render: bool = True, isolate: bool = True, timeout: float | None = None) -> Result:
+          max_exhaustive: int = MAX_EXHAUSTIVE, render: bool = True, isolate: bool = True, timeout: float | None = None,
+          candidate_trace: Trace | None = None, reference_traces: dict | None = None,
+          text=None) -> Result:
     """Run a toggle sweep; see the module docstring. `reference` defaults to the reference emulating `dtype`.
-    Implementations other than the reference run in worker processes unless `isolate` is False."""
+    Implementations other than the reference run in worker processes unless `isolate` is False.
+    `candidate_trace`: a trace of the candidate already made (e.g. a library run with a planted bug), used instead of
+    running `impl` (reference side only). `reference_traces`: a dict the caller keeps across sweeps of one checkpoint
+    and input, holding the in-process reference's traces (in memory) and floor so later sweeps reuse them."""
     from bughunt.output import check_output_dir
     from bughunt.worker import WorkerPool
 
@@ -95,11 +106,13 @@ def sweep(checkpoint: str | Path, impl: str = "hf", reference: str | None = None
     with WorkerPool() as pool, tempfile.TemporaryDirectory(prefix="bughunt-sweep-") as scratch, \
             progress.task(f"sweep {impl}", unit="setting") as bar:
         return _sweep(checkpoint, impl, reference, dtype, device, toggles, mode, side, candidate_toggles, reference_toggles,
-                      tokens, out, floor_factor, max_exhaustive, render, pool if isolate else None, timeout, Path(scratch), bar)
+                      tokens, out, floor_factor, max_exhaustive, render, pool if isolate else None, timeout, Path(scratch), bar,
+                      candidate_trace, reference_traces, text)
 
 
 def _sweep(checkpoint, impl, reference, dtype, device, toggles, mode, side, candidate_toggles, reference_toggles, tokens, out,
-           floor_factor, max_exhaustive, render, pool, timeout, scratch: Path, bar=progress.OFF) -> Result:
+           floor_factor, max_exhaustive, render, pool, timeout, scratch: Path, bar=progress.OFF, candidate_trace=None,
+           reference_traces=None, text=None) -> Result:
     checkpoint = Path(checkpoint)
     if mode not in MODES:
         raise BughuntError(f"unknown --mode '{mode}'. Use one of: {', '.join(MODES)}.")
@@ -109,21 +122,25 @@ def _sweep(checkpoint, impl, reference, dtype, device, toggles, mode, side, cand
         raise BughuntError(f"dtype must be one of {DTYPES} and device one of {DEVICES}.")
     spec = load_spec(checkpoint)
     validate_weights(checkpoint, spec)
-    tokens = default_tokens(spec) if tokens is None else np.atleast_2d(np.asarray(tokens, dtype=np.int64))
+    tokens, encoded = resolve_input(checkpoint, spec, tokens, text)
+    tokens = default_tokens(spec) if tokens is None else tokens
     check_token_range(tokens, spec.vocab_size)
     positive(floor_factor, "--floor-factor", "a finding is a point above this multiple of the noise floor")
     cand_choice = ImplChoice.parse(impl)
     ref_choice = ImplChoice.parse(reference or f"reference:{dtype}")
+    from bughunt.envs import prepare
+
+    prepare([cand_choice, ref_choice], in_process=pool is None)  # create missing library-version environments; refuse a missing own one
     cand_dtype = cand_choice.dtype or (dtype if cand_choice.name != "reference" else "fp64")
     ref_dtype = ref_choice.dtype or ("fp64" if ref_choice.name == "reference" else dtype)
     cand_fixed = parse_toggles(candidate_toggles, spec)
     ref_fixed = parse_toggles(reference_toggles, spec)
     varied_choice = ref_choice if side == "reference" else cand_choice
-    support = runner_class(varied_choice.name).toggle_support
-    items = _parse_sweep_toggles(toggles, spec, support)
+    cannot_apply = runner_class(varied_choice.name).cannot_apply
+    items = _parse_sweep_toggles(toggles, spec)
     for name, _ in items:
-        if support.get(name, "not implemented") is not None:
-            raise BughuntError(f"implementation '{varied_choice.name}' cannot apply toggle {name}: {support.get(name)}. "
+        if cannot_apply(name) is not None:
+            raise BughuntError(f"implementation '{varied_choice.name}' cannot apply toggle {name}: {cannot_apply(name)}. "
                                f"Sweep it on the other side (--side {'candidate' if side == 'reference' else 'reference'}).")
     if mode != "search" and not items:
         raise BughuntError(f"--mode {mode} needs at least one --toggle NAME=VALUE.")
@@ -144,11 +161,18 @@ def _sweep(checkpoint, impl, reference, dtype, device, toggles, mode, side, cand
 
     base = defaults(spec)
     bar.update(stage=f"running {(ref_choice if side == 'candidate' else cand_choice).label}")
-    fixed_trace = run(ref_choice, ref_dtype, ref_fixed) if side == "candidate" else run(cand_choice, cand_dtype, cand_fixed)
+    if candidate_trace is not None and side != "reference":
+        raise BughuntError("a candidate trace made beforehand can only be explained with toggles on the reference side.")
+    fixed_trace = candidate_trace if candidate_trace is not None else \
+        run(ref_choice, ref_dtype, ref_fixed) if side == "candidate" else run(cand_choice, cand_dtype, cand_fixed)
     floor_dir = scratch / "floor"
     floor_dir.mkdir()
     bar.update(stage="noise floor")
-    floor = noise_floor(checkpoint, spec, cand_dtype, tokens, scratch=floor_dir)
+    kept = reference_traces if reference_traces is not None else {}
+    where = (str(checkpoint.resolve()), tokens.tobytes(), tokens.shape, ref_choice.label, ref_dtype, tuple(sorted(ref_fixed.items())))
+    if (where, "floor", cand_dtype) not in kept:
+        kept[where, "floor", cand_dtype] = noise_floor(checkpoint, spec, cand_dtype, tokens, scratch=floor_dir)
+    floor = kept[where, "floor", cand_dtype]
     cache: dict[tuple, dict] = {}
     bar.update(stage="search setting" if mode == "search" else "setting", total=None if mode == "search" else 1 + len(items), done=0)
     varied_choice, varied_dtype, varied_fixed = (ref_choice, ref_dtype, ref_fixed) if side == "reference" else \
@@ -157,10 +181,13 @@ def _sweep(checkpoint, impl, reference, dtype, device, toggles, mode, side, cand
     together = varied_choice.name == "reference" and varied_choice.python is None
     batch = _batch_size(spec, tokens) if together else 1
 
+    keep = reference_traces is not None and together and side == "reference"  # reference traces reused by later sweeps
+
     def judged(key: tuple, varied: Trace) -> dict:
         points = compare_traces(fixed_trace, varied) if side == "reference" else compare_traces(varied, fixed_trace)
         points, first = judge(points, floor, floor_factor)
-        _discard(varied)  # its metrics are kept; the arrays are not needed again
+        if not keep:
+            _discard(varied)  # its metrics are kept; the arrays are not needed again
         return {"toggles": dict(key), "label": _label(dict(key)), "score": score(points), "fit": fit(points),
                 "first_above_floor": first, "points": points,
                 "max_ratio_to_floor": max((p.get("ratio_to_floor") or 0.0) for p in points)}
@@ -168,11 +195,23 @@ def _sweep(checkpoint, impl, reference, dtype, device, toggles, mode, side, cand
     def evaluate_many(settings: list[dict[str, str]]) -> list[dict]:
         keys = [tuple(sorted(changed(spec, tg).items())) for tg in settings]
         todo = [k for k in dict.fromkeys(keys) if k not in cache]
+        for k in todo:  # field hypotheses that together leave a config no implementation could read: not a setting
+            fields = {n[len(PREFIX):]: v for n, v in k if is_field(n)}
+            if fields and changes_for(spec, fields) is None:
+                cache[k] = {"toggles": dict(k), "label": _label(dict(k)), "score": 10.0, "fit": 10.0, "first_above_floor": None,
+                            "points": [], "max_ratio_to_floor": 0.0}
+        todo = [k for k in todo if k not in cache]
+        for k in [k for k in todo if keep and (where, k) in kept]:
+            cache[k] = judged(k, kept[where, k])
+        todo = [k for k in todo if k not in cache]
         for start in range(0, len(todo), batch):
             chunk = todo[start:start + batch]
             if together:
                 traces = _run_reference_batch(varied_choice, checkpoint, spec, varied_dtype, device, tokens,
-                                              [{**varied_fixed, **dict(k)} for k in chunk], [next_stem() for _ in chunk])
+                                              [{**varied_fixed, **dict(k)} for k in chunk],
+                                              [None if keep else next_stem() for _ in chunk])
+                if keep:
+                    kept.update({(where, k): t for k, t in zip(chunk, traces)})
             else:
                 traces = [run(varied_choice, varied_dtype, {**varied_fixed, **dict(k)}) for k in chunk]
             for k, varied in zip(chunk, traces):
@@ -192,7 +231,7 @@ def _sweep(checkpoint, impl, reference, dtype, device, toggles, mode, side, cand
         configs += evaluate_many([dict(items[:k + 1]) for k in range(len(items))])
     else:
         who = cand_choice.label + (_label(cand_fixed) if cand_fixed else "")
-        search_info = _search(spec, items, support, evaluate_many, base, max_exhaustive, who, side, bar)
+        search_info = _search(spec, items, cannot_apply, evaluate_many, base, max_exhaustive, who, side, bar)
         search_info["evaluated"] = len(cache)
         configs = [baseline] + [c for c in search_info.pop("plotted") if c is not baseline]
 
@@ -210,6 +249,9 @@ def _sweep(checkpoint, impl, reference, dtype, device, toggles, mode, side, cand
         ratio = f"{p['ratio_to_floor']:.1f}x the {cand_dtype} noise floor" if p.get("ratio_to_floor") is not None else "NaN/Inf"
         findings.append({"severity": "warning", "kind": "divergence", "implementation": cand_label, "point": baseline["first_above_floor"],
                          "message": f"{cand_label} departs from {ref_label} as is at {baseline['first_above_floor']} ({ratio})"})
+    if side == "reference" and fixed_trace.meta.get("cannot_represent"):
+        findings.append(unrepresentable_finding(cand_label, fixed_trace.meta["cannot_represent"], baseline["first_above_floor"],
+                                                baseline["points"], cand_dtype))
     if search_info:
         findings.append({"severity": "info" if search_info["at_floor"] else "warning", "kind": "diagnosis",
                          "implementation": cand_label, "point": search_info["residual"]["first_above_floor"],
@@ -245,6 +287,7 @@ def _sweep(checkpoint, impl, reference, dtype, device, toggles, mode, side, cand
     }
     if search_info:
         data["diagnosis"] = search_info["diagnosis"]
+    attach(data, encoded)
     result = Result(data)
     if out is not None:
         save(result, Path(out), {}, render=render)
@@ -290,16 +333,48 @@ def _discard(trace: Trace) -> None:
             trace.stem.with_name(trace.stem.name + suffix).unlink(missing_ok=True)
 
 
-def _search(spec, items, support, evaluate_many, base: dict[str, str], max_exhaustive: int, who: str, side: str,
-             bar=progress.OFF) -> dict:
-    """Find the toggle settings with the lowest score; ties go to fewer changed toggles (Occam). `evaluate_many`
-    judges a list of settings at once (so an in-process reference can run them side by side)."""
-    names = list(dict.fromkeys(n for n, _ in items)) or [n for n, t in TOGGLES.items() if t.applies(spec) and support.get(n, "x") is None]
+def _rank(c: dict) -> tuple:
+    """Among settings that fit exactly as well, prefer the one that names a cause: ignored-field hypotheses first, the
+    most specific field first (rope_parameters.partial_rotary_factor rather than all of rope_parameters)."""
+    return (sum(not is_field(n) for n in c["toggles"]), -sum(n.count(".") for n in c["toggles"] if is_field(n)))
+
+
+def _same(a: dict, b: dict) -> bool:
+    """Whether two evaluated settings gave the same trace, as far as the comparison sees (rel L2 at every point)."""
+    ra = [p.get("rel_l2") for p in a["points"]]
+    rb = [p.get("rel_l2") for p in b["points"]]
+    if len(ra) != len(rb) or any((x is None) != (y is None) for x, y in zip(ra, rb)):
+        return False
+    return all(x is None or abs(x - y) <= 1e-9 * max(abs(x), abs(y), 1e-300) for x, y in zip(ra, rb))
+
+
+def _spellings(best: dict, space: dict[str, list[str]], base: dict[str, str], evaluate_many) -> tuple[list[dict], list[dict]]:
+    """The settings that fit exactly as well as `best`: per chosen toggle, the single toggles with the same effect
+    alone (one explanation, several spellings), and the whole settings made of them that give the same trace."""
+    singles = [{n: v} for n, vals in space.items() for v in vals if v != base.get(n)]
+    single_fits = evaluate_many(singles)
+    parts = []
+    for name, value in best["toggles"].items():
+        own = evaluate_many([{name: value}])[0]
+        alts = [dict(c["toggles"]) for c in single_fits if c["toggles"] != {name: value} and _same(c, own)]
+        parts.append({"toggle": name, "value": value, "spellings": [{name: value}] + alts})
+    combos = [dict(kv for d in combo for kv in d.items()) for combo in itertools.product(*(p["spellings"] for p in parts))]
+    combos = [c for c in combos if len(c) == len(best["toggles"])][:64]
+    equal = [c for c in evaluate_many(combos) if _same(c, best)] if len(combos) > 1 else [best]
+    return parts, [dict(c["toggles"]) for c in equal]
+
+
+def _search(spec, items, cannot_apply, evaluate_many, base: dict[str, str], max_exhaustive: int, who: str, side: str,
+            bar=progress.OFF) -> dict:
+    """Find the toggle settings with the lowest score; ties go to fewer changed toggles (Occam), then to settings that
+    name a cause (an ignored config field). `evaluate_many` judges a list of settings at once (so an in-process
+    reference can run them side by side)."""
+    names = list(dict.fromkeys(n for n, _ in items)) or [n for n in available(spec) if cannot_apply(n) is None]
     space: dict[str, list[str]] = {}
     for n in names:
         given = [v for m, v in items if m == n and v is not None]
         bare = any(m == n and v is None for m, v in items) or not items
-        vals = [base.get(n, "")] + given + (list(TOGGLES[n].suggestions(spec)) if bare else [])
+        vals = [base.get(n, "")] + given + (list(lookup(n, spec).suggestions(spec)) if bare else [])
         space[n] = [v for v in dict.fromkeys(vals) if v != ""]
     size = math.prod(len(v) for v in space.values())
     if size <= max_exhaustive:
@@ -308,17 +383,18 @@ def _search(spec, items, support, evaluate_many, base: dict[str, str], max_exhau
         evaluated = evaluate_many([dict(zip(space, combo)) for combo in itertools.product(*space.values())])
         top = min(c["fit"] for c in evaluated)
         # Occam: among settings within MARGIN of the best fit, the fewest changed toggles, then the best fit.
-        best = min((c for c in evaluated if c["fit"] <= top + MARGIN), key=lambda c: (len(c["toggles"]), c["fit"]))
+        best = min((c for c in evaluated if c["fit"] <= top + MARGIN), key=lambda c: (len(c["toggles"]), c["fit"], _rank(c)))
     else:
         method = "greedy forward selection"
         current: dict[str, str] = {}
         best = evaluate_many([current])[0]
         while True:
             trials = evaluate_many([{**current, n: v} for n, vals in space.items() for v in vals if current.get(n, base.get(n)) != v])
-            cand = min(trials, key=lambda c: c["fit"], default=None)
+            cand = min(trials, key=lambda c: (c["fit"], _rank(c)), default=None)
             if cand is None or cand["fit"] > best["fit"] - MARGIN:
                 break
             best, current = cand, dict(cand["toggles"])
+    parts, equivalent = _spellings(best, space, base, evaluate_many) if best["toggles"] else ([], [])
     ablation = []
     withouts = evaluate_many([{k: v for k, v in best["toggles"].items() if k != n} for n in best["toggles"]])
     for n, w in zip(best["toggles"], withouts):
@@ -339,15 +415,29 @@ def _search(spec, items, support, evaluate_many, base: dict[str, str], max_exhau
         sentence += ("; with these settings every capture point is within the noise floor" if at_floor else
                      f", but a residual remains: first above the floor at {best['first_above_floor']} "
                      f"(up to {best['max_ratio_to_floor']:.1f}x the floor)")
+        sentence += "".join(_explain(spec, p) for p in parts)
+    for p in parts:
+        p["description"] = describe_setting(spec, {p["toggle"]: p["value"]})[0]
     return {
         "method": method, "space": space, "space_size": size, "evaluated": None,
         "best": best["toggles"], "best_score": best["score"], "best_fit": best["fit"], "baseline_score": baseline["score"],
-        "baseline_fit": baseline["fit"],
+        "baseline_fit": baseline["fit"], "explanations": parts, "equivalent": equivalent,
         "ablation": [{k: v for k, v in a.items() if k != "entry"} for a in ablation],
         "residual": {"first_above_floor": best["first_above_floor"], "max_ratio_to_floor": best["max_ratio_to_floor"]},
         "at_floor": at_floor, "diagnosis": sentence,
         "plotted": [baseline, best] + [a["entry"] for a in ablation],
     }
+
+
+def _explain(spec, part: dict) -> str:
+    """'. {field:x=ignored}: as if it ignored x (...), also spelled {y=1}' for one chosen toggle."""
+    chosen = {part["toggle"]: part["value"]}
+    others = [_label(s) for s in part["spellings"][1:]]
+    what = describe_setting(spec, chosen)[0] if is_field(part["toggle"]) else None
+    if what is None and not others:
+        return ""
+    text = f". {_label(chosen)}" + (f": {what}" if what else "")
+    return text + (f"; the same explanation, spelled otherwise: {', '.join(others)}" if others else "")
 
 
 def _command(checkpoint, cand, ref, dtype, device, toggles, mode, side, cand_fixed, ref_fixed, tokens) -> str:

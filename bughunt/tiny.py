@@ -92,8 +92,9 @@ def cache_dir() -> Path:
 
 
 def make_tiny_checkpoint(family: str, out: Path, seed: int = 0, config_overrides: dict | None = None,
-                         dtype: str = "float32") -> Path:
-    """Build a tiny model of `family` with seeded weights and save it with save_pretrained to `out`."""
+                         dtype: str = "float32", trained: bool = False) -> Path:
+    """Build a tiny model of `family` with seeded weights and save it with save_pretrained to `out`. With `trained`,
+    the seeded model first learns the shipped text for a few seconds (bughunt/tiny_train.py), deterministically."""
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
         raise BughuntError(f"--seed must be an integer from 0 to {2**63 - 1}, found {seed!r}. Give a non-negative seed, e.g. --seed 0.")
     import torch
@@ -114,31 +115,42 @@ def make_tiny_checkpoint(family: str, out: Path, seed: int = 0, config_overrides
                 continue
             arr = _weight(rng, name, tuple(state[name].shape), gemma)
             state[name].copy_(torch.from_numpy(arr.astype(np.float32)))
-    model = model.to(torch_dtype)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
     from bughunt.tiny_tokenizer import write_tiny_tokenizer
 
     write_tiny_tokenizer(out, config.vocab_size, config.bos_token_id, config.eos_token_id, config.pad_token_id, family)
+    training = None
+    if trained:  # on the tokenizer just written, before the weights are saved
+        from bughunt.tiny_train import corpus_ids, train
+
+        training = train(model, corpus_ids(out), seed).as_dict()
+    model = model.to(torch_dtype)
+    model.save_pretrained(out, safe_serialization=True)
     meta = {"family": family, "seed": seed, "generator_version": GENERATOR_VERSION, "overrides": config_overrides or {}}
+    if training is not None:
+        meta["trained"] = training
     (out / "bughunt_tiny.json").write_text(json.dumps(meta, indent=1))
     return out
 
 
-def tiny_checkpoint(family: str, seed: int = 0) -> Path:
-    """The cached tiny checkpoint for a family, generating it on first use."""
+def tiny_checkpoint(family: str, seed: int = 0, trained: bool = False) -> Path:
+    """The cached tiny checkpoint for a family (trained briefly on the shipped text when `trained`), generated on
+    first use."""
     if family not in TINY_FAMILIES:
         raise BughuntError(f"no tiny checkpoint for family '{family}'. Choose one of: {', '.join(TINY_FAMILIES)}.")
     import transformers
 
-    path = cache_dir() / "tiny" / f"{family}-seed{seed}-g{GENERATOR_VERSION}-tf{transformers.__version__}"
+    import torch
+
+    kind = f"-trained-torch{torch.__version__}" if trained else ""  # trained weights depend on torch's kernels
+    path = cache_dir() / "tiny" / f"{family}-seed{seed}-g{GENERATOR_VERSION}-tf{transformers.__version__}{kind}"
     if (path / "config.json").exists() and (path / "bughunt_tiny.json").exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=path.name + ".", dir=path.parent))
     try:
-        make_tiny_checkpoint(family, tmp, seed)
+        make_tiny_checkpoint(family, tmp, seed, trained=trained)
         try:
             tmp.rename(path)
         except OSError:  # another process won the race; its copy is identical

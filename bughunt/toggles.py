@@ -23,6 +23,7 @@ class Toggle:
     default: Callable[[Spec], str] = lambda spec: ""  # what the family's config/paper implies, as a string
     suggestions: Callable[[Spec], tuple[str, ...]] = lambda spec: ()  # values worth trying in a search
     applies: Callable[[Spec], bool] = lambda spec: True  # whether the toggle means anything for this family
+    setting: bool = False  # a runtime setting of a library (its K/V cache type), not a choice the reference models
 
     def parse(self, raw: str, spec: Spec | None = None) -> str:
         """Validate a value and return its canonical string."""
@@ -110,7 +111,96 @@ TOGGLES: dict[str, Toggle] = {t.name: t for t in [
     Toggle("rope_theta_source", "RoPE theta read from the config, or a hard-coded 10000 (a port that ignores the field)",
            "choice", ("config", "default"), default=lambda s: "config", suggestions=lambda s: ("config", "default"),
            applies=lambda s: any(r.theta != 10000.0 for r in s.rope.values())),
+    # Storage and precision: where an implementation keeps or computes values at a lower precision than the run's dtype.
+    Toggle("weights_dtype", "weights as loaded: the checkpoint's values at the model dtype (model), or rounded to fp16 or bf16 "
+           "first (a converter that casts on load)", "choice", ("model", "fp16", "bf16"), default=lambda s: "model",
+           suggestions=lambda s: ("model", "fp16", "bf16")),
+    Toggle("kv_dtype", "K (after RoPE) and V as a KV cache holds them: in the model dtype (model), or rounded to fp16, bf16 or "
+           "fp8 (e4m3)", "choice", ("model", "fp16", "bf16", "fp8"), default=lambda s: "model",
+           suggestions=lambda s: ("model", "fp16", "bf16", "fp8")),
+    Toggle("attn_dtype", "attention scores and softmax: mixed (scores in the model dtype, softmax in fp32: HF eager), fp32 "
+           "(both in fp32, probabilities rounded to the model dtype: fused kernels), model (both in the model dtype)",
+           "choice", ("mixed", "fp32", "model"), default=lambda s: "mixed", suggestions=lambda s: ("mixed", "fp32", "model")),
+    Toggle("logits_dtype", "output logits (and their soft-cap) in the model dtype (model) or in fp32 from the final norm's output",
+           "choice", ("model", "fp32"), default=lambda s: "model", suggestions=lambda s: ("model", "fp32")),
+    Toggle("matmul_inputs", "both operands of every linear layer (projections, MLP, output embedding) as the model dtype has "
+           "them (model), or rounded first to tf32, bf16 or fp16 (TF32 matmuls, autocast)", "choice",
+           ("model", "tf32", "bf16", "fp16"), default=lambda s: "model", suggestions=lambda s: ("model", "tf32", "bf16", "fp16")),
+    # Runtime settings of implementations that keep a K/V cache in the captured pass (llamacpp). The defaults are what
+    # such a library gives a user who sets nothing; no search tries them (they are settings, not hypotheses).
+    Toggle("kv_cache", "type the K and V cache stores keys and values in (llama.cpp's default is f16)", "choice",
+           ("f16", "f32", "bf16", "q8_0"), default=lambda s: "f16", setting=True),
+    Toggle("flash_attn", "flash attention: auto (llama.cpp decides, its default), on or off", "choice", ("auto", "on", "off"),
+           default=lambda s: "auto", setting=True),
 ]}
+
+# Toggles that are Policy fields of the reference (the rest change the Spec or the input ids).
+POLICY_TOGGLES = ("gelu", "rope_dtype", "rope_pairing", "norm_dtype", "embed_scale_dtype", "rope_positions", "longrope_switch",
+                  "weights_dtype", "kv_dtype", "attn_dtype", "logits_dtype", "matmul_inputs")
+
+
+_FIELD_CACHE: dict[str, dict[str, Toggle]] = {}  # config.json text -> its field toggles (a search asks many times)
+
+
+def field_toggles(spec: Spec) -> dict[str, Toggle]:
+    """The ignored-field hypotheses of this spec's config (bughunt/hypotheses.py) as toggles `field:<path>`, each with
+    the value `config` (read as given) and one value per hypothesis."""
+    import json
+
+    from bughunt import hypotheses as hy
+
+    if spec.source is None:
+        return {}
+    key = json.dumps(spec.source, sort_keys=True, default=str)
+    if key not in _FIELD_CACHE:
+        if len(_FIELD_CACHE) > 32:
+            _FIELD_CACHE.clear()
+        found: dict[str, list] = {}
+        for h in hy.hypotheses(spec):
+            found.setdefault(h.toggle, []).append(h)
+        out = {}
+        for name, hs in found.items():
+            values = (hy.CONFIG,) + tuple(h.value for h in hs)
+            out[name] = Toggle(name, f"{name[len(hy.PREFIX):]} read as config.json gives it (config), or: " +
+                               "; ".join(f"{h.value}: {h.description}" for h in hs), "choice", values,
+                               default=lambda s: hy.CONFIG, suggestions=lambda s, v=values: v)
+        _FIELD_CACHE[key] = out
+    return _FIELD_CACHE[key]
+
+
+def is_field(name: str) -> bool:
+    from bughunt.hypotheses import PREFIX
+
+    return name.startswith(PREFIX)
+
+
+def lookup(name: str, spec: Spec | None) -> Toggle | None:
+    """The toggle called `name` for this spec: a registered one, or an ignored-field hypothesis of its config."""
+    if name in TOGGLES:
+        return TOGGLES[name]
+    if spec is not None and is_field(name):
+        return field_toggles(spec).get(name)
+    return None
+
+
+def available(spec: Spec) -> dict[str, Toggle]:
+    """Every toggle that means something for this spec: the registered ones that apply, then its field hypotheses."""
+    return {**{n: t for n, t in TOGGLES.items() if t.applies(spec)}, **field_toggles(spec)}
+
+
+def describe_setting(spec: Spec, toggles: dict[str, str]) -> list[str]:
+    """One phrase per toggle for a report: an ignored-field hypothesis says what it means ("as if it ignored
+    query_pre_attn_scalar (query_scale 0.2041 -> 0.25)"); a registered toggle says name=value."""
+    from bughunt import hypotheses as hy
+
+    out = []
+    for name, value in toggles.items():
+        if is_field(name):
+            h = next((h for h in hy.hypotheses(spec) if h.toggle == name and h.value == value), None)
+            out.append(h.description if h else f"{name}={value}")
+        else:
+            out.append(f"{name}={value}")
+    return out
 
 
 def parse_toggles(items: list[str] | dict[str, Any] | None, spec: Spec | None = None) -> dict[str, str]:
@@ -120,10 +210,22 @@ def parse_toggles(items: list[str] | dict[str, Any] | None, spec: Spec | None = 
     pairs = items.items() if isinstance(items, dict) else [_split(i) for i in items]
     out: dict[str, str] = {}
     for name, value in pairs:
-        if name not in TOGGLES:
-            raise BughuntError(f"unknown toggle '{name}'. Known toggles: {', '.join(TOGGLES)}.")
-        out[name] = TOGGLES[name].parse(value, spec)
+        toggle = lookup(name, spec)
+        if toggle is None and is_field(name) and spec is None:
+            out[name] = str(value).strip()  # checked against the checkpoint's config once it is known
+            continue
+        if toggle is None:
+            raise BughuntError(_unknown(name, spec))
+        out[name] = toggle.parse(value, spec)
     return out
+
+
+def _unknown(name: str, spec: Spec | None) -> str:
+    if is_field(name):
+        fields = ", ".join(field_toggles(spec)) if spec is not None else ""
+        return (f"unknown toggle '{name}': ignoring or replacing that config field changes nothing the forward pass reads for "
+                f"this checkpoint, or the config has no such field. Field hypotheses here: {fields or 'none'}.")
+    return f"unknown toggle '{name}'. Known toggles: {', '.join(TOGGLES)}, and field:<config field> hypotheses."
 
 
 def _split(item: str) -> tuple[str, str]:
@@ -135,17 +237,22 @@ def _split(item: str) -> tuple[str, str]:
 
 def defaults(spec: Spec) -> dict[str, str]:
     """What each toggle's value is when nothing is toggled, for this spec (only toggles that apply)."""
-    return {name: t.default(spec) for name, t in TOGGLES.items() if t.applies(spec)}
+    return {name: t.default(spec) for name, t in available(spec).items()}
 
 
 def changed(spec: Spec, toggles: dict[str, str]) -> dict[str, str]:
     """The subset of toggles whose value differs from the spec's default."""
     base = defaults(spec)
-    return {k: v for k, v in toggles.items() if base.get(k) != v}
+    return {k: v for k, v in toggles.items() if base.get(k, "config" if is_field(k) else None) != v}
 
 
 def apply_to_spec(spec: Spec, toggles: dict[str, str]) -> Spec:
     """Toggles that are config values, applied to a Spec (used by the reference)."""
+    from bughunt import hypotheses as hy
+
+    fields = {k[len(hy.PREFIX):]: v for k, v in toggles.items() if is_field(k) and v != hy.CONFIG}
+    if fields:  # first what the implementation reads from the config, then the explicit overrides below
+        spec = hy.apply(spec, fields)
     changes: dict[str, Any] = {}
     for name, value in toggles.items():
         if name == "sliding_window":
@@ -179,4 +286,5 @@ def apply_to_tokens(tokens, spec: Spec, toggles: dict[str, str]):
     return tokens
 
 
-__all__ = ["TOGGLES", "Toggle", "parse_toggles", "defaults", "changed", "apply_to_spec", "apply_to_tokens", "Rope"]
+__all__ = ["TOGGLES", "POLICY_TOGGLES", "Toggle", "parse_toggles", "defaults", "changed", "apply_to_spec", "apply_to_tokens",
+           "available", "lookup", "field_toggles", "describe_setting", "Rope"]

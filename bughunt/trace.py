@@ -16,7 +16,9 @@ import numpy as np
 from bughunt.errors import BughuntError
 from bughunt.safetensors_io import SafetensorsWriter, map_safetensors, write_safetensors
 
-_POINT = re.compile(r"^(embed|final_norm|logits|layer\.(\d+)(\.(attn|mlp))?)$")
+_POINT = re.compile(r"^(embed|final_norm|logits|layer\.(\d+)(\.(attn|mlp)(\.(q|k|scores|probs|out|hidden))?)?)$")
+# Points inside a layer (opt-in: scores and probs are tokens^2 per head), in forward order within the layer.
+INNER_POINTS = ("attn.q", "attn.k", "attn.scores", "attn.probs", "attn.out", "mlp.hidden")
 
 
 def capture_points(num_layers: int, branches: bool = False) -> list[str]:
@@ -40,8 +42,8 @@ def point_order(name: str) -> tuple:
         return (2, 0, 0, "")
     if name == "logits":
         return (2, 1, 0, "")
-    sub = {"attn": 0, "mlp": 1, None: 2}[m.group(4)]
-    return (1, int(m.group(2)), sub, "")
+    within = ("attn.q", "attn.k", "attn.scores", "attn.probs", "attn.out", "attn", "mlp.hidden", "mlp", "")
+    return (1, int(m.group(2)), within.index((m.group(3) or ".")[1:]), "")
 
 
 def is_residual_point(name: str) -> bool:
@@ -124,6 +126,8 @@ class TraceWriter:
         self.arrays: dict[str, np.ndarray] = {}
         self.names: list[str] = []
         self.writer = None
+        self.inner = False  # also capture the points inside each layer (Runner.run(inner=True))
+        self.feed = None  # --isolate: layer index -> the reference's input to that layer (Runner.run(feed=...))
         if self.stem is not None:
             self.stem.parent.mkdir(parents=True, exist_ok=True)
             self.writer = SafetensorsWriter(_paths(self.stem)[0], expected_points)

@@ -202,13 +202,34 @@ def serve() -> None:
             continue
         job = json.loads(line)
         try:
+            if job.get("kind") == "tokenize":  # this implementation's own tokenizer path (bughunt/tokenizer_paths.py)
+                from bughunt.tokenizer_paths import encode_path
+
+                protocol.write(json.dumps({"ok": True, **encode_path(job["name"], Path(job["checkpoint"]), job["text"])}) + "\n")
+                protocol.flush()
+                continue
             spec = load_spec(Path(job["checkpoint"]))
             runner, reused = runner_for(job, spec)
             runner.label = job["label"]
-            trace = runner.run(np.asarray(job["tokens"]), Path(job["out_stem"]))  # streams to out_stem as it captures
-            trace.meta["worker"] = {"python": sys.executable, "pid": os.getpid(), "reused_loaded_model": reused}
-            trace.save_meta()
-            answer = {"ok": True, "trace": job["out_stem"]}
+            if job.get("task") == "weights":  # the weight check alone (bughunt weights): no forward pass
+                from bughunt.weightcheck import check_runner
+
+                answer = {"ok": True, "weights": check_runner(runner).to_dict(all_rows=True)}
+            elif job.get("kind") == "generate":  # greedy generation through the implementation's own path
+                runner.generate(np.asarray(job["tokens"]), int(job["steps"]), job.get("decode_config") or None).save(Path(job["out_stem"]))
+                answer = {"ok": True, "generation": job["out_stem"]}
+            else:
+                from bughunt.trace import Trace
+
+                feed = Trace.load(Path(job["feed"])) if job.get("feed") else None  # --isolate: the reference's trace
+                trace = runner.run(np.asarray(job["tokens"]), Path(job["out_stem"]), inner=job.get("inner", False), feed=feed)
+                trace.meta["worker"] = {"python": sys.executable, "pid": os.getpid(), "reused_loaded_model": reused}
+                if job.get("check_weights") and runner.exposes_weights:
+                    from bughunt.weightcheck import check_for_trace
+
+                    trace.meta["weight_check"] = check_for_trace(runner)
+                trace.save_meta()
+                answer = {"ok": True, "trace": job["out_stem"]}
         except BughuntError as e:
             release_held()
             answer = {"ok": False, "error": str(e)}

@@ -37,12 +37,20 @@ class Policy:
     embed_scale_dtype: str = "model"  # "model": sqrt(hidden) rounded to the model dtype before the multiply (55.4256 -> 55.5 in bf16); "fp32": kept in fp32
     rope_positions: str = "fp32"  # "model": positions alone rounded to the model dtype before the angle (bf16: 8191 -> 8192)
     longrope_switch: str = "orig+1"  # the first input length that uses longrope's long factors: "orig", "orig+1" (Phi-3's code: length > original_max), "orig+2" (one token late)
+    # Storage and precision (bughunt/toggles.py says what each value means):
+    weights_dtype: str = "model"  # "fp16"/"bf16": every weight rounded to that dtype on load, then to the model dtype
+    kv_dtype: str = "model"  # "fp16"/"bf16"/"fp8": K (after RoPE) and V rounded to a cache dtype before attention
+    attn_dtype: str = "mixed"  # "mixed": scores in the model dtype, softmax in fp32 (HF eager); "fp32": both in fp32; "model": both in the model dtype
+    logits_dtype: str = "model"  # "fp32": the output embedding's product (and soft-cap) kept in fp32
+    matmul_inputs: str = "model"  # "tf32"/"bf16"/"fp16": both operands of each linear layer rounded to that first
 
     def __post_init__(self) -> None:
         for name, allowed in (("dtype", tuple(DTYPES)), ("gelu", GELU + (None,)), ("rope_dtype", ROPE_DTYPE),
                               ("rope_pairing", ROPE_PAIRING), ("norm_dtype", NORM_DTYPE + (None,)),
                               ("embed_scale_dtype", EMBED_SCALE_DTYPE), ("rope_positions", ("fp32", "model")),
-                              ("longrope_switch", ("orig", "orig+1", "orig+2"))):
+                              ("longrope_switch", ("orig", "orig+1", "orig+2")), ("weights_dtype", ("model", "fp16", "bf16")),
+                              ("kv_dtype", ("model", "fp16", "bf16", "fp8")), ("attn_dtype", ("mixed", "fp32", "model")),
+                              ("logits_dtype", ("model", "fp32")), ("matmul_inputs", ("model", "tf32", "bf16", "fp16"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"Policy.{name}={getattr(self, name)!r}; allowed: {allowed}")
 
@@ -73,9 +81,26 @@ class Numerics:
         x = np.asarray(x, dtype=np.float64)
         return x if self.dt is None else x.astype(np.float32).astype(np.float64)
 
+    def r_to(self, x: np.ndarray, dtype: str) -> np.ndarray:
+        """Round to a storage dtype whatever the model dtype ("model": to the model dtype): fp16, bf16, fp8 (e4m3,
+        saturating at +-448 as fp8 caches do), tf32 (fp32 with a 10-bit mantissa, round to nearest even)."""
+        if dtype == "model":
+            return self.r(x)
+        x = np.asarray(x, dtype=np.float64)
+        with np.errstate(over="ignore", invalid="ignore"):
+            if dtype == "tf32":
+                bits = x.astype(np.float32).view(np.uint32)
+                bits = (bits + np.uint32(0x0FFF) + ((bits >> np.uint32(13)) & np.uint32(1))) & np.uint32(0xFFFFE000)
+                return bits.view(np.float32).astype(np.float64)
+            if dtype == "fp8":
+                return np.clip(x, -448.0, 448.0).astype(ml_dtypes.float8_e4m3fn).astype(np.float64)
+            return x.astype(DTYPES[dtype]).astype(np.float64)
+
     # -- building blocks --------------------------------------------------------------------
     def linear(self, x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None) -> np.ndarray:
         """y = x W^T (+ b): products accumulate at high precision, the output is rounded once (as a fused GEMM does)."""
+        if self.policy.matmul_inputs != "model":  # TF32 or autocast: the product sees rounded operands
+            x, w = self.r_to(x, self.policy.matmul_inputs), self.r_to(w, self.policy.matmul_inputs)
         with np.errstate(invalid="ignore", over="ignore"):  # inf from an emulated overflow propagates as it would
             return self.r(x @ w.T if b is None else x @ w.T + b)
 
@@ -211,32 +236,55 @@ class Numerics:
         return np.concatenate([out, xp], axis=-1)
 
     def attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, softcap: float | None,
-                  window: int | None) -> np.ndarray:
+                  window: int | None, out=None, point: str | None = None) -> np.ndarray:
         """Causal softmax attention, q [b, h, s, d], k/v [b, kv_h, s, d]; query head i uses kv head i // (h / kv_h)
         (grouped-query attention, Ainslie et al. 2023). A sliding window lets query t see keys t-window+1..t.
-        Queries are taken in blocks so the score matrix never exceeds CHUNK_BYTES (each query row is independent)."""
+        Queries are taken in blocks so the score matrix never exceeds CHUNK_BYTES (each query row is independent).
+        When `out` asks for the points inside the layer (out.inner), they go to `{point}.q`, `.k` (after RoPE),
+        `.scores` (after scale and soft-cap; masked positions hold 0), `.probs` and `.out` (heads merged, before the
+        output projection), [batch, seq, ...]; scores and probs are filled a block of queries at a time."""
         b, h, s, d = q.shape
         kvh = k.shape[1]
+        inner = point if getattr(out, "inner", False) else None
+        if inner:
+            out[f"{inner}.q"], out[f"{inner}.k"] = q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3)
+            scores_out, probs_out = out.buffer(f"{inner}.scores", (b, s, h, s)), out.buffer(f"{inner}.probs", (b, s, h, s))
+        if self.policy.kv_dtype != "model":  # what a KV cache in a lower precision gives back
+            k, v = self.r(self.r_to(k, self.policy.kv_dtype)), self.r(self.r_to(v, self.policy.kv_dtype))
+        mode = self.policy.attn_dtype
+        rs = self.r32 if mode == "fp32" else self.r  # where scores are rounded
         qg = q.reshape(b, kvh, h // kvh, s, d)  # the query heads that share one kv head, side by side
         kt, vg = np.swapaxes(k, -1, -2)[:, :, None], v[:, :, None]
-        out = np.empty((b, kvh, h // kvh, s, v.shape[-1]))
+        merged = np.empty((b, kvh, h // kvh, s, v.shape[-1]))
         block = max(1, CHUNK_BYTES // (8 * b * h * s))
         ki = np.arange(s)[None, :]
         for q0 in range(0, s, block):
             q1 = min(s, q0 + block)
-            scores = self.r(self.r(qg[..., q0:q1, :] @ kt) * scale)
+            scores = rs(rs(qg[..., q0:q1, :] @ kt) * scale)
             if softcap is not None:  # Gemma 2: cap * tanh(scores / cap)
-                scores = self.r(self.r(np.tanh(self.r(scores / softcap))) * softcap)
+                scores = rs(rs(np.tanh(rs(scores / softcap))) * softcap)
             qi = np.arange(q0, q1)[:, None]
             allowed = ki <= qi
             if window is not None:
                 allowed &= (qi - ki) < window
+            if inner:  # [b, kvh, g, queries, keys] -> [b, queries, h, keys]
+                scores_out[:, q0:q1] = np.where(allowed, scores, 0.0).reshape(b, h, q1 - q0, s).transpose(0, 2, 1, 3)
             scores = np.where(allowed, scores, -np.inf)
-            scores = scores - scores.max(axis=-1, keepdims=True)
-            p = np.exp(scores)
-            p = self.r(self.r32(p / p.sum(axis=-1, keepdims=True)))  # softmax in fp32, then back to the model dtype
-            out[..., q0:q1, :] = self.r(p @ vg)
-        return out.reshape(b, h, s, v.shape[-1])
+            if mode == "model":  # each step of the softmax rounded to the model dtype
+                p = self.r(np.exp(self.r(scores - scores.max(axis=-1, keepdims=True))))
+                p = self.r(p / self.r(p.sum(axis=-1, keepdims=True)))
+            else:
+                scores = scores - scores.max(axis=-1, keepdims=True)
+                p = np.exp(scores)
+                p = self.r(self.r32(p / p.sum(axis=-1, keepdims=True)))  # softmax in fp32, then back to the model dtype
+            if inner:
+                probs_out[:, q0:q1] = p.reshape(b, h, q1 - q0, s).transpose(0, 2, 1, 3)
+            merged[..., q0:q1, :] = self.r(p @ vg)
+        merged = merged.reshape(b, h, s, v.shape[-1])
+        if inner:
+            out[f"{inner}.scores"], out[f"{inner}.probs"] = scores_out, probs_out
+            out[f"{inner}.out"] = merge_heads(merged)
+        return merged
 
     def logits(self, x: np.ndarray, weights: "Weights", name: str, cap: float | None, out: np.ndarray):
         """x W^T for the output embedding, soft-capped, one vocabulary chunk at a time into `out` [b, s, vocab]: the
@@ -244,7 +292,12 @@ class Numerics:
         vocab = weights.shape(name)[0]
         step = max(1, CHUNK_BYTES // (8 * x.shape[-1]))
         for v0 in range(0, vocab, step):
-            out[..., v0:v0 + step] = self.softcap(self.linear(x, weights.rows(name, slice(v0, v0 + step))), cap)
+            w = weights.rows(name, slice(v0, v0 + step))
+            if self.policy.logits_dtype == "fp32":  # the product and its soft-cap kept in fp32
+                y = self.r32(x @ w.T)
+                out[..., v0:v0 + step] = y if cap is None else self.r32(self.r32(np.tanh(self.r32(y / cap))) * cap)
+            else:
+                out[..., v0:v0 + step] = self.softcap(self.linear(x, w), cap)
             yield
 
     def softcap(self, x: np.ndarray, cap: float | None) -> np.ndarray:
@@ -290,13 +343,16 @@ class Weights:
 
     def _convert(self, key: tuple, read) -> np.ndarray:
         a = read()
-        exact = self.n.dt is None or self.n.policy.dtype in _EXACT_IN.get(np.dtype(a.dtype).name, ())
-        key = key + (None if exact else self.n.policy.dtype,)  # exact conversions are the same at every dtype
+        held = _EXACT_IN.get(np.dtype(a.dtype).name, ())
+        stored = self.n.policy.weights_dtype  # a lower precision the weights are cast to on load, before the model dtype
+        exact = (self.n.dt is None or self.n.policy.dtype in held) and (stored == "model" or stored in held)
+        key = key + (None if exact else (self.n.policy.dtype, stored),)  # exact conversions are the same at every dtype
         if self.cache is not None and key in self.cache:
             return self.cache[key]
         a64 = np.asarray(a, dtype=np.float64)
         self.release(a)
-        a64 = a64 if exact else self.n.r(a64)
+        if not exact:
+            a64 = self.n.r(self.n.r_to(a64, stored)) if stored != "model" else self.n.r(a64)
         if self.cache is not None:
             self.cache[key] = a64
         return a64
@@ -327,8 +383,24 @@ def stream_weights(n: Numerics, weights) -> Weights:
     return Weights(n, weights)
 
 
+def layer_input(out, i: int, x: np.ndarray, n: Numerics) -> np.ndarray:
+    """The input to decoder layer i: this pass's own `x`, or with --isolate (out.feed) the reference's input to that
+    layer, rounded to the emulated dtype, so the layer's own error shows without the error it inherits."""
+    feed = getattr(out, "feed", None)
+    return x if feed is None else n.r(np.asarray(feed(i), dtype=np.float64))
+
+
+def capture_inner(out, point: str, x: np.ndarray) -> None:
+    """Write a point inside the layer (e.g. `layer.0.mlp.hidden`) only when the pass was asked for them."""
+    if getattr(out, "inner", False):
+        out[point] = x
+
+
 class Points(dict):
     """Capture points kept in memory: what `forward` writes into when no trace file is given."""
+
+    inner = False
+    feed = None
 
     def buffer(self, point: str, shape: tuple[int, ...]) -> np.ndarray:
         self[point] = np.empty(shape)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from reference_impls._numerics import Policy, merge_heads, resolve, split_heads, stream_weights
+from reference_impls._numerics import Policy, capture_inner, layer_input, merge_heads, resolve, split_heads, stream_weights
 
 
 def forward(weights: dict, spec, tokens: np.ndarray, policy: Policy, out):
@@ -30,20 +30,23 @@ def forward(weights: dict, spec, tokens: np.ndarray, policy: Policy, out):
 
     for i in range(spec.num_layers):
         p = f"model.layers.{i}."
+        x = layer_input(out, i, x, n)  # --isolate: the reference's input to this layer
         window = spec.sliding_window if spec.layer_types[i] == "sliding" else None
         h = norm(x, W[p + "input_layernorm.weight"])
         q = split_heads(n.linear(h, W[p + "self_attn.q_proj.weight"]), nh, hd)
         k = split_heads(n.linear(h, W[p + "self_attn.k_proj.weight"]), nkv, hd)
         v = split_heads(n.linear(h, W[p + "self_attn.v_proj.weight"]), nkv, hd)
         q, k = n.apply_rope(q, cos, sin), n.apply_rope(k, cos, sin)
-        a = n.attention(q, k, v, spec.query_scale, spec.attn_softcap, window)
+        a = n.attention(q, k, v, spec.query_scale, spec.attn_softcap, window, out, f"layer.{i}.attn")
         a = n.linear(merge_heads(a), W[p + "self_attn.o_proj.weight"])
         a = norm(a, W[p + "post_attention_layernorm.weight"])  # sandwich: norm the branch before the residual add
         out[f"layer.{i}.attn"] = a
         x = n.r(x + a)
         h = norm(x, W[p + "pre_feedforward_layernorm.weight"])
         g = n.activation(n.linear(h, W[p + "mlp.gate_proj.weight"]), act)
-        m = n.linear(n.r(g * n.linear(h, W[p + "mlp.up_proj.weight"])), W[p + "mlp.down_proj.weight"])
+        hidden = n.r(g * n.linear(h, W[p + "mlp.up_proj.weight"]))
+        capture_inner(out, f"layer.{i}.mlp.hidden", hidden)
+        m = n.linear(hidden, W[p + "mlp.down_proj.weight"])
         m = norm(m, W[p + "post_feedforward_layernorm.weight"])
         out[f"layer.{i}.mlp"] = m
         x = n.r(x + m)
@@ -53,5 +56,6 @@ def forward(weights: dict, spec, tokens: np.ndarray, policy: Policy, out):
     x = norm(x, W["model.norm.weight"])
     out["final_norm"] = x
     logits = out.buffer("logits", (b, s, spec.vocab_size))
-    yield from n.logits(x, W, "lm_head.weight", spec.final_softcap, logits)  # one vocabulary chunk per step
+    head = "model.embed_tokens.weight" if spec.tie_word_embeddings else "lm_head.weight"  # tied: decode with the input embedding
+    yield from n.logits(x, W, head, spec.final_softcap, logits)  # one vocabulary chunk per step
     out["logits"] = logits

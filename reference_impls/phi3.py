@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from reference_impls._numerics import Policy, merge_heads, resolve, split_heads, stream_weights
+from reference_impls._numerics import Policy, capture_inner, layer_input, merge_heads, resolve, split_heads, stream_weights
 
 
 def forward(weights: dict, spec, tokens: np.ndarray, policy: Policy, out):
@@ -27,6 +27,7 @@ def forward(weights: dict, spec, tokens: np.ndarray, policy: Policy, out):
 
     for i in range(spec.num_layers):
         p = f"model.layers.{i}."
+        x = layer_input(out, i, x, n)  # --isolate: the reference's input to this layer
         window = spec.sliding_window if spec.layer_types[i] == "sliding" else None
         h = norm(x, W[p + "input_layernorm.weight"])
         qkv = n.linear(h, W[p + "self_attn.qkv_proj.weight"])
@@ -34,14 +35,16 @@ def forward(weights: dict, spec, tokens: np.ndarray, policy: Policy, out):
         k = split_heads(qkv[..., nh * hd: (nh + nkv) * hd], nkv, hd)
         v = split_heads(qkv[..., (nh + nkv) * hd:], nkv, hd)
         q, k = n.apply_rope(q, cos, sin), n.apply_rope(k, cos, sin)
-        a = n.attention(q, k, v, spec.query_scale, spec.attn_softcap, window)
+        a = n.attention(q, k, v, spec.query_scale, spec.attn_softcap, window, out, f"layer.{i}.attn")
         a = n.linear(merge_heads(a), W[p + "self_attn.o_proj.weight"])
         out[f"layer.{i}.attn"] = a
         x = n.r(x + a)
         h = norm(x, W[p + "post_attention_layernorm.weight"])
         gate_up = n.linear(h, W[p + "mlp.gate_up_proj.weight"])
         g, u = gate_up[..., :inter], gate_up[..., inter:]
-        m = n.linear(n.r(u * n.activation(g, act)), W[p + "mlp.down_proj.weight"])
+        hidden = n.r(u * n.activation(g, act))
+        capture_inner(out, f"layer.{i}.mlp.hidden", hidden)
+        m = n.linear(hidden, W[p + "mlp.down_proj.weight"])
         out[f"layer.{i}.mlp"] = m
         x = n.r(x + m)
         out[f"layer.{i}"] = x
@@ -50,5 +53,6 @@ def forward(weights: dict, spec, tokens: np.ndarray, policy: Policy, out):
     x = norm(x, W["model.norm.weight"])
     out["final_norm"] = x
     logits = out.buffer("logits", (b, s, spec.vocab_size))
-    yield from n.logits(x, W, "lm_head.weight", spec.final_softcap, logits)  # one vocabulary chunk per step
+    head = "model.embed_tokens.weight" if spec.tie_word_embeddings else "lm_head.weight"  # tied: decode with the input embedding
+    yield from n.logits(x, W, head, spec.final_softcap, logits)  # one vocabulary chunk per step
     out["logits"] = logits

@@ -170,7 +170,7 @@ def test_malformed_matrix_is_bad_input_with_a_useful_message(tmp_path, capsys, t
 def test_example_matrix_is_valid():
     matrix = load_matrix(ROOT / "examples" / "bughunt.toml")
     assert [c.name for c in matrix.checkpoints] == ["llama", "gemma2-seed1", "gemma2-every-path", "my-model"]
-    assert len(matrix.thresholds) == 6
+    assert len(matrix.thresholds) == 7
 
 
 def test_diagnosis_is_read_from_the_result_when_present():

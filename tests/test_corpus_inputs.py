@@ -490,3 +490,19 @@ def test_sweep_and_decode_results_pass_the_result_schema(tiny):
         assert check_result(json.loads(result.to_json()), f"sweep {mode}")["sweep"]["mode"] == mode
     result = decode_check(ck, impl="reference:fp32", reference="reference:fp64", tokens=[[2, 17, 99, 5, 8]], prefill=2)
     assert check_result(json.loads(result.to_json()), "decode")["decode"]["prefill"] == 2
+
+
+def test_a_hostile_extra_section_renders_inert(good_result, tmp_path, capsys):
+    """Sections are stored as HTML in result.json; one from an untrusted file loses its scripts, event handlers and
+    javascript: links when rendered, and keeps the table it carries."""
+    from bughunt.cli import main
+
+    hostile = ("<table><tr><td class='l' onclick='steal()'>cell</td></tr></table><script>steal()</script>"
+               "<img src=x onerror='steal()'><a href='javascript:steal()'>link</a><style>body{display:none}</style>")
+    good_result["extra_sections"] = [{"title": "<script>t()</script>lint", "html": hostile}]
+    (tmp_path / "result.json").write_text(json.dumps(good_result))
+    assert main(["render", str(tmp_path), "--out", str(tmp_path / "rendered")]) == 0
+    page = (tmp_path / "rendered" / "report.html").read_text()
+    section = page[page.index("lint</h2>"):]
+    assert "steal()" not in section and "<script>t()" not in page and "display:none" not in section
+    assert "<td class=\"l\">cell</td>" in section and ">link</a>" in section

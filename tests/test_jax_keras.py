@@ -39,11 +39,17 @@ def test_deepmind_gemma_is_at_the_fp32_floor(family, tiny, pool):
 
 
 @needs_gemma
-def test_deepmind_refuses_what_the_library_cannot_represent(tmp_path, pool):
-    ck = make_tiny_checkpoint("gemma2", tmp_path / "eps", config_overrides={"rms_norm_eps": 1e-5})
+def test_deepmind_measures_what_the_library_cannot_represent(tmp_path, pool):
+    ck = make_tiny_checkpoint("gemma2", tmp_path / "eps", config_overrides={"rms_norm_eps": 1e-2})
     result = run(ck, ["deepmind"], pool)
     entry = next(e for e in result.data["implementations"] if e["label"] == "deepmind")
-    assert entry["status"] == "failed" and "fixes RMSNorm epsilon at 1e-6" in entry["error"]
+    assert entry["status"] == "ok"  # run with the library's own epsilon, and measured
+    cause = "the library fixes rms_norm_eps at 1e-06; the checkpoint says 0.01"
+    assert entry["meta"]["cannot_represent"] == [cause]
+    found = next(f for f in result.findings if f["kind"] == "unrepresentable")
+    assert found["message"].startswith(f"deepmind cannot represent this checkpoint and ran with the library's own values: {cause}; "
+                                       "departs at layer.0")
+    assert result.first_above_floor("deepmind") == found["point"] == "layer.0"  # the library exposes no branch points
     llama = run(make_tiny_checkpoint("llama", tmp_path / "llama"), ["deepmind"], pool)
     assert "does not support family 'llama'" in llama.data["implementations"][0]["error"]
 
@@ -80,16 +86,17 @@ def test_keras_gemma2_ignores_query_pre_attn_scalar_and_the_search_says_so(tiny)
     result = sweep(tiny["gemma2"], impl="keras-jax", mode="search")
     s = result.data["sweep"]["search"]
     assert result.comparisons[0]["first_above_floor"] == "layer.0"
-    assert s["best"] == {"query_scale": "rsqrt:16"} and s["at_floor"]  # head_dim^-0.5 instead of 24^-0.5
+    assert s["best"] == {"field:query_pre_attn_scalar": "ignored"} and s["at_floor"]  # head_dim^-0.5 instead of 24^-0.5
+    assert {"query_scale": "rsqrt:16"} in s["equivalent"]
 
 
 @needs_keras
-def test_keras_gemma3_query_scale_plus_a_residual_at_the_global_layer(tiny):
+def test_keras_gemma3_ignores_query_pre_attn_scalar_and_layer_types(tiny):
     s = sweep(tiny["gemma3"], impl="keras-torch", mode="search").data["sweep"]["search"]
-    # keras-hub's Gemma3Backbone hard-codes a 5:1 local:global pattern and RoPE 10k/1M: the tiny model's global
-    # layer 3 (linear RoPE factor 2) cannot be matched by any toggle.
-    assert s["best"] == {"query_scale": "rsqrt:16"}
-    assert s["residual"]["first_above_floor"] == "layer.3"
+    # keras-hub's Gemma3Backbone hard-codes a 5:1 local:global pattern: the tiny model's 4 layers are all local there,
+    # so its global layer 3 (RoPE 1M, linear factor 2) runs as a local one. The search names both ignored fields.
+    assert s["best"] == {"field:layer_types": "ignored", "field:query_pre_attn_scalar": "ignored"}
+    assert s["at_floor"] and "as if it ignored layer_types" in s["diagnosis"]
 
 
 @needs_keras

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from bughunt.errors import BughuntError
 
 DTYPES = ("fp64", "fp32", "bf16", "fp16")
+# weight types an implementation makes with its own quantizer (the reference's: its quantization noise floor)
+QUANTIZED = {"llamacpp": ("q8_0", "q4_k_m"), "reference": ("q8_0", "q4_k_m")}
 DEVICES = ("cpu", "cuda")
 
 # name -> (module:class, python modules that must be importable for it to be available, environment for its worker)
@@ -24,21 +26,25 @@ REGISTRY: dict[str, tuple[str, tuple[str, ...], dict[str, str]]] = {
     "deepmind": ("bughunt.implementations.deepmind:DeepMindRunner", ("jax", "flax", "gemma", "kauldron"), {}),
     "keras-jax": ("bughunt.implementations.keras:KerasJaxRunner", ("keras", "keras_hub", "jax"), {"KERAS_BACKEND": "jax"}),
     "keras-torch": ("bughunt.implementations.keras:KerasTorchRunner", ("keras", "keras_hub", "torch"), {"KERAS_BACKEND": "torch"}),
+    # runs in its own environment (bughunt/envs.py: OWN_ENVIRONMENTS), never in this interpreter
+    "litgpt": ("bughunt.implementations.litgpt:LitGPTRunner", ("torch", "litgpt"), {}),
+    "llamacpp": ("bughunt.implementations.llamacpp:LlamaCppRunner", ("llama_cpp", "torch", "transformers"), {}),
 }
 
 
 @dataclass(frozen=True)
 class ImplChoice:
-    """One implementation as the user named it: NAME[:DTYPE][@PYTHON]."""
+    """One implementation as the user named it: NAME[==VERSION][:DTYPE][@PYTHON]."""
 
     name: str
     dtype: str | None = None  # None: the run's --dtype (the reference defaults to fp64)
     python: str | None = None  # another interpreter to run it in (a worker process)
     toggles: tuple[tuple[str, str], ...] = field(default=())
+    version: str | None = None  # a release of the implementation's library, run in its own environment (bughunt/envs.py)
 
     @property
     def label(self) -> str:
-        s = self.name + (f":{self.dtype}" if self.dtype else "")
+        s = self.name + (f"=={self.version}" if self.version else "") + (f":{self.dtype}" if self.dtype else "")
         if self.toggles:
             s += "[" + ",".join(f"{k}={v}" for k, v in self.toggles) + "]"
         return s + (f"@{self.python}" if self.python else "")
@@ -52,10 +58,11 @@ class ImplChoice:
         import re
 
         rest, _, python = text.partition("@")
-        m = re.fullmatch(r"([A-Za-z0-9_+-]+)(?::([A-Za-z0-9]+))?(?:\[([^\]]*)\])?", rest.strip())
+        m = re.fullmatch(r"([A-Za-z0-9_+-]+)(?:==([0-9][A-Za-z0-9.!+_-]*))?(?::([A-Za-z0-9_]+))?(?:\[([^\]]*)\])?", rest.strip())
         if not m:
-            raise BughuntError(f"cannot read implementation '{text}'. Write NAME[:DTYPE][toggle=value,...][@PYTHON], e.g. hf:bf16[gelu=exact].")
-        name, dtype, toggles = m.group(1), m.group(2) or "", m.group(3)
+            raise BughuntError(f"cannot read implementation '{text}'. Write NAME[==VERSION][:DTYPE][toggle=value,...][@PYTHON], "
+                               "e.g. hf:bf16[gelu=exact] or hf==5.22.0.")
+        name, version, dtype, toggles = m.group(1), m.group(2), m.group(3) or "", m.group(4)
         pairs: tuple[tuple[str, str], ...] = ()
         if toggles:
             from bughunt.toggles import parse_toggles
@@ -63,9 +70,16 @@ class ImplChoice:
             pairs = tuple(parse_toggles([t.strip() for t in toggles.split(",") if t.strip()]).items())
         if name not in REGISTRY:
             raise BughuntError(f"unknown implementation '{name}' in '{text}'. Known: {', '.join(sorted(REGISTRY))}.")
-        if dtype and dtype not in DTYPES:
-            raise BughuntError(f"unknown dtype '{dtype}' in '{text}'. Use one of: {', '.join(DTYPES)}.")
-        return cls(name=name, dtype=dtype or None, python=python or None, toggles=pairs)
+        if dtype and dtype not in DTYPES + QUANTIZED.get(name, ()):
+            raise BughuntError(f"unknown dtype '{dtype}' in '{text}'. Use one of: {', '.join(DTYPES + QUANTIZED.get(name, ()))}.")
+        if version:
+            from bughunt.envs import check_version
+
+            check_version(name, version, text)
+            if python:
+                raise BughuntError(f"'{text}' names both a library release and an interpreter; a release brings its own "
+                                   f"environment. Write {name}=={version} or {name}@{python}.")
+        return cls(name=name, dtype=dtype or None, python=python or None, toggles=pairs, version=version)
 
 
 def require_device(device: str, where: str = "--device") -> None:
@@ -83,14 +97,21 @@ def require_device(device: str, where: str = "--device") -> None:
 
 
 def available(name: str) -> bool:
-    """Whether the libraries an implementation needs are importable here."""
-    return all(importlib.util.find_spec(m) is not None for m in REGISTRY[name][1])
+    """Whether an implementation can run from here: the libraries it needs are importable in this interpreter, or it
+    runs in an environment of its own (litgpt) and that environment exists."""
+    from bughunt.envs import own_python
+
+    return all(importlib.util.find_spec(m) is not None for m in REGISTRY[name][1]) or own_python(name) is not None
 
 
 def runner_class(name: str):
     if name not in REGISTRY:
         raise BughuntError(f"unknown implementation '{name}'. Known: {', '.join(sorted(REGISTRY))}.")
     if not available(name):
+        from bughunt.envs import OWN_ENVIRONMENTS, require_own_python
+
+        if name in OWN_ENVIRONMENTS:
+            require_own_python(name)  # refuses, naming the command that creates its environment
         missing = [m for m in REGISTRY[name][1] if importlib.util.find_spec(m) is None]
         raise BughuntError(f"implementation '{name}' needs {', '.join(missing)}, which is not installed. See the README's install section.")
     module, _, cls = REGISTRY[name][0].partition(":")

@@ -28,7 +28,11 @@ def install():
     class Tensor:  # never instantiated; isinstance() target only
         pass
 
+    class Variable:  # idem: einops (used by gemma's sampler) tests isinstance(x, (tf.Tensor, tf.Variable))
+        pass
+
     tf.Tensor = Tensor
+    tf.Variable = Variable
     if _tu is not None:
         tf.make_tensor_proto = _tu.make_tensor_proto
 

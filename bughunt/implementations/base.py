@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -34,19 +35,34 @@ class Runner:
         self.toggles = self._parse_toggles(toggles)
         self.load_seconds = 0.0
         self.is_open = False
+        # what the library cannot represent of this checkpoint, run anyway with the library's own value (one phrase each:
+        # "the library fixes rms_norm_eps at 1e-06; the checkpoint says 0.01"); reported next to the measured divergence
+        self.cannot_represent: list[str] = []
 
     # toggles an open runner can switch without loading again (the rest change how the model is built)
     live_toggles: frozenset[str] = frozenset({"bos"})
 
+    # whether the runner applies the ignored-field hypotheses `field:<path>` (bughunt/hypotheses.py)
+    applies_field_hypotheses = False
+
+    @classmethod
+    def cannot_apply(cls, name: str) -> str | None:
+        """None when this runner applies toggle `name`, otherwise why it cannot."""
+        from bughunt.toggles import is_field
+
+        if is_field(name):
+            return None if cls.applies_field_hypotheses else "it reads its config its own way; field hypotheses go on the reference"
+        return cls.toggle_support.get(name, "not implemented for this runner")
+
     def _parse_toggles(self, toggles: dict[str, str] | None) -> dict[str, str]:
-        from bughunt.toggles import TOGGLES, changed, parse_toggles
+        from bughunt.toggles import changed, lookup, parse_toggles
 
         parsed = parse_toggles(toggles or {}, self.spec)
         for name in parsed:
-            if not TOGGLES[name].applies(self.spec):
+            if not lookup(name, self.spec).applies(self.spec):
                 raise BughuntError(f"toggle {name} does not apply to family {self.spec.family} (nothing in its config or architecture uses it).")
         for name in changed(self.spec, parsed):
-            reason = self.toggle_support.get(name, "not implemented for this runner")
+            reason = self.cannot_apply(name)
             if reason is not None:
                 raise BughuntError(f"implementation '{self.name}' cannot apply toggle {name}={parsed[name]}: {reason}.")
         return parsed
@@ -76,10 +92,21 @@ class Runner:
     # the dtype this runner's trace stores its arrays in
     trace_dtype = np.float32
 
-    def run(self, tokens: np.ndarray, stem: Path | None = None) -> Trace:
+    # whether the runner can capture the points inside each layer (attn.q/k/scores/probs/out, mlp.hidden), and feed
+    # each decoder layer an input given from outside (--isolate)
+    captures_inner = False
+    accepts_feed = False
+
+    def run(self, tokens: np.ndarray, stem: Path | None = None, inner: bool = False, feed: Trace | None = None) -> Trace:
         """One forward pass. With `stem`, each capture point is written to `<stem>.safetensors` as it is captured and
-        the returned trace is memory-mapped from there; without, the trace is held in memory."""
+        the returned trace is memory-mapped from there; without, the trace is held in memory. With `inner`, runners
+        that can also capture the points inside each layer. With `feed` (a reference trace of the same tokens), each
+        decoder layer i takes the feed's input to that layer (`embed` for layer 0, `layer.{i-1}` after) instead of the
+        previous layer's output: each layer's own error, without the error it inherits (--isolate)."""
         tokens, out = self.prepare(tokens, stem)
+        out.inner = inner and self.captures_inner
+        if feed is not None:
+            out.feed = self.feeder(feed, tokens)
         t = time.perf_counter()
         try:
             arrays = self._run(tokens, out)
@@ -106,11 +133,51 @@ class Runner:
         keep = None if self.branches else (lambda p: not p.endswith((".attn", ".mlp")))
         return tokens, TraceWriter(stem, expected, self.trace_dtype, keep)
 
+    def feeder(self, feed: Trace, tokens: np.ndarray):
+        """layer index -> the feed trace's input to that layer, checked against this run's input shape."""
+        if not self.accepts_feed:
+            raise BughuntError(f"implementation '{self.name}' cannot feed a layer an input from outside (--isolate): its library "
+                               "offers no seam to replace a decoder layer's input.")
+        shape = feed.arrays["embed"].shape
+        if tuple(shape[:2]) != tuple(tokens.shape):
+            raise BughuntError(f"--isolate: the reference's trace holds {list(shape[:2])} positions but {self.label} runs "
+                               f"{list(tokens.shape)} (a bos toggle on one side only?); isolate with the same input on both sides.")
+        return lambda i: feed.arrays["embed" if i == 0 else f"layer.{i - 1}"]
+
     def finish(self, out: TraceWriter, tokens: np.ndarray, seconds: float, **timings: float) -> Trace:
         meta = {"implementation": self.name, "dtype": self.dtype, "device": self.device, "versions": self.versions(),
                 "timings": {"load_s": self.load_seconds, "forward_s": seconds, **timings}, "tokens_shape": list(tokens.shape),
                 "toggles": dict(self.toggles)}
+        if self.cannot_represent:
+            meta["cannot_represent"] = list(self.cannot_represent)
         return out.finish(self.label, meta)
+
+    def generate(self, tokens: np.ndarray, steps: int, decode_config: dict | None = None):
+        """Greedy generation of `steps` tokens after each row of `tokens` through this implementation's own path
+        (a bughunt.generation.Generation). The default, for implementations without one (the reference), recomputes the
+        whole prefix each step: exactly what a KV cache must reproduce."""
+        import shutil
+        import tempfile
+
+        from bughunt.generation import Generation, recompute
+
+        if decode_config:
+            raise BughuntError(f"{self.label} generates by recomputing the prefix, so a decode-only config change means nothing for it.")
+        scratch = tempfile.mkdtemp(prefix="bughunt-generate-")
+        count = [0]
+
+        def last_logits(ids: np.ndarray) -> np.ndarray:
+            count[0] += 1
+            trace = self.run(ids, Path(scratch) / f"step{count[0]}")  # streams to disk: memory stays one trace's worth
+            last = np.array(trace.arrays["logits"][:, -1:], dtype=np.float64)
+            del trace
+            return last
+
+        try:
+            ids, logits = recompute(last_logits, tokens, steps)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        return Generation(self.label, ids, logits, "greedy by recomputing the whole prefix each step", "the same forward passes")
 
     def close(self) -> None:
         self._close()
@@ -133,6 +200,19 @@ class Runner:
 
     def _close(self) -> None:
         pass
+
+    # -- the weight check (bughunt/weightcheck.py) ----------------------------------------------
+    # Whether `loaded_weights` is implemented: the runner can show the parameters its library holds.
+    exposes_weights = False
+
+    def loaded_weights(self) -> Iterator[tuple[str, np.ndarray]]:
+        """The parameters the open model holds, one at a time, as (checkpoint tensor name, array in the checkpoint's
+        orientation). The runner undoes only its library's documented layout transform (a keras EinsumDense kernel
+        back to HF's [out, in], the DeepMind tree's [heads, D, head_dim] back to [heads * head_dim, D]); the values are
+        what the library holds, at its dtype (bf16 may come back as float32, which holds it exactly), so a conversion
+        that rounds, transposes, permutes or offsets a tensor shows against the checkpoint. A parameter the library
+        holds that has no checkpoint tensor is yielded under the name the checkpoint would give it."""
+        raise BughuntError(f"implementation '{self.name}' does not expose its loaded parameters.")
 
     def versions(self) -> dict[str, str]:
         return {}

@@ -235,12 +235,18 @@ class HFRunner(Runner):
                 keep(name, args[0] if args else kwargs["hidden_states"])
             return hook
 
+        undo = []
         try:
             for name, (module, kind) in self.modules().items():
                 if kind == "pre":
                     handles.append(module.register_forward_pre_hook(pre_hook(name), with_kwargs=True))
                 else:
                     handles.append(module.register_forward_hook(out_hook(name)))
+            if out.inner:
+                undo.append(self._capture_inner(keep, handles))
+            if out.feed is not None:  # after the capture hooks: `embed` stays this model's own embedding
+                for i, layer in enumerate(self.model.model.layers):
+                    handles.append(layer.register_forward_pre_hook(self._feed_hook(out.feed, i), with_kwargs=True))
             ids = torch.from_numpy(tokens).to(self._input_device())
             with torch.no_grad():
                 result = self.model(input_ids=ids, use_cache=False)
@@ -248,6 +254,72 @@ class HFRunner(Runner):
         finally:
             for h in handles:
                 h.remove()
+            for u in undo:
+                u()
+
+    captures_inner = True
+    accepts_feed = True
+
+    def _feed_hook(self, feed, i: int):
+        """A pre-hook that hands decoder layer i the feed's input to that layer, in the model's dtype (--isolate)."""
+        import torch
+
+        def hook(module, args, kwargs):
+            ref = next(module.parameters())
+            x = torch.from_numpy(np.array(feed(i))).to(device=ref.device, dtype=ref.dtype)
+            if args:
+                return (x,) + tuple(args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": x}
+
+        return hook
+
+    def _capture_inner(self, keep, handles: list):
+        """The points inside each layer, from transformers' own code path: a wrapper around the modeling module's
+        eager_attention_forward sees q and k after RoPE, the probabilities and the output it returns, and (through
+        torch's softmax, swapped only while the wrapped call runs) the scores it hands to the softmax, from which the
+        additive mask is taken back out (masked positions hold 0, as in the reference); a pre-hook on down_proj takes
+        the MLP hidden state act(gate) * up. Returns the undo of the wrapper."""
+        import sys
+
+        import torch
+
+        base = self.model.model
+        module = sys.modules[type(base.layers[0].self_attn).__module__]
+        original = module.eager_attention_forward
+        layer_of = {id(layer.self_attn): i for i, layer in enumerate(base.layers)}
+
+        def eager_with_capture(attn, query, key, value, attention_mask, *args, **kwargs):
+            seen, softmax = {}, torch.nn.functional.softmax
+
+            def spy(x, *a, **k):
+                seen.setdefault("scores", x)
+                return softmax(x, *a, **k)
+
+            torch.nn.functional.softmax = spy
+            try:
+                output, probs = original(attn, query, key, value, attention_mask, *args, **kwargs)
+            finally:
+                torch.nn.functional.softmax = softmax
+            point = f"layer.{layer_of[id(attn)]}.attn"
+            scores = seen["scores"]
+            if attention_mask is not None:
+                mask = attention_mask[..., : scores.shape[-1]]
+                allowed = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+                scores = torch.where(allowed, scores, torch.zeros((), dtype=scores.dtype, device=scores.device))
+            b, _, s, _ = query.shape
+            keep(point + ".q", query.transpose(1, 2))
+            keep(point + ".k", key.transpose(1, 2))
+            keep(point + ".scores", scores.transpose(1, 2))
+            keep(point + ".probs", probs.transpose(1, 2))
+            keep(point + ".out", output.reshape(b, s, -1))
+            return output, probs
+
+        for i, layer in enumerate(base.layers):
+            def hidden(mod, args, i=i):
+                keep(f"layer.{i}.mlp.hidden", args[0])
+            handles.append(layer.mlp.down_proj.register_forward_pre_hook(hidden))
+        module.eager_attention_forward = eager_with_capture
+        return lambda: setattr(module, "eager_attention_forward", original)
 
     def incremental_logits(self, tokens: np.ndarray, prefill: int, decode_config: dict | None = None) -> np.ndarray:
         """Logits [batch, seq, vocab] from the KV-cache path: prefill tokens[:, :prefill] in one pass, then one token at
@@ -271,6 +343,65 @@ class HFRunner(Runner):
             for key, value in saved.items():
                 setattr(self.model.config, key, value)
         return torch.cat(logits, dim=1).cpu().numpy()
+
+    exposes_weights = True
+
+    def loaded_weights(self):
+        """The model's state_dict: transformers keeps HF names and nn.Linear's [out, in] layout, so no transform is
+        undone. bf16 comes back as float32 (exact); a tied lm_head is yielded as transformers holds it."""
+        import torch
+
+        for name, tensor in self.model.state_dict().items():
+            if tensor.device.type == "meta" or not tensor.is_floating_point():
+                continue  # offloaded (device_map auto) or an integer buffer
+            t = tensor.detach()
+            yield name, (t.float() if t.dtype == torch.bfloat16 else t).cpu().numpy()
+
+
+    def generate(self, tokens: np.ndarray, steps: int, decode_config: dict | None = None):
+        """Greedy generation through transformers' own `generate` with its KV cache, exactly `steps` tokens (no stop
+        at EOS). The per-step logits are those `generate` chose from (output_logits). `decode_config` changes config
+        values for the one-token steps only (a wrapper on the model's forward that sets them while the cache is
+        non-empty, restored after each call): a decode-path bug the prefill does not have."""
+        import torch
+        import transformers
+
+        from bughunt.generation import Generation
+        from bughunt.toggles import apply_to_tokens
+
+        ids = torch.from_numpy(apply_to_tokens(np.atleast_2d(np.asarray(tokens, dtype=np.int64)), self.spec, self.toggles))
+        ids = ids.to(self._input_device())
+        config = transformers.GenerationConfig(max_new_tokens=steps, min_new_tokens=steps, do_sample=False, num_beams=1,
+                                               eos_token_id=None, pad_token_id=self.spec.pad_token_id if self.spec.pad_token_id is not None else 0,
+                                               output_logits=True, return_dict_in_generate=True)
+        model, original = self.model, self.model.forward
+        if decode_config:
+            def decode_only(*args, **kwargs):
+                cache = kwargs.get("past_key_values")
+                if cache is None or cache.get_seq_length() == 0:
+                    return original(*args, **kwargs)
+                saved = {k: getattr(model.config, k) for k in decode_config}
+                try:
+                    for key, value in decode_config.items():
+                        setattr(model.config, key, value)
+                    return original(*args, **kwargs)
+                finally:
+                    for key, value in saved.items():
+                        setattr(model.config, key, value)
+
+            model.forward = decode_only
+        try:
+            with torch.no_grad():
+                out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config)
+        finally:
+            if decode_config:
+                del model.forward  # the instance attribute goes; the class's forward is back
+        new = out.sequences[:, ids.shape[1]:]
+        if new.shape[1] != steps:
+            raise BughuntError(f"transformers' generate returned {new.shape[1]} tokens where {steps} were asked for.")
+        logits = torch.stack([x.float() for x in out.logits], dim=1).cpu().numpy()
+        return Generation(self.label, new.cpu().numpy().astype(np.int64), logits, "transformers generate (greedy, KV cache)",
+                          "the logits generate chose from")
 
     def forward_plain(self, tokens: np.ndarray) -> np.ndarray:
         """A forward pass with no hooks at all (for the capture-overhead benchmark and the hook tests)."""

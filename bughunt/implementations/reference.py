@@ -18,21 +18,24 @@ from bughunt.trace import Trace
 class ReferenceRunner(Runner):
     name = "reference"
     families = ("gemma", "gemma2", "gemma3", "llama", "mistral", "phi3", "qwen2", "qwen3")
-    dtypes = ("fp64", "fp32", "bf16", "fp16")
+    dtypes = ("fp64", "fp32", "bf16", "fp16", "q8_0", "q4_k_m")  # quantized: float64 on llama.cpp's quantized weights
     devices = ("cpu", "cuda")  # numpy runs on the host whatever the device asked; the trace says so
     toggle_support = {name: None for name in ("gelu", "rope_dtype", "rope_pairing", "norm_dtype", "embed_scale_dtype", "bos",
                                               "sliding_window", "attn_softcap", "final_softcap", "query_scale", "rope_theta", "rms_eps",
-                                              "rope_positions", "longrope_switch", "rope_theta_source")}
+                                              "rope_positions", "longrope_switch", "rope_theta_source", "weights_dtype",
+                                              "kv_dtype", "attn_dtype", "logits_dtype", "matmul_inputs")}
+    applies_field_hypotheses = True  # field:<path> toggles: the spec as an implementation that reads the config that way
 
     def __init__(self, *args, policy=None, **kwargs):
         super().__init__(*args, **kwargs)
         from reference_impls import Policy
 
-        from bughunt.toggles import apply_to_spec
+        from bughunt.toggles import POLICY_TOGGLES, apply_to_spec
 
-        policy_fields = {k: v for k, v in self.toggles.items() if k in ("gelu", "rope_dtype", "rope_pairing", "norm_dtype", "embed_scale_dtype",
-                                                                             "rope_positions", "longrope_switch")}
-        self.policy = Policy(**{**(policy or Policy()).__dict__, **policy_fields, "dtype": self.dtype})
+        policy_fields = {k: v for k, v in self.toggles.items() if k in POLICY_TOGGLES}
+        self.quantized = self.dtype if self.dtype.startswith("q") else None
+        self.policy = Policy(**{**(policy or Policy()).__dict__, **policy_fields, "dtype": "fp64" if self.quantized else self.dtype})
+        self.config_spec = self.spec  # what the checkpoint holds: its weights are loaded and checked against this
         self.spec = apply_to_spec(self.spec, self.toggles)
         from bughunt.spec import SUPPORTED_ROPE_TYPES
 
@@ -41,23 +44,42 @@ class ReferenceRunner(Runner):
                 raise BughuntError(f"the reference does not implement rope_type '{rope.type}' yet (supports: {', '.join(SUPPORTED_ROPE_TYPES)}).")
 
     trace_dtype = np.float64
+    captures_inner = True  # reference_impls write attn.q/k/scores/probs/out and mlp.hidden when asked
+    accepts_feed = True  # reference_impls._numerics.layer_input
 
     def _open(self) -> None:
-        self.weights = load_weights(self.checkpoint, self.spec, self.allow_pickle)  # memory-mapped: nothing read yet
+        self.weights = load_weights(self.checkpoint, self.config_spec, self.allow_pickle)  # memory-mapped: nothing read yet
+        if self.quantized:  # the quantization noise floor: dequantize(quantize(w)) as llama.cpp's GGUF types say
+            from bughunt.implementations.llamacpp import gguf_file
+            from bughunt.implementations.quantized_weights import QuantizedWeights
+
+            self.weights = QuantizedWeights(self.weights, self.config_spec, gguf_file(self.checkpoint, self.quantized)[0])
 
     def _run(self, tokens: np.ndarray, out) -> None:
         from reference_impls import forward
 
         forward(self.weights, self.spec, tokens, self.policy, out)
 
+    def _close(self) -> None:
+        self.weights = None
 
-def run_together(runners: list[ReferenceRunner], tokens: np.ndarray, stems: list[Path | None], on_step=None) -> list[Trace]:
+    def versions(self) -> dict[str, str]:
+        import ml_dtypes
+
+        return {"numpy": np.__version__, "ml_dtypes": ml_dtypes.__version__, "policy": repr(self.policy)}
+
+
+def run_together(runners: list[ReferenceRunner], tokens: np.ndarray, stems: list[Path | None], on_step=None,
+                 inner: bool = False) -> list[Trace]:
     """Run several open reference runners of one checkpoint (different toggles or emulated dtypes) side by side, a
     layer at a time, so each weight is read and converted to float64 once for all of them: a search over K
-    settings, or the float64 pass with its noise-floor pass, costs one read of the model instead of K."""
+    settings, or the float64 pass with its noise-floor pass, costs one read of the model instead of K. With `inner`,
+    every pass also writes the points inside each layer."""
     from reference_impls import forward_many
 
     prepared = [r.prepare(tokens, stem) for r, stem in zip(runners, stems)]
+    for _, out in prepared:
+        out.inner = inner
     t = time.perf_counter()
     each: list[float] = []
     try:
@@ -69,11 +91,3 @@ def run_together(runners: list[ReferenceRunner], tokens: np.ndarray, stems: list
     seconds = time.perf_counter() - t
     return [r.finish(out, ids, own, together_s=seconds, together_with=len(runners))
             for r, (ids, out), own in zip(runners, prepared, each)]
-
-    def _close(self) -> None:
-        self.weights = None
-
-    def versions(self) -> dict[str, str]:
-        import ml_dtypes
-
-        return {"numpy": np.__version__, "ml_dtypes": ml_dtypes.__version__, "policy": repr(self.policy)}

@@ -46,6 +46,10 @@ class BaselinePoint(BaseModel):
     kl: Metric = None
     cosine: Metric = None
     top1: Metric = None
+    delta_nll: Metric = None
+    ppl_ratio: Metric = None
+    gen_matched_steps: Metric = None
+    gen_topk_ok: Metric = None
 
 
 _POINTS = TypeAdapter(list[BaselinePoint])

@@ -1,0 +1,253 @@
+"""The `llamacpp` implementation: llama.cpp's own graph (through llama-cpp-python's low-level API) on a GGUF made by
+llama.cpp's own converter, captured at every layer through the graph's eval callback.
+
+The checkpoint is converted with the vendored `convert_hf_to_gguf.py` (`--outtype` always given), cached by content
+hash (gguf_convert.py); quantized types (`llamacpp:q8_0`, `llamacpp:q4_k_m`) are made from the f32 GGUF by
+llama.cpp's own quantizer (`llama_model_quantize`). Runtime settings are the toggles `kv_cache` (the K/V cache
+type) and `flash_attn`; their defaults are what a llama.cpp user gets, and the trace records the values used."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from pathlib import Path
+
+import numpy as np
+
+from bughunt.errors import BughuntError
+from bughunt.implementations.base import Runner
+
+# bughunt dtype name -> llama_ftype for llama.cpp's quantizer (llama.h)
+QUANT_TYPES = {"q8_0": 7, "q4_k_m": 15}
+KV_CACHE_TYPES = {"f16": 1, "f32": 0, "bf16": 30, "q8_0": 8}  # ggml_type of the K and V cache
+FLASH_ATTN = {"auto": -1, "off": 0, "on": 1}  # llama_flash_attn_type
+# HF config architectures whose GGUF llama.cpp builds a graph for, by bughunt family (mistral converts to `llama`)
+FAMILY_ARCH = {"llama": "llama", "mistral": "llama", "gemma": "gemma", "gemma2": "gemma2", "gemma3": "gemma3",
+               "phi3": "phi3", "qwen2": "qwen2", "qwen3": "qwen3"}
+
+
+_LOG: list[str] = []  # llama.cpp's last log lines (the reason, when a load fails), instead of printing them
+_LOG_CALLBACK = None  # kept for the life of the process: llama.cpp holds the pointer until it is replaced
+
+
+def _install_log() -> None:
+    global _LOG_CALLBACK
+    if _LOG_CALLBACK is None:
+        import llama_cpp
+
+        def log(level, text, user_data):
+            _LOG.append((text or b"").decode("utf-8", "replace"))
+            del _LOG[:-200]
+
+        _LOG_CALLBACK = llama_cpp.llama_log_callback(log)
+        llama_cpp.llama_log_set(_LOG_CALLBACK, ctypes.c_void_p(0))
+
+
+def _last_log() -> str:
+    lines = [ln.strip() for ln in "".join(_LOG).splitlines() if ln.strip()]
+    errors = [ln for ln in lines if "error" in ln.lower() or "failed" in ln.lower()]
+    return "; ".join((errors or lines)[-3:]) or "llama.cpp logged nothing"
+
+
+def gguf_file(checkpoint: Path, dtype: str, vocab: str = "auto") -> tuple[Path, dict]:
+    """The cached GGUF llama.cpp runs for `dtype`: the converter's output for fp32/fp16/bf16; for a quantized type,
+    llama.cpp's own quantizer (`llama_model_quantize`) applied to the converter's f32 output (tensors whose rows do
+    not fit the type's block fall back as llama.cpp decides; the GGUF records the type each tensor got)."""
+    from bughunt.implementations import gguf_convert
+
+    path, record = gguf_convert.convert(checkpoint, "fp32" if dtype in QUANT_TYPES else dtype, vocab)
+    record = dict(record)
+    if dtype not in QUANT_TYPES:
+        return path, record
+    import llama_cpp
+
+    _install_log()
+    out = path.with_name(path.name.replace("-f32-", f"-{dtype}-"))
+    if not out.is_file():
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = QUANT_TYPES[dtype]
+        params.nthread = min(4, os.cpu_count() or 1)
+        tmp = out.with_name(out.name + f".{os.getpid()}.tmp")
+        try:
+            rc = llama_cpp.llama_model_quantize(str(path).encode(), str(tmp).encode(), ctypes.byref(params))
+            if rc != 0:
+                raise BughuntError(f"llama.cpp's quantizer failed to make {dtype} from {path} (code {rc}): {_last_log()}")
+            os.replace(tmp, out)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+    record["quantized"] = {"type": dtype, "by": "llama_model_quantize", "from": "f32"}
+    return out, record
+
+
+class LlamaCppRunner(Runner):
+    name = "llamacpp"
+    families = tuple(FAMILY_ARCH)
+    dtypes = ("fp32", "fp16", "bf16", *QUANT_TYPES)
+    devices = ("cpu",)
+    toggle_support = {"bos": None, "kv_cache": None, "flash_attn": None,
+                      "rope_theta": None, "rope_theta_source": None}  # llama_context_params.rope_freq_base
+    # context settings: every run makes a new context anyway
+    live_toggles = frozenset({"bos", "kv_cache", "flash_attn", "rope_theta", "rope_theta_source"})
+
+    def __init__(self, *args, vocab: str = "auto", **kwargs):
+        super().__init__(*args, **kwargs)
+        from bughunt.toggles import changed
+
+        if {"rope_theta", "rope_theta_source"} & set(changed(self.spec, self.toggles)) and \
+                FAMILY_ARCH[self.spec.family] not in ("llama", "gemma", "qwen2", "qwen3"):
+            raise BughuntError(f"implementation 'llamacpp' cannot apply rope_theta to {self.spec.family}: llama.cpp's "
+                               "rope_freq_base setting moves only the full-attention layers' base, not the sliding ones'.")
+        self.vocab = vocab
+        self.model = None
+        self.conversion: dict = {}
+
+    # -- conversion ---------------------------------------------------------------------------------
+    def _gguf(self) -> Path:
+        path, record = gguf_file(self.checkpoint, self.dtype, self.vocab)
+        self.conversion = record
+        return path
+
+    # -- life cycle ---------------------------------------------------------------------------------
+    def _open(self) -> None:
+        import llama_cpp
+
+        _install_log()
+        self.gguf_path = self._gguf()
+        arch = self.conversion.get("gguf_arch")
+        if arch != FAMILY_ARCH[self.spec.family]:
+            raise BughuntError(f"llama.cpp's converter wrote architecture {arch!r} for family {self.spec.family}; "
+                               f"bughunt captures {FAMILY_ARCH[self.spec.family]!r} there.")
+        llama_cpp.llama_backend_init()
+        params = llama_cpp.llama_model_default_params()
+        params.n_gpu_layers = 0
+        self.model = llama_cpp.llama_model_load_from_file(str(self.gguf_path).encode(), params)
+        if not self.model:
+            raise BughuntError(f"llama.cpp could not load {self.gguf_path} (converted from {self.checkpoint}): {_last_log()}")
+        vocab = llama_cpp.llama_model_get_vocab(self.model)
+        n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
+        if n_vocab != self.spec.vocab_size:
+            raise BughuntError(f"llama.cpp reads a vocabulary of {n_vocab} tokens from the GGUF, but config.json says "
+                               f"vocab_size={self.spec.vocab_size}.")
+
+    def settings(self) -> dict[str, str]:
+        """The runtime settings this run uses (defaults: what llama.cpp gives a user who sets nothing)."""
+        from bughunt.toggles import TOGGLES
+
+        return {k: self.toggles.get(k, TOGGLES[k].default(self.spec)) for k in ("kv_cache", "flash_attn")}
+
+    def _context(self, n_tokens: int, capture):
+        import llama_cpp
+
+        c = llama_cpp.llama_context_default_params()
+        settings = self.settings()
+        c.n_ctx = c.n_batch = c.n_ubatch = n_tokens  # one micro-batch: one graph holds every position
+        c.n_seq_max = 1
+        c.n_threads = c.n_threads_batch = min(4, os.cpu_count() or 1)
+        c.type_k = c.type_v = KV_CACHE_TYPES[settings["kv_cache"]]
+        c.flash_attn_type = FLASH_ATTN[settings["flash_attn"]]
+        theta = self.toggles.get("rope_theta") or ("10000.0" if self.toggles.get("rope_theta_source") == "default" else None)
+        if theta is not None:
+            c.rope_freq_base = float(theta)  # 0 (the default) = the GGUF's value
+        c.no_perf = True
+        self._cb = llama_cpp.ggml_backend_sched_eval_callback(capture)
+        c.cb_eval = self._cb
+        ctx = llama_cpp.llama_init_from_model(self.model, c)
+        if not ctx:
+            raise BughuntError(f"llama.cpp could not create a context for {n_tokens} tokens with {settings}: {_last_log()}")
+        return ctx
+
+    def _run(self, tokens: np.ndarray, out) -> None:
+        import llama_cpp
+
+        from bughunt.implementations.ggml_capture import PLANS, Ggml, GraphCapture
+
+        ggml = Ggml()
+        per_sequence = []
+        for row in tokens:
+            capture = GraphCapture(ggml, PLANS[FAMILY_ARCH[self.spec.family]], self.spec.num_layers, self.branches)
+            n = len(row)
+            ctx = self._context(n, capture)
+            batch = llama_cpp.llama_batch_init(n, 0, 1)
+            try:
+                for i, token in enumerate(row):
+                    batch.token[i], batch.pos[i], batch.n_seq_id[i] = int(token), i, 1
+                    batch.seq_id[i][0], batch.logits[i] = 0, 1  # logits at every position, not only the last
+                batch.n_tokens = n
+                rc = llama_cpp.llama_decode(ctx, batch)
+                if capture.error is not None:
+                    raise capture.error
+                if rc != 0:
+                    raise BughuntError(f"llama_decode failed (code {rc}): {_last_log()}")
+                n_vocab = self.spec.vocab_size
+                logits = np.stack([np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, i), shape=(n_vocab,)).copy()
+                                   for i in range(n)])
+            finally:
+                llama_cpp.llama_batch_free(batch)
+                llama_cpp.llama_free(ctx)
+            missing = [p for p in capture.expected() if p not in capture.arrays]
+            if missing:
+                raise BughuntError(f"llama.cpp's graph for {self.spec.family} produced no node for {', '.join(missing[:6])}"
+                                   f"{' ...' if len(missing) > 6 else ''} (captured {len(capture.arrays)} points).")
+            capture.arrays = {p: a.reshape(n, -1) for p, a in capture.arrays.items()}  # ggml [1, 1, tokens, width]
+            capture.arrays["logits"] = logits
+            self.graph_nodes = capture.order
+            per_sequence.append(capture.arrays)
+        for point in per_sequence[0]:
+            out[point] = np.stack([arrays[point] for arrays in per_sequence])
+
+    # -- weight check (bughunt/weightcheck.py) --------------------------------------------------------
+    exposes_weights = True
+
+    def loaded_weights(self):
+        """The GGUF's tensors as llama.cpp loads them, read back with gguf-py, in checkpoint names and layout (a GGUF
+        [ne1, ne0] tensor is HF's [out, in] already). The converter's Q/K row permutation for ggml's RoPE (llama
+        architecture: convert_hf_to_gguf's LlamaModel.permute) is undone exactly; Gemma's (1 + w) folded into the norm
+        weights is left for the check to name ("offset by 1"), since subtracting 1 again in fp32 would not give w back."""
+        if self.dtype in QUANT_TYPES:
+            raise BughuntError(f"the weight check compares float tensors; a {self.dtype} GGUF differs from the checkpoint by "
+                               "design (its quantization floor is what judges it). Check llamacpp:fp32, fp16 or bf16.")
+        from bughunt.checkpoint import load_weights
+        from bughunt.implementations.quantized_weights import _unpermute, import_gguf
+
+        gguf = import_gguf()
+        reader = gguf.GGUFReader(str(self.gguf_path))
+        stored = {t.name: t for t in reader.tensors}
+        arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == FAMILY_ARCH[self.spec.family])
+        names = gguf.get_tensor_name_map(arch, self.spec.num_layers)
+        for name, array in load_weights(self.checkpoint, self.spec, self.allow_pickle).items():
+            if name == "lm_head.weight" and self.spec.tie_word_embeddings:
+                continue  # llama.cpp decodes with token_embd: checked as the embedding
+            tensor = stored.get(names.get_name(name, try_suffixes=(".weight", ".bias")) or "")
+            if tensor is None:
+                continue  # not carried into the GGUF: the check lists it as not exposed
+            values = np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type), dtype=np.float32).reshape(array.shape)
+            if FAMILY_ARCH[self.spec.family] == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
+                values = _unpermute(values, self.spec.num_heads if "q_proj" in name else self.spec.num_kv_heads)
+            yield name, values
+
+    def _close(self) -> None:
+        if self.model is not None:
+            import llama_cpp
+
+            llama_cpp.llama_model_free(self.model)
+            self.model = None
+
+    def finish(self, out, tokens, seconds, **timings):
+        trace = super().finish(out, tokens, seconds, **timings)
+        trace.meta.update(conversion=self.conversion, llamacpp_settings=self.settings(),
+                          graph_nodes={point: name for name, point in getattr(self, "graph_nodes", [])})
+        if trace.stem is not None:
+            trace.save_meta()
+        return trace
+
+    def versions(self) -> dict[str, str]:
+        import llama_cpp
+
+        source = self.conversion.get("converter", {})
+        return {"llama_cpp_python": llama_cpp.__version__,
+                "llama_cpp_commit": source.get("llama_cpp_commit", "unknown") if source.get("llama_cpp_python") ==
+                llama_cpp.__version__ else "unknown (the converter's source archive is another version)",
+                "build_flags": source.get("wheel_cmake_args") or "unknown (not built by `make llamacpp`)",
+                "system_info": llama_cpp.llama_print_system_info().decode().strip(),
+                "converter": f"convert_hf_to_gguf.py from llama-cpp-python {source.get('llama_cpp_python', '?')} sdist"}

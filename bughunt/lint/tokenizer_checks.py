@@ -1,0 +1,141 @@
+"""Lint checks of the tokenizer files: loadable, BOS, add_bos_token, the chat template, special tokens, vocabulary size."""
+
+from __future__ import annotations
+
+import json
+
+from bughunt.lint.catalog import EXPECTS_BOS, _Context, Finding, _finding, _Skip
+
+
+def check_transformers_config(ctx: _Context) -> list[Finding]:
+    err = ctx.transformers_config_error
+    if err:
+        return [_finding("transformers-rejects-config", f"transformers.AutoConfig fails: {err[:300]}", error=err)]
+    return []
+
+
+def check_tokenizer_loads(ctx: _Context) -> list[Finding]:
+    if not any(n in ctx.tokenizer_files for n in ("tokenizer.json", "tokenizer.model")):
+        raise _Skip("no tokenizer files (tokenizer.json or tokenizer.model) in the checkpoint")
+    if ctx.transformers_config_error:
+        raise _Skip("transformers rejects config.json, which AutoTokenizer reads to pick the tokenizer class")
+    try:
+        ctx.tokenizer
+    except _Skip as e:
+        return [_finding("tokenizer-unloadable", str(e))]
+    return []
+
+
+def _bos_id(ctx: _Context, tok) -> int | None:
+    return ctx.spec.bos_token_id if ctx.spec.bos_token_id is not None else tok.bos_token_id
+
+
+def check_tokenizer_bos(ctx: _Context) -> list[Finding]:
+    tok = ctx.tokenizer
+    if ctx.spec.family not in EXPECTS_BOS:
+        raise _Skip(f"{ctx.spec.family} models do not expect BOS")
+    bos = _bos_id(ctx, tok)
+    ids = list(tok("Hello world")["input_ids"])
+    if bos is None or not ids or ids[0] != bos:
+        return [_finding("tokenizer-no-bos", f"tokenizer('Hello world') gives {ids[:6]}, which does not start with BOS "
+                                             f"(id {bos}); {ctx.spec.family} models expect it", ids=ids, bos_token_id=bos)]
+    return []
+
+
+def check_add_bos_flag(ctx: _Context) -> list[Finding]:
+    path = ctx.checkpoint / "tokenizer.json"
+    tcfg_path = ctx.checkpoint / "tokenizer_config.json"
+    if not path.exists() or not tcfg_path.exists():
+        raise _Skip("needs both tokenizer.json and tokenizer_config.json")
+    try:
+        flag = json.loads(tcfg_path.read_text(encoding="utf-8")).get("add_bos_token")
+        from tokenizers import Tokenizer
+
+        raw = Tokenizer.from_file(str(path))
+    except Exception as e:
+        raise _Skip(f"cannot read the tokenizer files ({type(e).__name__}: {e})") from None
+    if flag is None:
+        raise _Skip("tokenizer_config.json does not set add_bos_token")
+    bos = ctx.spec.bos_token_id
+    if bos is None:
+        raise _Skip("config.json names no bos_token_id")
+    ids = raw.encode("Hello world").ids
+    adds = bool(ids) and ids[0] == bos
+    if adds != bool(flag):
+        return [_finding("add-bos-token-disagrees", f"tokenizer_config.json add_bos_token={flag} but tokenizer.json "
+                                                    f"{'adds' if adds else 'does not add'} BOS: {ids[:6]}",
+                         add_bos_token=flag, tokenizer_json_adds_bos=adds)]
+    return []
+
+
+def check_chat_template(ctx: _Context) -> list[Finding]:
+    tok = ctx.tokenizer
+    if not getattr(tok, "chat_template", None):
+        raise _Skip("the tokenizer has no chat template")
+    bos = _bos_id(ctx, tok)
+    if bos is None:
+        raise _Skip("neither config.json nor the tokenizer names a BOS token")
+    messages = [{"role": "user", "content": "Hello"}]
+    try:
+        ids = list(tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=False))
+        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except Exception as e:
+        raise _Skip(f"the chat template does not render a one-message conversation ({type(e).__name__}: {e})") from None
+    lead = next((k for k, i in enumerate(ids) if i != bos), len(ids))
+    out = []
+    if lead >= 2:
+        out.append(_finding("chat-template-double-bos", f"apply_chat_template(tokenize=True) starts with {lead} BOS tokens: {ids[:6]}",
+                            ids=ids[:32], bos_token_id=bos))
+    elif lead == 0 and ctx.spec.family in EXPECTS_BOS:
+        out.append(_finding("chat-template-missing-bos", f"apply_chat_template(tokenize=True) gives {ids[:6]}, without BOS (id {bos})",
+                            ids=ids[:32], bos_token_id=bos))
+    if lead >= 1:
+        retok = list(tok(text)["input_ids"])
+        if len(retok) >= 2 and retok[0] == bos and retok[1] == bos:
+            out.append(_finding("chat-template-bos-retokenized",
+                                f"the rendered template starts with {tok.bos_token!r} and tokenizer(text) adds another: {retok[:6]}",
+                                ids=retok[:32], bos_token_id=bos))
+    return out
+
+
+def check_special_tokens(ctx: _Context) -> list[Finding]:
+    tok = ctx.tokenizer
+    vocab = tok.get_vocab()
+    by_id = {i: t for t, i in vocab.items()}
+    out = []
+    roles = [("bos", ctx.spec.bos_token_id, tok.bos_token, tok.bos_token_id),
+             ("pad", ctx.spec.pad_token_id, tok.pad_token, tok.pad_token_id)]
+    roles += [("eos", e, tok.eos_token, tok.eos_token_id) for e in ctx.eos_ids()]
+    for role, cid, tstr, tid in roles:
+        if cid is None:
+            continue
+        if cid not in by_id:
+            out.append(_finding("special-token-missing", f"config.json {role}_token_id={cid} is not in the tokenizer vocabulary "
+                                                         f"({len(by_id)} entries)", role=role, config_id=cid))
+            continue
+        if tstr is None or tid is None:
+            continue
+        if role == "eos":
+            if tid not in ctx.eos_ids() and cid == ctx.eos_ids()[0]:
+                out.append(_finding("special-token-mismatch", f"config.json eos_token_id {ctx.eos_ids()} does not include the "
+                                                              f"tokenizer's eos_token {tstr!r} (id {tid})",
+                                    role=role, config_id=ctx.eos_ids(), config_token=by_id[cid], tokenizer_token=tstr, tokenizer_id=tid))
+        elif cid != tid:
+            out.append(_finding("special-token-mismatch", f"config.json {role}_token_id={cid} is {by_id[cid]!r}, but the tokenizer's "
+                                                          f"{role}_token is {tstr!r} (id {tid})",
+                                role=role, config_id=cid, config_token=by_id[cid], tokenizer_token=tstr, tokenizer_id=tid))
+    return out
+
+
+def check_tokenizer_size(ctx: _Context) -> list[Finding]:
+    tok = ctx.tokenizer
+    n, v = len(tok), ctx.spec.vocab_size
+    if n > v:
+        extra = sorted(i for i in tok.get_vocab().values() if i >= v)
+        return [_finding("tokenizer-vocab-exceeds-model", f"the tokenizer has {n} tokens but vocab_size is {v}; ids "
+                                                          f"{extra[:10]} have no embedding row", tokenizer_size=n, vocab_size=v,
+                         ids_past_vocab=extra[:100])]
+    return []
+
+
+# (function, ids it can fire): the order of the table.

@@ -1,0 +1,167 @@
+"""Each implementation's own tokenizer path, on the same text: what `hf` (transformers' AutoTokenizer), `keras-jax`
+and `keras-torch` (keras-hub's CausalLMPreprocessor, as its `generate` prepares a prompt) and `deepmind` (DeepMind
+gemma's `gm.text` tokenizer, as its Sampler encodes a prompt) would feed their model, compared with the ids every
+implementation was actually fed (the checkpoint's tokenizer, bughunt/text.py).
+
+The numerics comparison always uses the same ids; a path that would tokenize differently is a finding of its own,
+reported before any numerics ("keras-jax adds BOS twice", "ids differ from position 7").
+
+`encode_path` runs inside the implementation's own process (its worker: its interpreter, its library versions,
+its Keras backend), called through the worker protocol's "tokenize" job. A chat reaches each path the way a user of
+that library would write it: hf renders and tokenizes with apply_chat_template; keras-hub has no chat templates, so
+its preprocessor gets the text the checkpoint's template renders; gm.text formats turns with its own chat template.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from bughunt.errors import BughuntError
+
+PATH_NAMES = {"hf": "transformers AutoTokenizer", "keras-jax": "keras-hub CausalLMPreprocessor",
+              "keras-torch": "keras-hub CausalLMPreprocessor", "deepmind": "DeepMind gemma gm.text tokenizer"}
+
+
+def has_path(name: str) -> bool:
+    return name in PATH_NAMES
+
+
+def text_job(encoded) -> dict:
+    """The text part of a "tokenize" job: prompts, or the chat's messages and the text the checkpoint renders."""
+    if encoded.kind == "chat":
+        row = encoded.rows[0]
+        return {"chat": row["messages"], "rendered": row["text"], "add_generation_prompt": row["add_generation_prompt"]}
+    return {"prompts": [r["text"] for r in encoded.rows]}
+
+
+def encode_path(name: str, checkpoint: Path, text: dict) -> dict:
+    """{"path": what ran, "rows": [ids per row]}: the ids implementation `name`'s own tokenizer path gives. Raises
+    BughuntError when the path cannot tokenize this checkpoint (the reason is reported as a skip)."""
+    checkpoint = Path(checkpoint)
+    if name == "hf":
+        return _hf(checkpoint, text)
+    if name in ("keras-jax", "keras-torch"):
+        return _keras(checkpoint, text)
+    if name == "deepmind":
+        return _deepmind(checkpoint, text)
+    raise BughuntError(f"implementation {name} has no tokenizer path of its own")
+
+
+def _hf(checkpoint: Path, text: dict) -> dict:
+    import transformers
+
+    tok = transformers.AutoTokenizer.from_pretrained(str(checkpoint))
+    what = f"transformers {transformers.__version__} AutoTokenizer ({type(tok).__name__})"
+    if "chat" in text:
+        ids = tok.apply_chat_template(text["chat"], tokenize=True, add_generation_prompt=text["add_generation_prompt"],
+                                      return_dict=True)["input_ids"]
+        return {"path": what + ", apply_chat_template", "rows": [[int(i) for i in ids]]}
+    return {"path": what, "rows": [[int(i) for i in tok(p)["input_ids"]] for p in text["prompts"]]}
+
+
+def _keras(checkpoint: Path, text: dict) -> dict:
+    import numpy as np
+
+    try:
+        import keras_hub
+    except ImportError as e:
+        raise BughuntError(f"keras-hub cannot be imported in this process ({e}); its tokenizer path runs in the keras "
+                           "worker, where KERAS_BACKEND is set before keras is imported") from None
+
+    try:
+        pre = keras_hub.models.CausalLMPreprocessor.from_preset(str(checkpoint))
+    except Exception as e:  # the library cannot read this checkpoint's tokenizer: a skip with its reason
+        raise BughuntError(f"keras-hub cannot build a preprocessor for this checkpoint: {type(e).__name__}: {str(e)[:300]}") from None
+    what = f"keras-hub {keras_hub.__version__} {type(pre).__name__}.generate_preprocess"
+    prompts = [text["rendered"]] if "chat" in text else text["prompts"]
+    rows = []
+    for p in prompts:
+        pre.sequence_length = 2 * len(p.encode("utf-8")) + 8  # room for every byte and the start/end tokens
+        out = pre.generate_preprocess([p])
+        ids, mask = np.asarray(out["token_ids"])[0], np.asarray(out["padding_mask"])[0].astype(bool)
+        rows.append([int(i) for i in ids[mask]])
+    return {"path": what + (" on the text the checkpoint's chat template renders" if "chat" in text else ""), "rows": rows}
+
+
+def _deepmind(checkpoint: Path, text: dict) -> dict:
+    spm = checkpoint / "tokenizer.model"
+    if not spm.exists():
+        raise BughuntError("DeepMind gemma's tokenizer reads a SentencePiece tokenizer.model, which this checkpoint lacks")
+    from bughunt.implementations import _tf_stub
+
+    _tf_stub.install()  # kauldron imports tensorflow at import time
+    from gemma import gm
+    from gemma.gm.text import _template
+
+    import json
+
+    family = json.loads((checkpoint / "config.json").read_text()).get("model_type", "")
+    cls = gm.text.Gemma3Tokenizer if family.startswith("gemma3") else gm.text.Gemma2Tokenizer
+    tok = cls(path=str(spm))
+    from importlib.metadata import version
+
+    what = f"DeepMind gemma {version('gemma')} {cls.__name__}.encode(add_bos=True)"
+    if "chat" in text:
+        parts = []
+        for m in text["chat"]:
+            if m["role"] == "user":
+                parts.append(_template.PROMPT.format(m["content"]))
+            elif m["role"] in ("assistant", "model"):
+                parts.append(_template.ANSWER.format(m["content"]))
+            else:
+                raise BughuntError(f"gm.text's chat format has user and model turns only; this chat has role {m['role']!r}")
+        return {"path": what + " on turns formatted with gm.text's chat template", "rows": [[int(i) for i in tok.encode("".join(parts), add_bos=True)]]}
+    return {"path": what, "rows": [[int(i) for i in tok.encode(p, add_bos=True)] for p in text["prompts"]]}
+
+
+# ------------------------------------------------------------------------------------------------
+# Judging the paths against the ids every implementation was fed
+# ------------------------------------------------------------------------------------------------
+
+def _leading(ids: list[int], tid: int | None) -> int:
+    n = 0
+    while tid is not None and n < len(ids) and ids[n] == tid:
+        n += 1
+    return n
+
+
+def _times(n: int) -> str:
+    return {0: "no BOS", 1: "BOS once", 2: "BOS twice"}.get(n, f"BOS {n} times")
+
+
+def describe_difference(fed: list[int], path: list[int], bos: int | None, eos: int | None) -> str | None:
+    """One sentence on how a path's ids differ from the ids fed, or None when they are the same."""
+    if fed == path:
+        return None
+    parts = []
+    a, b = _leading(fed, bos), _leading(path, bos)
+    if a != b:
+        parts.append(f"adds {_times(b)} where the checkpoint's tokenizer adds {_times(a)}")
+    ea, eb = _leading(fed[::-1], eos), _leading(path[::-1], eos)
+    if ea != eb:
+        parts.append(f"ends with {eb} EOS where the checkpoint's tokenizer ends with {ea}")
+    first = next((k for k, (x, y) in enumerate(zip(fed, path)) if x != y), min(len(fed), len(path)))
+    tail = f"ids differ from position {first} ({len(path)} ids vs {len(fed)})"
+    return "; ".join(parts + [tail])
+
+
+def judge_paths(encoded, paths: dict[str, dict], eos: int | None = None) -> list[dict]:
+    """Findings (warnings) for every implementation whose own path tokenizes the text differently from the ids fed.
+
+    `paths` maps an implementation label to {"path": ..., "rows": [...]} or {"skipped": reason}."""
+    findings = []
+    bos = encoded.bos_token_id
+    for label, p in paths.items():
+        if "rows" not in p:
+            continue
+        for i, (row, ids) in enumerate(zip(encoded.rows, p["rows"])):
+            diff = describe_difference(row["ids"], ids, bos, eos)
+            p.setdefault("differences", []).append(diff)
+            if diff is None:
+                continue
+            where = f" (row {i})" if len(encoded.rows) > 1 else ""
+            findings.append({"severity": "warning", "kind": "tokenizer", "implementation": label, "point": None,
+                             "message": f"{label}'s own tokenizer path ({p['path']}) {diff}{where}; every implementation was "
+                                        f"fed the checkpoint tokenizer's ids, so the numerics below compare the same input"})
+        p["agrees"] = all(d is None for d in p.get("differences", []))
+    return findings
