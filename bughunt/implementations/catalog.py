@@ -24,6 +24,8 @@ INSTALL = {
     "keras-jax": "pip install --no-deps -r requirements/keras.txt",
     "keras-torch": "pip install --no-deps -r requirements/keras.txt",
     "mlx": "pip install --no-deps -r requirements/mlx.txt",
+    "litgpt": "make litgpt   (its own environment, .venv-litgpt, beside .venv)",
+    "llamacpp": "make llamacpp   (builds llama-cpp-python from source; requirements/llamacpp.txt)",
 }
 
 
