@@ -168,7 +168,7 @@ def test_merge_refuses_shards_that_are_not_one_run(sharded, capsys, tmp_path):
     refused([tmp_path / "o1", s2], r"are shards of different runs: their matrix files differ")
 
     bad = edited(s2, tmp_path / "badstatus", lambda doc: doc["outcomes"][0].update(status="maybe"))
-    refused([s1, bad], r"not a valid bughunt shard document: outcomes.0.status: Input should be 'pass', 'fail' or 'error'")
+    refused([s1, bad], r"not a valid bughunt shard document: outcomes.0.status: Input should be 'pass', 'fail', 'error' or 'skipped'")
     bad = edited(s2, tmp_path / "badtype", lambda doc: doc["shard"].update(index="2"))
     refused([s1, bad], r"not a valid bughunt shard document: shard.index: Input should be a valid integer")
     bad = edited(s2, tmp_path / "range", lambda doc: doc["shard"].update(index=3))
