@@ -1,7 +1,8 @@
 """Each implementation's own tokenizer path, on the same text: what `hf` (transformers' AutoTokenizer), `keras-jax`
-and `keras-torch` (keras-hub's CausalLMPreprocessor, as its `generate` prepares a prompt) and `deepmind` (DeepMind
-gemma's `gm.text` tokenizer, as its Sampler encodes a prompt) would feed their model, compared with the ids every
-implementation was actually fed (the checkpoint's tokenizer, bughunt/text.py).
+and `keras-torch` (keras-hub's CausalLMPreprocessor, as its `generate` prepares a prompt), `deepmind` (DeepMind
+gemma's `gm.text` tokenizer, as its Sampler encodes a prompt) and `llamacpp` (llama.cpp's tokenizer on the vocabulary
+llama.cpp's converter wrote into the GGUF, as llama-cpp-python encodes a prompt) would feed their model, compared with
+the ids every implementation was actually fed (the checkpoint's tokenizer, bughunt/text.py).
 
 The numerics comparison always uses the same ids; a path that would tokenize differently is a finding of its own,
 reported before any numerics ("keras-jax adds BOS twice", "ids differ from position 7").
@@ -9,7 +10,10 @@ reported before any numerics ("keras-jax adds BOS twice", "ids differ from posit
 `encode_path` runs inside the implementation's own process (its worker: its interpreter, its library versions,
 its Keras backend), called through the worker protocol's "tokenize" job. A chat reaches each path the way a user of
 that library would write it: hf renders and tokenizes with apply_chat_template; keras-hub has no chat templates, so
-its preprocessor gets the text the checkpoint's template renders; gm.text formats turns with its own chat template.
+its preprocessor gets the text the checkpoint's template renders; gm.text formats turns with its own chat template;
+llama-cpp-python renders the template the GGUF carries with its own Jinja2ChatFormatter and tokenizes the result.
+llama.cpp's tokenizer can abort its process on text its vocabulary cannot encode: the worker dies, and the path is
+reported as failed with llama.cpp's message, while the run goes on.
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ from pathlib import Path
 from bughunt.errors import BughuntError
 
 PATH_NAMES = {"hf": "transformers AutoTokenizer", "keras-jax": "keras-hub CausalLMPreprocessor",
-              "keras-torch": "keras-hub CausalLMPreprocessor", "deepmind": "DeepMind gemma gm.text tokenizer"}
+              "keras-torch": "keras-hub CausalLMPreprocessor", "deepmind": "DeepMind gemma gm.text tokenizer",
+              "llamacpp": "llama.cpp's tokenizer on the converted GGUF"}
 
 
 def has_path(name: str) -> bool:
@@ -44,6 +49,8 @@ def encode_path(name: str, checkpoint: Path, text: dict) -> dict:
         return _keras(checkpoint, text)
     if name == "deepmind":
         return _deepmind(checkpoint, text)
+    if name == "llamacpp":
+        return _llamacpp(checkpoint, text)
     raise BughuntError(f"implementation {name} has no tokenizer path of its own")
 
 
@@ -112,6 +119,41 @@ def _deepmind(checkpoint: Path, text: dict) -> dict:
                 raise BughuntError(f"gm.text's chat format has user and model turns only; this chat has role {m['role']!r}")
         return {"path": what + " on turns formatted with gm.text's chat template", "rows": [[int(i) for i in tok.encode("".join(parts), add_bos=True)]]}
     return {"path": what, "rows": [[int(i) for i in tok.encode(p, add_bos=True)] for p in text["prompts"]]}
+
+
+def _llamacpp(checkpoint: Path, text: dict) -> dict:
+    """llama.cpp's tokenizer as llama-cpp-python drives it: `Llama.tokenize(text, add_bos=True)` (BOS as the GGUF's
+    tokenizer.ggml.add_bos_token says), and for a chat the GGUF's own template rendered by its Jinja2ChatFormatter and
+    tokenized with special tokens parsed (no BOS added: the formatter's prompt carries what the template writes), as
+    create_chat_completion does. The vocabulary is the one the converter wrote; a GGUF converted without one (the
+    converter refused the tokenizer) has no tokenizer path."""
+    import llama_cpp
+    from llama_cpp import llama_chat_format
+
+    from bughunt.implementations.llamacpp import gguf_file
+
+    path, record = gguf_file(checkpoint, "fp32")
+    if record.get("vocabulary") != "real":
+        raise BughuntError("llama.cpp has no tokenizer for this checkpoint: its GGUF was converted without a vocabulary "
+                           f"({record.get('vocabulary_reason') or 'vocabulary-less conversion'})")
+    llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    what = f"llama-cpp-python {llama_cpp.__version__} Llama.tokenize on the GGUF's {llm.metadata.get('tokenizer.ggml.model', '?')} vocabulary"
+    if "chat" in text:
+        template = llm.metadata.get("tokenizer.chat_template")
+        if not template:
+            raise BughuntError("the GGUF carries no chat template (tokenizer.chat_template), so llama-cpp-python has no chat path for it")
+
+        def piece(token: int) -> str:
+            return llm.detokenize([token], special=True).decode("utf-8", "replace") if token >= 0 else ""
+
+        formatter = llama_chat_format.Jinja2ChatFormatter(template=template, eos_token=piece(llm.token_eos()),
+                                                          bos_token=piece(llm.token_bos()),
+                                                          add_generation_prompt=text["add_generation_prompt"])
+        result = formatter(messages=text["chat"])
+        ids = llm.tokenize(result.prompt.encode("utf-8"), add_bos=not result.added_special, special=True)
+        return {"path": what + ", chat through its Jinja2ChatFormatter", "rows": [[int(i) for i in ids]]}
+    return {"path": what + " (add_bos=True)",
+            "rows": [[int(i) for i in llm.tokenize(p.encode("utf-8"), add_bos=True, special=False)] for p in text["prompts"]]}
 
 
 # ------------------------------------------------------------------------------------------------
