@@ -126,13 +126,14 @@ def _llamacpp(checkpoint: Path, text: dict) -> dict:
     tokenizer.ggml.add_bos_token says), and for a chat the GGUF's own template rendered by its Jinja2ChatFormatter and
     tokenized with special tokens parsed (no BOS added: the formatter's prompt carries what the template writes), as
     create_chat_completion does. The vocabulary is the one the converter wrote; a GGUF converted without one (the
-    converter refused the tokenizer) has no tokenizer path."""
+    converter refused the tokenizer) has no tokenizer path. Only the vocabulary is converted (--vocab-only), so an 8B
+    checkpoint's path costs seconds, not a full conversion."""
     import llama_cpp
     from llama_cpp import llama_chat_format
 
-    from bughunt.implementations.llamacpp import gguf_file
+    from bughunt.implementations.gguf_convert import VOCAB_ONLY, convert
 
-    path, record = gguf_file(checkpoint, "fp32")
+    path, record = convert(checkpoint, VOCAB_ONLY)  # --vocab-only: the tokenizer without converting any weight
     if record.get("vocabulary") != "real":
         raise BughuntError("llama.cpp has no tokenizer for this checkpoint: its GGUF was converted without a vocabulary "
                            f"({record.get('vocabulary_reason') or 'vocabulary-less conversion'})")
