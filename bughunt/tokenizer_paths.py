@@ -12,8 +12,8 @@ its Keras backend), called through the worker protocol's "tokenize" job. A chat 
 that library would write it: hf renders and tokenizes with apply_chat_template; keras-hub has no chat templates, so
 its preprocessor gets the text the checkpoint's template renders; gm.text formats turns with its own chat template;
 llama-cpp-python renders the template the GGUF carries with its own Jinja2ChatFormatter and tokenizes the result.
-llama.cpp's tokenizer can abort its process on text its vocabulary cannot encode: the worker dies, and the path is
-reported as failed with llama.cpp's message, while the run goes on.
+llama.cpp's tokenizer can abort its process on text its vocabulary cannot encode: each text is tokenized in a forked
+child, so an abort is that text's error, reported with what llama.cpp said, and the run goes on.
 """
 
 from __future__ import annotations
@@ -127,7 +127,12 @@ def _llamacpp(checkpoint: Path, text: dict) -> dict:
     tokenized with special tokens parsed (no BOS added: the formatter's prompt carries what the template writes), as
     create_chat_completion does. The vocabulary is the one the converter wrote; a GGUF converted without one (the
     converter refused the tokenizer) has no tokenizer path. Only the vocabulary is converted (--vocab-only), so an 8B
-    checkpoint's path costs seconds, not a full conversion."""
+    checkpoint's path costs seconds, not a full conversion.
+
+    llama.cpp's tokenizer can abort the process on text its vocabulary cannot encode, so each text is tokenized in a
+    forked child: an abort is that text's error (with what llama.cpp said), not the end of the worker. With
+    text["row_errors"], rows that failed are None and "errors" maps their index to the reason; otherwise the first
+    failure raises BughuntError."""
     import llama_cpp
     from llama_cpp import llama_chat_format
 
@@ -151,10 +156,63 @@ def _llamacpp(checkpoint: Path, text: dict) -> dict:
                                                           bos_token=piece(llm.token_bos()),
                                                           add_generation_prompt=text["add_generation_prompt"])
         result = formatter(messages=text["chat"])
-        ids = llm.tokenize(result.prompt.encode("utf-8"), add_bos=not result.added_special, special=True)
-        return {"path": what + ", chat through its Jinja2ChatFormatter", "rows": [[int(i) for i in ids]]}
-    return {"path": what + " (add_bos=True)",
-            "rows": [[int(i) for i in llm.tokenize(p.encode("utf-8"), add_bos=True, special=False)] for p in text["prompts"]]}
+        calls = [lambda: llm.tokenize(result.prompt.encode("utf-8"), add_bos=not result.added_special, special=True)]
+        what += ", chat through its Jinja2ChatFormatter"
+    else:
+        calls = [lambda p=p: llm.tokenize(p.encode("utf-8"), add_bos=True, special=False) for p in text["prompts"]]
+        what += " (add_bos=True)"
+    rows, errors = [], {}
+    for i, call in enumerate(calls):
+        ids, error = _in_forked_child(call)
+        if error is not None and not text.get("row_errors"):
+            raise BughuntError(f"llama.cpp's tokenizer failed on text {i}: {error}")
+        rows.append(ids)
+        if error is not None:
+            errors[i] = error
+    return {"path": what, "rows": rows, **({"errors": errors} if errors else {})}
+
+
+def _in_forked_child(call) -> tuple[list[int] | None, str | None]:
+    """(ids, None) from `call()` run in a forked child, or (None, why) when it raised or the child died (a native abort:
+    its stderr, e.g. "terminate called after throwing an instance of 'std::out_of_range'", is the reason)."""
+    import json
+    import os
+    import signal
+
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: tokenize, answer, and leave without running any of the parent's cleanup
+        try:
+            os.close(out_r)
+            os.close(err_r)
+            os.dup2(err_w, 2)
+            os.environ["GGML_NO_BACKTRACE"] = "1"  # ggml would otherwise run gdb on abort to print a backtrace
+            try:
+                answer = {"ids": [int(i) for i in call()]}
+            except BaseException as e:  # noqa: BLE001 - reported to the parent as this text's error
+                answer = {"error": f"{type(e).__name__}: {e}"}
+            data = json.dumps(answer).encode()
+            while data:
+                data = data[os.write(out_w, data):]
+        finally:
+            os._exit(0)
+    os.close(out_w)
+    os.close(err_w)
+    chunks, errs = [], []
+    for fd, sink in ((out_r, chunks), (err_r, errs)):
+        while block := os.read(fd, 65536):
+            sink.append(block)
+        os.close(fd)
+    _, status = os.waitpid(pid, 0)
+    data = b"".join(chunks)
+    if data:
+        answer = json.loads(data)
+        return answer.get("ids"), answer.get("error")
+    said = " ".join(ln.strip() for ln in b"".join(errs).decode("utf-8", "replace").splitlines()
+                    if "terminate called" in ln or "what()" in ln or "GGML_ASSERT" in ln or "error" in ln.lower())
+    how = f"signal {signal.Signals(-os.waitstatus_to_exitcode(status)).name}" if os.WIFSIGNALED(status) else f"exit {os.waitstatus_to_exitcode(status)}"
+    return None, f"llama.cpp aborted the process ({how})" + (f": {said[:300]}" if said else "")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -89,8 +89,8 @@ def test_llamacpp_path_tokenizes_the_converted_vocabulary_in_its_worker(tiny):
     """llama.cpp's tokenizer on the vocabulary llama.cpp's converter wrote. The tiny llama's tokenizer.json is a BPE
     tokenizer the converter types as SentencePiece ("llama"), so llama.cpp splits the same text differently from the
     checkpoint's tokenizer after two words: the bug class 'tokenizer misdetected by the converter'. On text its
-    vocabulary cannot encode (no byte-fallback pieces) llama.cpp aborts its process; the failure names the C++
-    exception. A GGUF converted without a vocabulary (the converter refused the tokenizer) has no path at all."""
+    vocabulary cannot encode (no byte-fallback pieces) llama.cpp aborts (in a forked child, so the worker lives on);
+    the failure names the C++ exception. A GGUF converted without a vocabulary (the converter refused the tokenizer) has no path at all."""
     import transformers
 
     from bughunt.worker import WorkerFailure, WorkerPool
@@ -100,7 +100,7 @@ def test_llamacpp_path_tokenizes_the_converted_vocabulary_in_its_worker(tiny):
     job = {"kind": "tokenize", "name": "llamacpp", "checkpoint": str(tiny["llama"]), "text": {"prompts": [text]}}
     with WorkerPool() as pool:
         answer = pool.run("llamacpp", None, job)
-        with pytest.raises(WorkerFailure, match=r"exited .*std::out_of_range"):
+        with pytest.raises(WorkerFailure, match=r"aborted the process \(signal SIGABRT\): terminate called .*std::out_of_range"):
             pool.run("llamacpp", None, {**job, "text": {"prompts": ["hello\n\n  world"]}})
         with pytest.raises(WorkerFailure, match="converted without a vocabulary"):
             pool.run("llamacpp", None, {**job, "checkpoint": str(tiny["qwen3"])})
