@@ -1,6 +1,8 @@
 """Tokenizer parity: encode a built-in corpus of tricky strings with every tokenizer implementation that can
 read a checkpoint (the `tokenizers` library on tokenizer.json, transformers' AutoTokenizer, sentencepiece on
-tokenizer.model, keras-hub) and report every string on which they give different ids.
+tokenizer.model, keras-hub, llama.cpp's tokenizer on the vocabulary its converter writes) and report every string on
+which they give different ids. llama.cpp's runs in a worker process, each string in a forked child there: its
+tokenizer can abort the process on text its vocabulary cannot encode, and that is recorded as the string's error.
 
 Traces are fed token ids, never text (DESIGN.md), so this is where text-to-ids differences are caught.
 Implementations that cannot run here are skipped with the reason recorded, never silently dropped.
@@ -8,6 +10,7 @@ Implementations that cannot run here are skipped with the reason recorded, never
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,8 +83,9 @@ def _special_ids(checkpoint: Path) -> tuple[int | None, int | None]:
     return cfg.get("bos_token_id"), eos
 
 
-def available_tokenizers(checkpoint: Path) -> tuple[list[TokenizerImpl], list[dict]]:
-    """Every tokenizer implementation that can encode this checkpoint's text, and the skipped ones with reasons."""
+def available_tokenizers(checkpoint: Path, stack: contextlib.ExitStack | None = None) -> tuple[list[TokenizerImpl], list[dict]]:
+    """Every tokenizer implementation that can encode this checkpoint's text, and the skipped ones with reasons. With
+    `stack`, llama.cpp's tokenizer is included: its worker process lives until the stack closes."""
     checkpoint = Path(checkpoint)
     bos, eos = _special_ids(checkpoint)
     impls: list[TokenizerImpl] = []
@@ -151,7 +155,49 @@ def available_tokenizers(checkpoint: Path) -> tuple[list[TokenizerImpl], list[di
                                            f"keras-hub {keras_hub.__version__} SentencePieceTokenizer (start token as add_bos_token)", bos, eos))
             except Exception as e:
                 skipped.append({"name": "keras-hub", "reason": f"keras-hub tokenizer failed: {type(e).__name__}: {e}"})
+    if stack is not None:
+        _add_llamacpp(checkpoint, bos, eos, stack, impls, skipped)
     return impls, skipped
+
+
+def _add_llamacpp(checkpoint: Path, bos: int | None, eos: int | None, stack: contextlib.ExitStack,
+                  impls: list[TokenizerImpl], skipped: list[dict]) -> None:
+    """llama.cpp's tokenizer (bughunt/tokenizer_paths.py's llamacpp path: a --vocab-only conversion, Llama.tokenize)
+    in a worker; skipped with the reason when llama-cpp-python is absent or the converter writes no vocabulary."""
+    from bughunt.implementations import available
+
+    if not available("llamacpp"):
+        skipped.append({"name": "llama.cpp", "reason": "llama-cpp-python is not installed (make llamacpp)"})
+        return
+    from bughunt.worker import WorkerFailure, WorkerPool
+
+    pool = stack.enter_context(WorkerPool())
+
+    def job(texts: list[str]) -> dict:
+        return pool.run("llamacpp", None, {"kind": "tokenize", "name": "llamacpp", "checkpoint": str(checkpoint.resolve()),
+                                           "text": {"prompts": texts, "row_errors": True}}, 600)
+
+    try:
+        probe = job(["a"])  # converts the vocabulary once (cached), or says why there is none
+    except WorkerFailure as e:
+        skipped.append({"name": "llama.cpp", "reason": str(e).split("; its last output")[0]})
+        return
+    done: dict[str, tuple[list[int] | None, str | None]] = {}
+
+    def encode(text: str) -> list[int]:
+        """One job per corpus (each text in a forked child there, so an abort costs one text), asked on first use."""
+        if text not in done:
+            texts = [t for _, t in tricky_strings()] if not done else []
+            texts = texts if text in texts else [text]
+            answer = job(texts)
+            for i, t in enumerate(texts):
+                done[t] = (answer["rows"][i], answer.get("errors", {}).get(str(i)) or answer.get("errors", {}).get(i))
+        ids, error = done[text]
+        if error is not None:
+            raise RuntimeError(error)
+        return ids
+
+    impls.append(TokenizerImpl("llama.cpp", encode, probe["path"], bos, eos))
 
 
 def _encode(impl: TokenizerImpl, text: str) -> tuple[list[int] | None, str | None]:
@@ -210,8 +256,9 @@ def tokenizer_parity(checkpoint: Path, strings: list[tuple[str, str]] | None = N
     checkpoint = Path(checkpoint)
     if not checkpoint.is_dir():
         raise BughuntError(f"{checkpoint} is not a checkpoint directory. Pass the directory holding config.json and the tokenizer files.")
-    impls, skipped = available_tokenizers(checkpoint)
-    return compare_tokenizers(impls, strings if strings is not None else tricky_strings(), str(checkpoint), skipped)
+    with contextlib.ExitStack() as stack:
+        impls, skipped = available_tokenizers(checkpoint, stack)
+        return compare_tokenizers(impls, strings if strings is not None else tricky_strings(), str(checkpoint), skipped)
 
 
 def format_parity(report: ParityReport, limit: int = 10) -> str:

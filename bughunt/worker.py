@@ -72,6 +72,19 @@ class Worker:
         except OSError:
             return ""
 
+    def fatal_error(self) -> str:
+        """What a native library said as it aborted the process (a C++ exception's `what()`, a GGML_ASSERT), which a
+        backtrace printed after it would otherwise push out of the tail."""
+        import re
+
+        try:
+            text = Path(self.stderr.name).read_text(errors="replace")
+        except OSError:
+            return ""
+        lines = [ln.strip() for ln in text.splitlines()
+                 if re.search(r"terminate called|what\(\):|GGML_ASSERT|Fatal Python error|Segmentation fault", ln)]
+        return " ".join(dict.fromkeys(lines))[:400]
+
     def call(self, job: dict, timeout: float) -> dict:
         try:
             self.proc.stdin.write(json.dumps(job) + "\n")
@@ -87,7 +100,9 @@ class Worker:
                 raise WorkerFailure(f"worker for {self.name} timed out after {timeout:g} s and was killed") from None
             if line is None:
                 code = self.proc.wait()
+                fatal = self.fatal_error()
                 raise WorkerFailure(f"worker for {self.name} ({self.python}) exited with code {code} before answering"
+                                    + (f": {fatal}" if fatal else "")
                                     + (f"; its last output:\n{self.stderr_tail()}" if self.stderr_tail() else ""))
             if line.startswith("{"):
                 return json.loads(line)

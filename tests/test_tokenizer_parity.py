@@ -10,6 +10,7 @@ import pytest
 from conftest import per_family
 
 from bughunt.errors import BughuntError
+from bughunt.implementations import available
 from bughunt.tiny import TINY_FAMILIES, tiny_config_dict
 from bughunt.tiny_tokenizer import write_tiny_tokenizer
 from bughunt.tokenizer_parity import (TokenizerImpl, compare_tokenizers, format_parity, tokenizer_parity,
@@ -158,5 +159,20 @@ def test_parity_with_fewer_than_two_implementations(tmp_path):
                              num_attention_heads=2).save_pretrained(tmp_path)
     report = tokenizer_parity(tmp_path)
     assert report.implementations == [] and report.ok
-    assert {s["name"] for s in report.skipped} == {"tokenizers", "transformers", "sentencepiece", "keras-hub"}
+    assert {s["name"] for s in report.skipped} == {"tokenizers", "transformers", "sentencepiece", "keras-hub", "llama.cpp"}
     assert "nothing to compare" in format_parity(report)
+
+
+@pytest.mark.skipif(not available("llamacpp"), reason="llama-cpp-python is not installed")
+def test_parity_includes_llamacpp_and_records_its_aborts(tiny):
+    """On a checkpoint llama.cpp's converter writes a vocabulary for (the tiny llama: typed SentencePiece although it
+    is a byte-level BPE), llama.cpp's tokenizer joins the parity check; strings it cannot encode abort it in a forked
+    child and are recorded as that string's error, and the others are compared id by id."""
+    report = tokenizer_parity(tiny["llama"])
+    assert [i["name"] for i in report.implementations] == ["tokenizers", "transformers", "llama.cpp"]
+    mine = [d for d in report.disagreements if d["candidate"] == "llama.cpp"]
+    aborted = [d for d in mine if d.get("candidate_error")]
+    assert aborted and all("std::out_of_range" in d["candidate_error"] for d in aborted), aborted[:1]
+    compared = [d for d in mine if not d.get("candidate_error")]
+    assert compared and all(d["body_differs"] and not d["bos_differs"] for d in compared), compared[:1]
+    assert {d["name"] for d in report.disagreements if d["candidate"] == "transformers"} == set()

@@ -82,3 +82,45 @@ def test_deepmind_path_reads_tokenizer_model_in_its_worker(tiny, tmp_path):
     sp = sentencepiece.SentencePieceProcessor(model_file=str(checkpoint / "tokenizer.model"))
     assert answer["path"].startswith("DeepMind gemma ") and "Gemma2Tokenizer.encode(add_bos=True)" in answer["path"]
     assert answer["rows"] == [[2] + list(sp.encode(text))]
+
+
+@pytest.mark.skipif(not available("llamacpp"), reason="llama-cpp-python is not installed")
+def test_llamacpp_path_tokenizes_the_converted_vocabulary_in_its_worker(tiny):
+    """llama.cpp's tokenizer on the vocabulary llama.cpp's converter wrote. The tiny llama's tokenizer.json is a BPE
+    tokenizer the converter types as SentencePiece ("llama"), so llama.cpp splits the same text differently from the
+    checkpoint's tokenizer after two words: the bug class 'tokenizer misdetected by the converter'. On text its
+    vocabulary cannot encode (no byte-fallback pieces) llama.cpp aborts (in a forked child, so the worker lives on);
+    the failure names the C++ exception. A GGUF converted without a vocabulary (the converter refused the tokenizer) has no path at all."""
+    import transformers
+
+    from bughunt.worker import WorkerFailure, WorkerPool
+
+    text = "The miller sat by the door."
+    fed = transformers.AutoTokenizer.from_pretrained(str(tiny["llama"]))(text)["input_ids"]
+    job = {"kind": "tokenize", "name": "llamacpp", "checkpoint": str(tiny["llama"]), "text": {"prompts": [text]}}
+    with WorkerPool() as pool:
+        answer = pool.run("llamacpp", None, job)
+        with pytest.raises(WorkerFailure, match=r"aborted the process \(signal SIGABRT\): terminate called .*std::out_of_range"):
+            pool.run("llamacpp", None, {**job, "text": {"prompts": ["hello\n\n  world"]}})
+        with pytest.raises(WorkerFailure, match="converted without a vocabulary"):
+            pool.run("llamacpp", None, {**job, "checkpoint": str(tiny["qwen3"])})
+    assert answer["path"].startswith("llama-cpp-python 0.3.36 Llama.tokenize on the GGUF's llama vocabulary")
+    row = answer["rows"][0]
+    assert row[0] == fed[0] == 2 and row[1:3] == fed[1:3]  # BOS as the GGUF's add_bos_token says, the same first words
+    assert describe_difference(fed, row, bos=2, eos=1).startswith("ids differ from position 3"), (fed, row)
+
+
+@pytest.mark.skipif(not available("llamacpp"), reason="llama-cpp-python is not installed")
+def test_llamacpp_path_difference_comes_first_in_compare(tiny, tmp_path, capsys):
+    """End to end: the llama.cpp path's difference is a finding ahead of the numerics, and llama.cpp's forward pass on
+    the ids every implementation was fed still runs and is compared."""
+    out = tmp_path / "out"
+    capsys.readouterr()
+    main(["compare", str(tiny["llama"]), "--impl", "llamacpp[kv_cache=f32,flash_attn=off]", "--impl", "reference",
+          "--prompt", "The miller sat by the door.", "--no-branches", "--out", str(out)])
+    d = json.loads((out / "result.json").read_text())
+    assert not d["inputs"]["text"]["paths"]["llamacpp"]["agrees"]
+    first = d["findings"][0]
+    assert first["kind"] == "tokenizer" and first["implementation"].startswith("llamacpp"), d["findings"]
+    assert "ids differ from position 3" in first["message"]
+    assert [c["candidate"] for c in d["comparisons"]] == ["llamacpp[kv_cache=f32,flash_attn=off]"]

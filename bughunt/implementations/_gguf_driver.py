@@ -1,6 +1,6 @@
 """Runs llama.cpp's vendored converter (convert_hf_to_gguf.py's main(), step for step) in its own process, with one
 addition: the vocabulary path. usage: _gguf_driver.py CONVERTER_DIR, with a JSON list of jobs on stdin
-({"checkpoint", "outfile", "outtype": f32|f16|bf16, "vocab": auto|real|none}), so several checkpoints convert for
+({"checkpoint", "outfile", "outtype": f32|f16|bf16, "vocab": auto|real|none, "vocab_only": bool}), so several checkpoints convert for
 one import of torch. Prints one JSON line per job on stdout: the architecture and the vocabulary path taken, or the
 converter's own error."""
 
@@ -52,7 +52,10 @@ def convert(job: dict) -> dict:
         model = Converted(dir_model, ftype, Path(job["outfile"]), is_big_endian=False, use_temp_file=False, eager=False,
                           metadata_override=None, model_name=None, split_max_tensors=0, split_max_size=0,
                           dry_run=False, small_first_shard=False, remote_hf_model_id=None)
-        model.write()
+        if job.get("vocab_only"):  # convert_hf_to_gguf.py --vocab-only: the tokenizer and metadata, no tensors
+            model.write_vocab()
+        else:
+            model.write()
     return {"ok": True, "architecture": arch, "gguf_arch": gguf.MODEL_ARCH_NAMES[model_class.model_arch], **taken}
 
 

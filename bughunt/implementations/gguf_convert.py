@@ -28,6 +28,7 @@ from bughunt.errors import BughuntError
 LLAMA_CPP_PYTHON = "0.3.36"  # the pinned llama-cpp-python whose vendored converter is used
 OUTTYPES = {"fp32": "f32", "fp16": "f16", "bf16": "bf16"}  # bughunt dtype -> the converter's --outtype (always passed)
 VOCAB_PATHS = ("auto", "real", "none")
+VOCAB_ONLY = "vocab"  # as a dtype: the converter's --vocab-only output (the tokenizer alone, for llama.cpp's tokenizer path)
 _KEEP = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/", "LICENSE")
 _SKIP_FILES = (".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5", ".ckpt")  # not read by the converter for safetensors
 
@@ -137,7 +138,7 @@ def convert_many(jobs: list[tuple[Path, str]], vocab: str = "auto", timeout: flo
     """`convert` for several (checkpoint, dtype) pairs, the missing ones in one converter process (one import of
     torch and the converter for all of them). A conversion that fails raises BughuntError with the converter's reason."""
     for _, dtype in jobs:
-        if dtype not in OUTTYPES:
+        if dtype not in OUTTYPES and dtype != VOCAB_ONLY:
             raise BughuntError(f"the llama.cpp converter writes {', '.join(OUTTYPES)}; {dtype} is made by quantizing a converted file.")
     if vocab not in VOCAB_PATHS:
         raise BughuntError(f"vocabulary path {vocab!r}: use one of {', '.join(VOCAB_PATHS)}.")
@@ -147,7 +148,7 @@ def convert_many(jobs: list[tuple[Path, str]], vocab: str = "auto", timeout: flo
     planned = []
     for checkpoint, dtype in jobs:
         digest = checkpoint_hash(checkpoint)
-        key = f"{digest[:24]}-llamacpp{source['llama_cpp_python']}-{OUTTYPES[dtype]}-{vocab}"
+        key = f"{digest[:24]}-llamacpp{source['llama_cpp_python']}-{OUTTYPES.get(dtype, dtype)}-{vocab}"
         planned.append((Path(checkpoint), dtype, digest, root / f"{key}.gguf"))
     todo = [p for p in dict.fromkeys(planned) if not (p[3].is_file() and p[3].with_suffix(".json").is_file())]
     if todo:
@@ -161,8 +162,8 @@ def _run_converter(todo: list, vocab: str, source: dict, timeout: float) -> None
         fd, tmp = tempfile.mkstemp(prefix=out.stem + ".", suffix=".gguf.tmp", dir=out.parent)
         os.close(fd)
         tmps.append(tmp)
-    payload = [{"checkpoint": str(c.resolve()), "outfile": t, "outtype": OUTTYPES[d], "vocab": vocab}
-               for (c, d, _, _), t in zip(todo, tmps)]
+    payload = [{"checkpoint": str(c.resolve()), "outfile": t, "outtype": OUTTYPES.get(d, "f32"), "vocab": vocab,
+                "vocab_only": d == VOCAB_ONLY} for (c, d, _, _), t in zip(todo, tmps)]
     driver = Path(__file__).with_name("_gguf_driver.py")
     try:
         try:
@@ -173,11 +174,11 @@ def _run_converter(todo: list, vocab: str, source: dict, timeout: float) -> None
         answers = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
         for i, (checkpoint, dtype, digest, out) in enumerate(todo):
             answer = answers[i] if i < len(answers) else {"ok": False, "error": _last_error(proc.stderr)}
+            flags = "--vocab-only" if dtype == VOCAB_ONLY else f"--outtype {OUTTYPES[dtype]}"
             if not answer.pop("ok"):
-                raise BughuntError(f"llama.cpp's converter (convert_hf_to_gguf.py --outtype {OUTTYPES[dtype]}) failed on "
-                                   f"{checkpoint}: {answer['error']}")
-            answer.update(converter=source, outtype=OUTTYPES[dtype], checkpoint_sha256=digest,
-                          command=f"convert_hf_to_gguf.py {checkpoint} --outtype {OUTTYPES[dtype]} --outfile <cache>")
+                raise BughuntError(f"llama.cpp's converter (convert_hf_to_gguf.py {flags}) failed on {checkpoint}: {answer['error']}")
+            answer.update(converter=source, outtype=OUTTYPES.get(dtype, dtype), checkpoint_sha256=digest,
+                          command=f"convert_hf_to_gguf.py {checkpoint} {flags} --outfile <cache>")
             os.replace(tmps[i], out)
             out.with_suffix(".json").write_text(json.dumps(answer, indent=1))
     finally:
