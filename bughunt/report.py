@@ -232,12 +232,12 @@ def render(result: Result, out: Path) -> dict[str, Path]:
         (out / "positions.png").write_bytes(images["positions"])
         images["heatmap"], _ = _encode(heatmap_figure(result))
         (out / "heatmap.png").write_bytes(images["heatmap"])
-    if any(c.get("isolated") for c in result.comparisons):
-        images["isolated"], _ = _encode(isolation_figure(result))
-        (out / "isolated.png").write_bytes(images["isolated"])
         if _loss_points(result):
             images["loss"], _ = _encode(loss_figure(result))
             (out / "loss.png").write_bytes(images["loss"])
+    if any(c.get("isolated") for c in result.comparisons):
+        images["isolated"], _ = _encode(isolation_figure(result))
+        (out / "isolated.png").write_bytes(images["isolated"])
     if result.data.get("decode"):
         images["decode"], _ = _encode(decode_figure(result))
         (out / "decode.png").write_bytes(images["decode"])
