@@ -66,6 +66,6 @@ demo: $(VENV)/.stacks
 	$(VENV)/bin/bughunt demo
 
 test: $(VENV)/.test $(VENV)/.llamacpp $(LITGPT_VENV)/.installed envs
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q --durations=25
 
 .PHONY: demo test litgpt envs llamacpp llamacpp-cmake-args
