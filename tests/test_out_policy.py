@@ -249,7 +249,7 @@ def test_render_writes_a_fresh_output_in_place_and_elsewhere(tmp_path, report, c
     shutil.copytree(report, src)
     capsys.readouterr()
     assert main(["render", str(src)]) == 0
-    assert capsys.readouterr().out.strip() == f"wrote {src}: heatmap.png, layers.png, layers.svg, positions.png, report.html, result.json, traces/ (4 files)"
+    assert capsys.readouterr().out.strip() == f"wrote {src}: heatmap.png, layers.png, layers.svg, loss.png, positions.png, report.html, result.json, traces/ (4 files)"
     assert read_marker(src)["kind"] == "render"
     assert (src / "result.json").read_text() == (report / "result.json").read_text()
     assert main(["render", str(src / "result.json"), "--out", str(tmp_path / "copy")]) == 0
@@ -351,6 +351,7 @@ def test_a_report_written_before_markers_existed_is_replaced_but_not_one_with_a_
     legacy = tmp_path / "legacy"
     shutil.copytree(report, legacy)
     (legacy / MARKER).unlink()
+    (legacy / "loss.png").unlink()  # reports from before the markers had no loss plot
     assert main(["compare", str(checkpoint), *FAST, "--out", str(legacy)]) == 0
     assert read_marker(legacy)["kind"] == "compare"
     (legacy / MARKER).unlink()
