@@ -216,3 +216,22 @@ class Runner:
 
     def versions(self) -> dict[str, str]:
         return {}
+
+
+def decoder_points(base, spec: Spec, branches: bool) -> dict[str, tuple[object, str]]:
+    """capture point -> (module, kind) for a decoder laid out with transformers' names (`base.layers`, `base.norm`,
+    each layer's `self_attn` and `mlp`, and Gemma 2/3's post-branch norms), which mlx-lm's models share; kind is 'pre'
+    (the module's input) or 'out' (its output)."""
+    layers = base.layers
+    points: dict[str, tuple[object, str]] = {"embed": (layers[0], "pre")}
+    for i, layer in enumerate(layers):
+        if branches:
+            if spec.sandwich_norms:  # the branch output is the post-branch norm's output
+                points[f"layer.{i}.attn"] = (layer.post_attention_layernorm, "out")
+                points[f"layer.{i}.mlp"] = (layer.post_feedforward_layernorm, "out")
+            else:
+                points[f"layer.{i}.attn"] = (layer.self_attn, "out")
+                points[f"layer.{i}.mlp"] = (layer.mlp, "out")
+        points[f"layer.{i}"] = (layer, "out")
+    points["final_norm"] = (base.norm, "out")
+    return points

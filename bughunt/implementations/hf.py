@@ -8,7 +8,7 @@ import tempfile
 import numpy as np
 
 from bughunt.errors import BughuntError
-from bughunt.implementations.base import Runner
+from bughunt.implementations.base import Runner, decoder_points
 
 TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "fp64": "float64"}
 
@@ -201,20 +201,7 @@ class HFRunner(Runner):
 
     def modules(self) -> dict[str, object]:
         """capture point -> (module, kind) where kind is 'pre' (input of) or 'out' (output of)."""
-        base = self.model.model
-        layers = base.layers
-        points: dict[str, tuple[object, str]] = {"embed": (layers[0], "pre")}
-        for i, layer in enumerate(layers):
-            if self.branches:
-                if self.spec.sandwich_norms:  # the branch output is the post-branch norm's output
-                    points[f"layer.{i}.attn"] = (layer.post_attention_layernorm, "out")
-                    points[f"layer.{i}.mlp"] = (layer.post_feedforward_layernorm, "out")
-                else:
-                    points[f"layer.{i}.attn"] = (layer.self_attn, "out")
-                    points[f"layer.{i}.mlp"] = (layer.mlp, "out")
-            points[f"layer.{i}"] = (layer, "out")
-        points["final_norm"] = (base.norm, "out")
-        return points
+        return decoder_points(self.model.model, self.spec, self.branches)
 
     def _run(self, tokens: np.ndarray, out) -> None:
         import torch

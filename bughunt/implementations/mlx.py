@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from bughunt.errors import BughuntError
-from bughunt.implementations.base import Runner
+from bughunt.implementations.base import Runner, decoder_points
 
 MLX_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
@@ -61,20 +61,7 @@ class MLXRunner(Runner):
             self._undo.append(lambda cls=cls, original=original: setattr(cls, "__call__", original))
 
     def _capture_points(self) -> dict[str, tuple[object, str]]:
-        base = self.model.model
-        layers = base.layers
-        points: dict[str, tuple[object, str]] = {"embed": (layers[0], "pre")}
-        for i, layer in enumerate(layers):
-            if self.branches:
-                if self.spec.sandwich_norms:
-                    points[f"layer.{i}.attn"] = (layer.post_attention_layernorm, "out")
-                    points[f"layer.{i}.mlp"] = (layer.post_feedforward_layernorm, "out")
-                else:
-                    points[f"layer.{i}.attn"] = (layer.self_attn, "out")
-                    points[f"layer.{i}.mlp"] = (layer.mlp, "out")
-            points[f"layer.{i}"] = (layer, "out")
-        points["final_norm"] = (base.norm, "out")
-        return points
+        return decoder_points(self.model.model, self.spec, self.branches)
 
     def _run(self, tokens: np.ndarray, out) -> None:
         import mlx.core as mx
