@@ -1,5 +1,5 @@
 """How close the float64 reference runs to numpy's GEMM rate (issue 10): one forward pass of `reference_impls` on a
-memory-mapped checkpoint, timed alone, against a square float64 GEMM and a GEMM of the forward's own shape
+memory-mapped checkpoint, timed alone (best of --repeat passes), against a square float64 GEMM and a GEMM of the forward's own shape
 ([tokens, hidden] x [hidden, 4 hidden]) timed in the same run. Figures are printed, never asserted.
 
     python benchmarks/reference_rate.py CHECKPOINT --tokens 64 --tokens 512 --dtype fp64 --dtype bf16
@@ -39,6 +39,7 @@ def main() -> int:
     ap.add_argument("checkpoint", type=Path)
     ap.add_argument("--tokens", type=int, action="append", help="input length (repeatable; default 64 and 512)")
     ap.add_argument("--dtype", action="append", choices=["fp64", "fp32", "bf16", "fp16"], help="emulated dtype (repeatable; default fp64)")
+    ap.add_argument("--repeat", type=int, default=3, help="forward passes timed per row, best kept, as for the GEMMs (default 3)")
     args = ap.parse_args()
     from bughunt.checkpoint import load_weights
     from bughunt.spec import load_spec
@@ -56,7 +57,7 @@ def main() -> int:
         for dtype in args.dtype or ["fp64"]:
             square = gemm_gflops(2048, 2048, 2048)
             shaped = gemm_gflops(tokens, spec.hidden_size, spec.intermediate_size)
-            seconds = _timed(lambda: forward(weights, spec, ids, Policy(dtype=dtype)))
+            seconds = min(_timed(lambda: forward(weights, spec, ids, Policy(dtype=dtype))) for _ in range(args.repeat))
             rate = 2 * params * tokens / seconds / 1e9
             print(f"{tokens:>6} {dtype:>5} {seconds:>8.2f}s {rate:>8.1f} {square:>12.1f} {shaped:>16.1f} {rate / square:>9.0%} {rate / shaped:>13.0%}")
     return 0

@@ -58,6 +58,10 @@ class Policy:
 # Bytes of float64 one step may hold at once (a vocabulary chunk of the output embedding, a block of attention
 # scores): large enough for BLAS to run at full speed, small enough that memory stays bounded by one layer.
 CHUNK_BYTES = 64 << 20
+# Bytes of one block of attention scores. The softmax makes several temporaries of the block's size; kept this small
+# they stay in the CPU cache and come from malloc's heap, not from fresh pages. Larger blocks were measured 3-5x
+# slower at 512 tokens (a fresh 64 MB temporary spends most of its time in page faults), for the same arithmetic.
+ATTN_BLOCK_BYTES = 4 << 20
 
 
 class Numerics:
@@ -239,7 +243,7 @@ class Numerics:
                   window: int | None, out=None, point: str | None = None) -> np.ndarray:
         """Causal softmax attention, q [b, h, s, d], k/v [b, kv_h, s, d]; query head i uses kv head i // (h / kv_h)
         (grouped-query attention, Ainslie et al. 2023). A sliding window lets query t see keys t-window+1..t.
-        Queries are taken in blocks so the score matrix never exceeds CHUNK_BYTES (each query row is independent).
+        Queries are taken in blocks of at most ATTN_BLOCK_BYTES of scores (each query row is independent).
         When `out` asks for the points inside the layer (out.inner), they go to `{point}.q`, `.k` (after RoPE),
         `.scores` (after scale and soft-cap; masked positions hold 0), `.probs` and `.out` (heads merged, before the
         output projection), [batch, seq, ...]; scores and probs are filled a block of queries at a time."""
@@ -256,19 +260,21 @@ class Numerics:
         qg = q.reshape(b, kvh, h // kvh, s, d)  # the query heads that share one kv head, side by side
         kt, vg = np.swapaxes(k, -1, -2)[:, :, None], v[:, :, None]
         merged = np.empty((b, kvh, h // kvh, s, v.shape[-1]))
-        block = max(1, CHUNK_BYTES // (8 * b * h * s))
-        ki = np.arange(s)[None, :]
+        block = max(1, min(CHUNK_BYTES, ATTN_BLOCK_BYTES) // (8 * b * h * s))
         for q0 in range(0, s, block):
             q1 = min(s, q0 + block)
-            scores = rs(rs(qg[..., q0:q1, :] @ kt) * scale)
+            # Only the keys some query of the block may see: causal, so none after q1; a window, none before q0-window+1.
+            # The keys left out would get probability 0 and add nothing.
+            k0 = 0 if window is None else max(0, q0 - window + 1)
+            scores = rs(rs(qg[..., q0:q1, :] @ kt[..., k0:q1]) * scale)
             if softcap is not None:  # Gemma 2: cap * tanh(scores / cap)
                 scores = rs(rs(np.tanh(rs(scores / softcap))) * softcap)
-            qi = np.arange(q0, q1)[:, None]
+            qi, ki = np.arange(q0, q1)[:, None], np.arange(k0, q1)[None, :]
             allowed = ki <= qi
             if window is not None:
                 allowed &= (qi - ki) < window
-            if inner:  # [b, kvh, g, queries, keys] -> [b, queries, h, keys]
-                scores_out[:, q0:q1] = np.where(allowed, scores, 0.0).reshape(b, h, q1 - q0, s).transpose(0, 2, 1, 3)
+            if inner:  # [b, kvh, g, queries, keys] -> [b, queries, h, keys], every key (0 where masked)
+                scores_out[:, q0:q1] = self._all_keys(np.where(allowed, scores, 0.0), k0, s).reshape(b, h, q1 - q0, s).transpose(0, 2, 1, 3)
             scores = np.where(allowed, scores, -np.inf)
             if mode == "model":  # each step of the softmax rounded to the model dtype
                 p = self.r(np.exp(self.r(scores - scores.max(axis=-1, keepdims=True))))
@@ -278,13 +284,20 @@ class Numerics:
                 p = np.exp(scores)
                 p = self.r(self.r32(p / p.sum(axis=-1, keepdims=True)))  # softmax in fp32, then back to the model dtype
             if inner:
-                probs_out[:, q0:q1] = p.reshape(b, h, q1 - q0, s).transpose(0, 2, 1, 3)
-            merged[..., q0:q1, :] = self.r(p @ vg)
+                probs_out[:, q0:q1] = self._all_keys(p, k0, s).reshape(b, h, q1 - q0, s).transpose(0, 2, 1, 3)
+            merged[..., q0:q1, :] = self.r(p @ vg[..., k0:q1, :])
         merged = merged.reshape(b, h, s, v.shape[-1])
         if inner:
             out[f"{inner}.scores"], out[f"{inner}.probs"] = scores_out, probs_out
             out[f"{inner}.out"] = merge_heads(merged)
         return merged
+
+    @staticmethod
+    def _all_keys(block: np.ndarray, k0: int, s: int) -> np.ndarray:
+        """A block over keys k0..k0+width widened to all s keys, zero elsewhere (the points inside the layer hold every key)."""
+        full = np.zeros(block.shape[:-1] + (s,))
+        full[..., k0:k0 + block.shape[-1]] = block
+        return full
 
     def logits(self, x: np.ndarray, weights: "Weights", name: str, cap: float | None, out: np.ndarray):
         """x W^T for the output embedding, soft-capped, one vocabulary chunk at a time into `out` [b, s, vocab]: the
@@ -336,8 +349,9 @@ class Weights:
 
     With a `cache` (see `Shared`), forward passes stepped side by side convert each tensor once between them."""
 
-    def __init__(self, n: Numerics, stored: dict[str, np.ndarray], cache: dict | None = None):
+    def __init__(self, n: Numerics, stored: dict[str, np.ndarray], cache: dict | None = None, buffers: "Buffers | None" = None):
         self.n, self.stored, self.cache = n, stored, cache
+        self.buffers = buffers if buffers is not None else Buffers()
         # a mapping of memory-mapped arrays may say how to drop a used array's pages from resident memory
         self.release = getattr(stored, "release", lambda array: None)
 
@@ -349,7 +363,7 @@ class Weights:
         key = key + (None if exact else (self.n.policy.dtype, stored),)  # exact conversions are the same at every dtype
         if self.cache is not None and key in self.cache:
             return self.cache[key]
-        a64 = np.asarray(a, dtype=np.float64)
+        a64 = self.buffers.convert(a)
         self.release(a)
         if not exact:
             a64 = self.n.r(self.n.r_to(a64, stored)) if stored != "model" else self.n.r(a64)
@@ -368,18 +382,73 @@ class Weights:
         return tuple(self.stored[name].shape)
 
 
+# Conversions of at least this many elements are split across threads (numpy's casts release the GIL).
+THREADED_ELEMENTS = 1 << 20
+
+
+class Buffers:
+    """Float64 buffers the stored weights are converted into, reused from tensor to tensor and layer to layer.
+
+    Converting a stored (bf16) tensor into freshly allocated float64 memory costs about as much as multiplying by it
+    at short inputs: most of the time goes to page faults on the new pages (glibc hands large blocks back to the
+    kernel on free). Every decoder layer has the same shapes, so one buffer per shape in use at a time suffices. A
+    buffer is reused only once nothing else holds it (its reference count: a view, a cache entry or a trace in memory
+    keeps it), so reuse can never overwrite a value still in use. Large conversions are split across the cores."""
+
+    def __init__(self):
+        self.free: dict[tuple, list[np.ndarray]] = {}
+
+    def take(self, shape: tuple[int, ...]) -> np.ndarray:
+        import sys
+
+        held = self.free.setdefault(tuple(shape), [])
+        for buf in held:
+            if sys.getrefcount(buf) <= 3:  # this list, the loop variable and getrefcount's argument: nobody else
+                return buf
+        held.append(np.empty(shape, dtype=np.float64))
+        return held[-1]
+
+    def convert(self, a: np.ndarray) -> np.ndarray:
+        """`a` in float64, in a reused buffer (float64 input is returned as it is: no copy)."""
+        if np.dtype(a.dtype) == np.float64:
+            return np.asarray(a)
+        out = self.take(a.shape)
+        workers = _pool()
+        if a.ndim == 0 or a.size < THREADED_ELEMENTS or workers is None or a.shape[0] < 2:
+            np.copyto(out, a, casting="unsafe")
+            return out
+        bounds = np.linspace(0, a.shape[0], workers._max_workers + 1).astype(int)
+        list(workers.map(lambda i: np.copyto(out[bounds[i]:bounds[i + 1]], a[bounds[i]:bounds[i + 1]], casting="unsafe"),
+                         range(len(bounds) - 1)))
+        return out
+
+
+_POOL = []
+
+
+def _pool():
+    """One thread per core this process may use (at most 8), or None on one core."""
+    if not _POOL:
+        import os
+        from concurrent.futures import ThreadPoolExecutor
+
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        _POOL.append(ThreadPoolExecutor(min(cores, 8), thread_name_prefix="bughunt-convert") if cores > 1 else None)
+    return _POOL[0]
+
+
 class Shared:
     """Stored weights plus a cache of their float64 conversions, for forward passes stepped side by side."""
 
     def __init__(self, stored: dict[str, np.ndarray]):
-        self.stored, self.cache = stored, {}
+        self.stored, self.cache, self.buffers = stored, {}, Buffers()
 
 
 def stream_weights(n: Numerics, weights) -> Weights:
     """Weights read lazily from `weights` (name -> array, typically memory-mapped; or a `Shared`) and rounded to n's
     dtype on use."""
     if isinstance(weights, Shared):
-        return Weights(n, weights.stored, weights.cache)
+        return Weights(n, weights.stored, weights.cache, weights.buffers)
     return Weights(n, weights)
 
 
