@@ -104,7 +104,7 @@ def format_summary(result) -> str:
     if d.get("schedule"):
         sch = d["schedule"]
         lines.append(f"  memory plan: {'side by side' if sch['side_by_side'] else 'one after another'} within {sch['budget_gb']} GB "
-                     f"({sch['budget_source']}); estimated peaks " + ", ".join(f"{e['label']} ~{e['peak_gb']} GB" for e in sch["estimates"]))
+                     f"({sch['budget_source']}{', ' + sch['reason'] if sch.get('reason') else ''}); estimated peaks " + ", ".join(f"{e['label']} ~{e['peak_gb']} GB" for e in sch["estimates"]))
     return "\n".join(lines)
 
 

@@ -285,7 +285,7 @@ def compare(checkpoint: str | Path, implementations: Sequence[str | ImplChoice] 
         raise BughuntError(f"--device-map {device_map!r} is not supported; use --device-map auto.")
     impl_dtype_of = lambda c: c.dtype or ("fp64" if c.name == "reference" else dtype)  # noqa: E731
     schedule = memory.plan([memory.estimate(c.name, c.label, spec, impl_dtype_of(c), tokens.shape, device, device_map)
-                            for c in choices], max_memory, tokens.shape[1], dtype)
+                            for c in choices], max_memory, tokens.shape[1], dtype, memory.forward_flops(spec, tokens.size))
 
     traces: dict[str, Trace] = {}
     floor_traces: dict[str, Trace] = {}

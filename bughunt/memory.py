@@ -101,20 +101,43 @@ def estimate(name: str, label: str, spec: Spec, dtype: str, tokens_shape: tuple[
     return Estimate(label, int(peak), formula)
 
 
+# A run whose forward pass needs at most this many matmul FLOPs is light: its time goes to importing libraries and
+# loading, which overlap well, so its implementations may share the cores. A heavier one is compute-bound: two of its
+# implementations side by side on the same cores only slow each other (measured on the Llama 3.2 1B shape, 64 tokens,
+# 2 cores: hf and the reference side by side 31 s, the reference's two passes 24.5 s of it against 10 s alone).
+LIGHT_FLOPS = 5e10
+
+
 @dataclass
 class Schedule:
     side_by_side: bool
     budget: int
     budget_source: str
     estimates: list[Estimate]
+    reason: str = ""
 
     def as_dict(self) -> dict:
         return {"side_by_side": self.side_by_side, "budget_gb": round(self.budget / GB, 2), "budget_source": self.budget_source,
-                "estimates": [e.as_dict() for e in self.estimates]}
+                "estimates": [e.as_dict() for e in self.estimates], "reason": self.reason}
 
 
-def plan(estimates: list[Estimate], max_memory: int | None = None, tokens: int = 0, dtype: str = "fp32") -> Schedule:
-    """Side by side when every estimate fits at once, one after another when only each alone fits; otherwise refuse."""
+def forward_flops(spec: Spec, tokens: int) -> float:
+    """Matmul FLOPs of one forward pass over `tokens` positions (2 per parameter per token, the output projection
+    included; the embedding gather is free)."""
+    return 2.0 * tokens * (parameter_count(spec) - (0 if spec.tie_word_embeddings else spec.vocab_size * spec.hidden_size))
+
+
+def cores() -> int:
+    """CPU cores this process may use."""
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def plan(estimates: list[Estimate], max_memory: int | None = None, tokens: int = 0, dtype: str = "fp32",
+         flops: float = 0.0, ncores: int | None = None) -> Schedule:
+    """Side by side when every estimate fits at once and the cores allow it (a light run, or two cores per
+    implementation), one after another otherwise; refuse a run in which even one implementation alone cannot fit."""
     budget = max_memory if max_memory is not None else available_memory()
     source = "--max-memory" if max_memory is not None else "available memory"
     parent = int(PARENT_GB * GB)
@@ -129,10 +152,17 @@ def plan(estimates: list[Estimate], max_memory: int | None = None, tokens: int =
             f"this run cannot fit in {budget / GB:.1f} GB ({source}): {worst.label} needs about {worst.peak_bytes / GB:.1f} GB "
             f"({worst.formula}). Try " + ", ".join(h for h in hints if h) + ".")
     together = sum(e.peak_bytes for e in estimates) + parent
-    return Schedule(together <= budget, budget, source, estimates)
+    ncores = cores() if ncores is None else ncores
+    if together > budget:
+        return Schedule(False, budget, source, estimates, f"together they need about {together / GB:.1f} GB")
+    if len(estimates) > 1 and flops > LIGHT_FLOPS and ncores < 2 * len(estimates):
+        return Schedule(False, budget, source, estimates,
+                        f"compute-bound ({flops / 1e9:.0f} GFLOP a forward pass) on {ncores} cores: side by side they would share them")
+    return Schedule(True, budget, source, estimates, "")
 
 
 def describe(schedule: Schedule) -> str:
     parts = ", ".join(f"{e.label} ~{e.peak_bytes / GB:.1f} GB" for e in schedule.estimates)
     how = "side by side" if schedule.side_by_side else "one after another"
-    return f"{how} within {schedule.budget / GB:.1f} GB ({schedule.budget_source}): {parts}"
+    why = f", {schedule.reason}" if schedule.reason else ""
+    return f"{how} within {schedule.budget / GB:.1f} GB ({schedule.budget_source}{why}): {parts}"

@@ -38,6 +38,11 @@ MODES = ("one-at-a-time", "cumulative", "search")
 SIDES = ("reference", "candidate")
 MAX_EXHAUSTIVE = 300
 MARGIN = 0.05  # decades of mean improvement a change must bring to count (guards against fitting rounding noise)
+# Screening (an in-process reference only): settings are first run through the decoder layers up to the one where the
+# comparison first departs, and only those whose fit there is within CONFIRM_MARGIN decades of the best are run in
+# full, at most CONFIRM_MAX of them. A setting that does not repair the first departing layer cannot explain it.
+CONFIRM_MARGIN = 1.0
+CONFIRM_MAX = 8
 
 
 def _label(toggles: dict[str, str]) -> str:
@@ -183,10 +188,10 @@ def _sweep(checkpoint, impl, reference, dtype, device, toggles, mode, side, cand
 
     keep = reference_traces is not None and together and side == "reference"  # reference traces reused by later sweeps
 
-    def judged(key: tuple, varied: Trace) -> dict:
+    def judged(key: tuple, varied: Trace, screening: bool = False) -> dict:
         points = compare_traces(fixed_trace, varied) if side == "reference" else compare_traces(varied, fixed_trace)
         points, first = judge(points, floor, floor_factor)
-        if not keep:
+        if not keep or screening:
             _discard(varied)  # its metrics are kept; the arrays are not needed again
         return {"toggles": dict(key), "label": _label(dict(key)), "score": score(points), "fit": fit(points),
                 "first_above_floor": first, "points": points,
@@ -219,6 +224,33 @@ def _sweep(checkpoint, impl, reference, dtype, device, toggles, mode, side, cand
                 bar.advance()
         return [cache[k] for k in keys]
 
+    screened: dict[tuple, dict] = {}
+
+    def screen_many(settings: list[dict[str, str]], layers: int) -> list[dict]:
+        """Each setting judged on the embedding and the first `layers` decoder layers only (entries of settings already
+        run in full are cut to the same points), side by side in one read of those layers."""
+        keys = [tuple(sorted(changed(spec, tg).items())) for tg in settings]
+        todo = [k for k in dict.fromkeys(keys) if k not in cache and (k, layers) not in screened]
+        for k in todo:
+            fields = {n[len(PREFIX):]: v for n, v in k if is_field(n)}
+            if fields and changes_for(spec, fields) is None:
+                evaluate_many([dict(k)])  # no implementation could read that config: scored as such, nothing run
+        todo = [k for k in todo if k not in cache]
+        for start in range(0, len(todo), batch):
+            chunk = todo[start:start + batch]
+            traces = _run_reference_batch(varied_choice, checkpoint, spec, varied_dtype, device, tokens,
+                                          [{**varied_fixed, **dict(k)} for k in chunk], [next_stem() for _ in chunk], layers=layers)
+            for k, varied in zip(chunk, traces):
+                screened[k, layers] = judged(k, varied, screening=True)
+        out = []
+        for k in keys:
+            if k in cache:  # run in full already: the same points as a screening pass has
+                points = [p for p in cache[k]["points"] if _within(p["point"], layers)]
+                out.append({**cache[k], "points": points, "fit": fit(points)})
+            else:
+                out.append(screened[k, layers])
+        return out
+
     def evaluate(tg: dict[str, str]) -> dict:
         return evaluate_many([tg])[0]
 
@@ -231,8 +263,11 @@ def _sweep(checkpoint, impl, reference, dtype, device, toggles, mode, side, cand
         configs += evaluate_many([dict(items[:k + 1]) for k in range(len(items))])
     else:
         who = cand_choice.label + (_label(cand_fixed) if cand_fixed else "")
-        search_info = _search(spec, items, cannot_apply, evaluate_many, base, max_exhaustive, who, side, bar)
+        can_screen = together and side == "reference"
+        search_info = _search(spec, items, cannot_apply, evaluate_many, base, max_exhaustive, who, side, bar,
+                              screen_many if can_screen else None)
         search_info["evaluated"] = len(cache)
+        search_info["screened"] = len({k for k, _ in screened})
         configs = [baseline] + [c for c in search_info.pop("plotted") if c is not baseline]
 
     cand_label = cand_choice.label + (_label(cand_fixed) if cand_fixed else "")
@@ -309,15 +344,16 @@ def _batch_size(spec, tokens: np.ndarray) -> int:
 
 
 def _run_reference_batch(choice: ImplChoice, checkpoint, spec, dtype: str, device: str, tokens: np.ndarray,
-                         settings: list[dict[str, str]], stems: list[Path]) -> list[Trace]:
-    """Reference passes under several toggle settings, side by side in one read of the model."""
+                         settings: list[dict[str, str]], stems: list[Path], layers: int | None = None) -> list[Trace]:
+    """Reference passes under several toggle settings, side by side in one read of the model (with `layers`, of its
+    first decoder layers only)."""
     from bughunt.implementations.reference import ReferenceRunner, run_together
 
     runners = [ReferenceRunner(checkpoint, spec, dtype, device, label=choice.label, toggles=tg) for tg in settings]
     try:
         for r in runners:
             r.open()
-        return run_together(runners, tokens, stems)
+        return run_together(runners, tokens, stems, layers=layers)
     except BughuntError as e:
         raise BughuntError(f"{choice.label} failed during the sweep: {e}") from None
     finally:
@@ -348,15 +384,72 @@ def _same(a: dict, b: dict) -> bool:
     return all(x is None or abs(x - y) <= 1e-9 * max(abs(x), abs(y), 1e-300) for x, y in zip(ra, rb))
 
 
-def _spellings(best: dict, space: dict[str, list[str]], base: dict[str, str], evaluate_many) -> tuple[list[dict], list[dict]]:
+def _layer_of(point: str | None) -> int | None:
+    """The decoder layer a capture point belongs to (the embedding counts as layer 0's), None after the last layer."""
+    if point == "embed":
+        return 0
+    if point is not None and point.startswith("layer."):
+        return int(point.split(".")[1])
+    return None
+
+
+def _within(point: str, layers: int) -> bool:
+    """Whether a screening pass through `layers` decoder layers has this point."""
+    layer = _layer_of(point)
+    return layer is not None and layer < layers
+
+
+def _screen_depth(spec, entry: dict) -> int | None:
+    """How many decoder layers a screening pass runs to judge settings against `entry`: through the layer of its first
+    point above the floor. At the floor, the search only refines within the noise, and screens on the first layer: a
+    refinement that acts only later (the logits' dtype or soft-cap) is not tried then. None where the departure is
+    past half the model, or after the last layer: a screening pass would save little."""
+    point = entry["first_above_floor"] or "embed"
+    layer = _layer_of(point)
+    return None if layer is None or 2 * (layer + 1) > spec.num_layers else layer + 1
+
+
+def _first_effect(own: dict, baseline: dict) -> str | None:
+    """The first capture point where a setting's comparison differs from the baseline's (where the setting acts)."""
+    for a, b in zip(own["points"], baseline["points"]):
+        if not _same({"points": [a]}, {"points": [b]}):
+            return a["point"]
+    return None
+
+
+def _shortlist(spec, settings: list[dict], against: dict, screen, evaluate_many, record: list) -> list[dict]:
+    """The settings judged in full: all of them, or with screening (see CONFIRM_MARGIN) those whose fit through the
+    layer where `against` departs beats against's own there by MARGIN and is within CONFIRM_MARGIN of the best there,
+    fewest toggles first, at most CONFIRM_MAX."""
+    layers = _screen_depth(spec, against) if screen is not None and len(settings) > CONFIRM_MAX else None
+    if layers is None:
+        return evaluate_many(settings)
+    prefix = screen(settings, layers)
+    top = min(c["fit"] for c in prefix)
+    own = screen([against["toggles"]], layers)[0]["fit"]  # run already: cut to the same points, nothing runs
+    order = sorted((i for i, c in enumerate(prefix) if c["fit"] <= top + CONFIRM_MARGIN and c["fit"] < own - MARGIN),
+                   key=lambda i: (math.floor(prefix[i]["fit"] / MARGIN), len(prefix[i]["toggles"]), prefix[i]["fit"], _rank(prefix[i])))
+    chosen = [settings[i] for i in order[:CONFIRM_MAX]]
+    record.append({"layers": layers, "screened": len(settings), "confirmed": len(chosen)})
+    return evaluate_many(chosen)
+
+
+def _spellings(best: dict, space: dict[str, list[str]], base: dict[str, str], evaluate_many, spec=None, screen=None,
+               baseline: dict | None = None) -> tuple[list[dict], list[dict]]:
     """The settings that fit exactly as well as `best`: per chosen toggle, the single toggles with the same effect
-    alone (one explanation, several spellings), and the whole settings made of them that give the same trace."""
+    alone (one explanation, several spellings), and the whole settings made of them that give the same trace. With
+    screening, only the single toggles that give the same comparison through the layer where the chosen one first acts
+    are run in full."""
     singles = [{n: v} for n, vals in space.items() for v in vals if v != base.get(n)]
-    single_fits = evaluate_many(singles)
     parts = []
     for name, value in best["toggles"].items():
         own = evaluate_many([{name: value}])[0]
-        alts = [dict(c["toggles"]) for c in single_fits if c["toggles"] != {name: value} and _same(c, own)]
+        others = [c for c in singles if c != {name: value}]
+        layer = _layer_of(_first_effect(own, baseline)) if screen is not None and baseline is not None else None
+        if layer is not None and 2 * (layer + 1) <= spec.num_layers and len(others) > CONFIRM_MAX:
+            own_prefix = screen([{name: value}], layer + 1)[0]
+            others = [c for c, e in zip(others, screen(others, layer + 1)) if _same(e, own_prefix)]
+        alts = [dict(c["toggles"]) for c in evaluate_many(others) if _same(c, own)]
         parts.append({"toggle": name, "value": value, "spellings": [{name: value}] + alts})
     combos = [dict(kv for d in combo for kv in d.items()) for combo in itertools.product(*(p["spellings"] for p in parts))]
     combos = [c for c in combos if len(c) == len(best["toggles"])][:64]
@@ -365,10 +458,13 @@ def _spellings(best: dict, space: dict[str, list[str]], base: dict[str, str], ev
 
 
 def _search(spec, items, cannot_apply, evaluate_many, base: dict[str, str], max_exhaustive: int, who: str, side: str,
-            bar=progress.OFF) -> dict:
+            bar=progress.OFF, screen=None) -> dict:
     """Find the toggle settings with the lowest score; ties go to fewer changed toggles (Occam), then to settings that
     name a cause (an ignored config field). `evaluate_many` judges a list of settings at once (so an in-process
-    reference can run them side by side)."""
+    reference can run them side by side); `screen(settings, layers)`, when given, judges them on their first layers
+    only, and only the settings it shortlists are judged in full (_shortlist)."""
+    screening: list[dict] = []
+    start = evaluate_many([{}])[0]
     names = list(dict.fromkeys(n for n, _ in items)) or [n for n in available(spec) if cannot_apply(n) is None]
     space: dict[str, list[str]] = {}
     for n in names:
@@ -379,8 +475,10 @@ def _search(spec, items, cannot_apply, evaluate_many, base: dict[str, str], max_
     size = math.prod(len(v) for v in space.values())
     if size <= max_exhaustive:
         method = "exhaustive"
-        bar.update(total=size)  # every combination is one setting, the one already run among them
-        evaluated = evaluate_many([dict(zip(space, combo)) for combo in itertools.product(*space.values())])
+        bar.update(total=size if screen is None else None)  # every combination is one setting, the one already run among them
+        evaluated = _shortlist(spec, [dict(zip(space, combo)) for combo in itertools.product(*space.values())], start, screen,
+                               evaluate_many, screening)
+        evaluated = evaluated + [start] * all(c["toggles"] for c in evaluated)  # as it is: always a candidate
         top = min(c["fit"] for c in evaluated)
         # Occam: among settings within MARGIN of the best fit, the fewest changed toggles, then the best fit.
         best = min((c for c in evaluated if c["fit"] <= top + MARGIN), key=lambda c: (len(c["toggles"]), c["fit"], _rank(c)))
@@ -389,12 +487,13 @@ def _search(spec, items, cannot_apply, evaluate_many, base: dict[str, str], max_
         current: dict[str, str] = {}
         best = evaluate_many([current])[0]
         while True:
-            trials = evaluate_many([{**current, n: v} for n, vals in space.items() for v in vals if current.get(n, base.get(n)) != v])
+            trials = _shortlist(spec, [{**current, n: v} for n, vals in space.items() for v in vals if current.get(n, base.get(n)) != v],
+                                best, screen, evaluate_many, screening)
             cand = min(trials, key=lambda c: (c["fit"], _rank(c)), default=None)
             if cand is None or cand["fit"] > best["fit"] - MARGIN:
                 break
             best, current = cand, dict(cand["toggles"])
-    parts, equivalent = _spellings(best, space, base, evaluate_many) if best["toggles"] else ([], [])
+    parts, equivalent = _spellings(best, space, base, evaluate_many, spec, screen, start) if best["toggles"] else ([], [])
     ablation = []
     withouts = evaluate_many([{k: v for k, v in best["toggles"].items() if k != n} for n in best["toggles"]])
     for n, w in zip(best["toggles"], withouts):
@@ -419,7 +518,7 @@ def _search(spec, items, cannot_apply, evaluate_many, base: dict[str, str], max_
     for p in parts:
         p["description"] = describe_setting(spec, {p["toggle"]: p["value"]})[0]
     return {
-        "method": method, "space": space, "space_size": size, "evaluated": None,
+        "method": method, "space": space, "space_size": size, "evaluated": None, "screening": screening,
         "best": best["toggles"], "best_score": best["score"], "best_fit": best["fit"], "baseline_score": baseline["score"],
         "baseline_fit": baseline["fit"], "explanations": parts, "equivalent": equivalent,
         "ablation": [{k: v for k, v in a.items() if k != "entry"} for a in ablation],

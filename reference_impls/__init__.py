@@ -34,13 +34,14 @@ def steps(spec) -> int:
     return spec.num_layers + -(-spec.vocab_size // chunk)
 
 
-def forward_many(weights, runs, on_step=None, seconds: list | None = None) -> list:
+def forward_many(weights, runs, on_step=None, seconds: list | None = None, layers: int | None = None) -> list:
     """Several forward passes over the same weights, stepped side by side a layer (and a vocabulary chunk) at a time,
     so each tensor is read and converted to float64 once for all of them: runs are (spec, tokens, policy, out)
     tuples that may differ in everything but the family and the sizes (toggle settings, emulated dtype, input).
     `on_step()` is called after each step (a layer, or a chunk of the logits). Returns the `out` of each run;
     `seconds`, if given a list, receives each run's own time (a shared weight is charged to the first run that
-    converts it)."""
+    converts it). With `layers`, every pass stops after that many decoder layers (a screening pass: the points of the
+    embedding and those layers, no logits)."""
     import importlib
     import time
 
@@ -52,7 +53,13 @@ def forward_many(weights, runs, on_step=None, seconds: list | None = None) -> li
         passes.append(module.forward(shared, spec, tokens, policy or Policy(), outs[-1]))
     spent = [0.0] * len(passes)
     live = list(range(len(passes)))
+    step = 0
     while live:
+        if layers is not None and step >= layers:
+            for i in live:
+                passes[i].close()
+            break
+        step += 1
         for i in list(live):
             t = time.perf_counter()
             done = next(passes[i], StopIteration) is StopIteration

@@ -70,11 +70,12 @@ class ReferenceRunner(Runner):
 
 
 def run_together(runners: list[ReferenceRunner], tokens: np.ndarray, stems: list[Path | None], on_step=None,
-                 inner: bool = False) -> list[Trace]:
+                 inner: bool = False, layers: int | None = None) -> list[Trace]:
     """Run several open reference runners of one checkpoint (different toggles or emulated dtypes) side by side, a
     layer at a time, so each weight is read and converted to float64 once for all of them: a search over K
     settings, or the float64 pass with its noise-floor pass, costs one read of the model instead of K. With `inner`,
-    every pass also writes the points inside each layer."""
+    every pass also writes the points inside each layer. With `layers`, each pass stops after that many decoder layers
+    (the search's screening passes)."""
     from reference_impls import forward_many
 
     prepared = [r.prepare(tokens, stem) for r, stem in zip(runners, stems)]
@@ -83,7 +84,8 @@ def run_together(runners: list[ReferenceRunner], tokens: np.ndarray, stems: list
     t = time.perf_counter()
     each: list[float] = []
     try:
-        forward_many(runners[0].weights, [(r.spec, ids, r.policy, out) for r, (ids, out) in zip(runners, prepared)], on_step, each)
+        forward_many(runners[0].weights, [(r.spec, ids, r.policy, out) for r, (ids, out) in zip(runners, prepared)], on_step, each,
+                     layers)
     except BaseException:
         for _, out in prepared:
             out.abort()
