@@ -236,6 +236,18 @@ def spec_from_config(cfg: dict, path: str = "config.json") -> Spec:
         else:
             rope["sliding"] = rope["full"]
 
+    for r in rope.values():  # what no implementation could compute (transformers refuses these too)
+        half = int(head_dim * r.partial_rotary_factor) // 2
+        if r.type == "longrope":
+            for name in ("short_factor", "long_factor"):
+                got = r.extra.get(name)
+                if not isinstance(got, list) or len(got) != half:
+                    raise BughuntError(f"{path}: rope_type longrope needs {name}, a list of {half} numbers (one per rotated pair: "
+                                       f"head_dim x partial_rotary_factor / 2), found {got!r}. Fix the config.")
+        if r.type == "dynamic" and not int(cfg.get("max_position_embeddings") or 0) > 0:
+            raise BughuntError(f"{path}: rope_type dynamic scales by the input length over max_position_embeddings, which must be "
+                               f"a positive integer; found {cfg.get('max_position_embeddings')!r}. Fix the config.")
+
     # Attention scaling and soft-caps.
     qpas = cfg.get("query_pre_attn_scalar")
     if family in ("gemma2", "gemma3") and qpas:

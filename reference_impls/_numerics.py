@@ -185,7 +185,8 @@ class Numerics:
                 else:
                     attention = mscale(factor)
         elif kind == "llama3":
-            low_ff, high_ff = extra.get("low_freq_factor", 1.0), extra.get("high_freq_factor", 4.0)
+            low_ff = 1.0 if extra.get("low_freq_factor") is None else extra["low_freq_factor"]  # null: not given
+            high_ff = 4.0 if extra.get("high_freq_factor") is None else extra["high_freq_factor"]
             wavelen = 2 * math.pi / inv
             scaled = np.where(wavelen > orig / low_ff, inv / rope.factor, inv)
             smooth = (orig / wavelen - low_ff) / (high_ff - low_ff)

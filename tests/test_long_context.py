@@ -108,3 +108,27 @@ def test_report_has_the_layer_by_position_heatmap(tmp_path, tiny):
     compare(tiny["gemma"], ["hf", "reference"], out=tmp_path / "r")
     assert (tmp_path / "r" / "heatmap.png").read_bytes()[:4] == b"\x89PNG"
     assert "layer by position heatmap" in (tmp_path / "r" / "report.html").read_text()
+
+
+@pytest.mark.parametrize("kind", list(SCALINGS))
+def test_every_ignored_field_hypothesis_on_scaled_rope_runs_in_the_reference(kind, scaled):
+    """The search tries every field hypothesis of the config (field:<path>=ignored|absent|...); on a llama3 RoPE config
+    `rope_parameters.high_freq_factor=absent` (null) once crashed the reference with a TypeError mid-search. Each must
+    run, or be refused with a message (BughuntError), never crash."""
+    from bughunt.errors import BughuntError
+    from bughunt.toggles import available, is_field, lookup
+
+    ck = scaled[kind]
+    spec = load_spec(ck)
+    ids = np.random.default_rng(0).integers(3, 256, size=(1, 8))
+    tried = 0
+    for name in [n for n in available(spec) if is_field(n)]:
+        for value in lookup(name, spec).suggestions(spec):
+            try:
+                with ReferenceRunner(ck, spec, "fp64", toggles={name: value}) as r:
+                    trace = r.run(ids)
+            except BughuntError:
+                continue
+            assert np.isfinite(np.asarray(trace.arrays["logits"])).all(), f"{name}={value}"
+            tried += 1
+    assert tried > 5

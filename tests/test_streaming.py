@@ -255,3 +255,65 @@ def test_device_map_auto_captures_every_layer_like_a_plain_load(tiny, tokens):
     assert points == [p["point"] for p in mapped.comparison("hf")["points"]] and len(points) > 5
     for p in points:
         assert mapped.metric("hf", p) == plain.metric("hf", p), p
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_a_screening_pass_stops_after_its_layers_and_equals_the_full_pass_there(family, tiny, tokens, tmp_path):
+    """The search's screening passes (run_together(layers=L)) hold the embedding and L decoder layers, bit for bit."""
+    from bughunt.implementations.reference import run_together
+
+    spec = load_spec(tiny[family])
+    runners = [ReferenceRunner(tiny[family], spec, d) for d in ("fp64", "bf16")]
+    for r in runners:
+        r.open()
+    short = run_together(runners, tokens, [tmp_path / "a", tmp_path / "b"], layers=1)
+    for r, trace in zip(runners, short):
+        full = r.run(tokens)
+        assert set(trace.points()) == {p for p in full.points() if p == "embed" or p.startswith("layer.0")}
+        for p in trace.points():
+            np.testing.assert_array_equal(trace.arrays[p], full.arrays[p], err_msg=p)
+        r.close()
+
+
+def test_weight_buffers_are_reused_only_once_nothing_holds_them():
+    from reference_impls._numerics import Buffers
+
+    buffers = Buffers()
+    a = buffers.take((4, 3))
+    b = buffers.take((4, 3))
+    assert a is not b  # `a` is still held
+    view = b[1:]
+    del b
+    c = buffers.take((4, 3))
+    assert c is not a and not np.shares_memory(c, view)  # a view keeps its buffer from reuse
+    del a
+    assert buffers.take((4, 3)) is not c
+    stored = np.arange(12, dtype=np.float32).reshape(4, 3)
+    converted = buffers.convert(stored)
+    assert converted.dtype == np.float64 and np.array_equal(converted, stored)
+    f64 = np.ones((2, 2))
+    assert buffers.convert(f64) is f64  # float64 is used as it is
+
+
+def test_large_conversions_split_across_threads_give_the_same_values(monkeypatch):
+    import ml_dtypes
+
+    from reference_impls import _numerics
+
+    stored = np.random.default_rng(0).standard_normal((64, 33)).astype(ml_dtypes.bfloat16)
+    whole = _numerics.Buffers().convert(stored).copy()
+    monkeypatch.setattr(_numerics, "THREADED_ELEMENTS", 1)
+    split = _numerics.Buffers().convert(stored)
+    np.testing.assert_array_equal(split, whole)
+    np.testing.assert_array_equal(whole, stored.astype(np.float64))
+
+
+def test_a_compute_bound_run_on_few_cores_runs_one_after_another(tiny, tokens):
+    from bughunt import memory
+
+    spec = load_spec(tiny["llama"])
+    estimates = [memory.estimate(n, n, spec, "bf16", tokens.shape) for n in ("hf", "reference")]
+    heavy = memory.plan(estimates, 100 * memory.GB, flops=10 * memory.LIGHT_FLOPS, ncores=2)
+    assert heavy.side_by_side is False and "compute-bound" in heavy.reason and "2 cores" in memory.describe(heavy)
+    assert memory.plan(estimates, 100 * memory.GB, flops=10 * memory.LIGHT_FLOPS, ncores=4).side_by_side is True
+    assert memory.plan(estimates, 100 * memory.GB, flops=memory.forward_flops(spec, tokens.size), ncores=2).side_by_side is True
