@@ -18,7 +18,7 @@ import copy
 from dataclasses import dataclass
 
 from bughunt.errors import BughuntError
-from bughunt.spec import Spec, spec_from_config
+from bughunt.spec import Spec, rope_problems, spec_from_config
 
 PREFIX = "field:"
 CONFIG = "config"  # the field as config.json gives it
@@ -160,6 +160,8 @@ def changes_for(spec: Spec, chosen: dict[str, str]) -> dict | None:
     try:
         other = spec_from_config(cfg)
     except (BughuntError, TypeError, ValueError, KeyError, AttributeError):  # spec.py trusts validated fields' types
+        return None
+    if rope_problems(other):  # e.g. longrope factors for a rotary width the hypothesis changed
         return None
     return numerics_changes(spec, other)
 

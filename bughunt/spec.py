@@ -236,18 +236,6 @@ def spec_from_config(cfg: dict, path: str = "config.json") -> Spec:
         else:
             rope["sliding"] = rope["full"]
 
-    for r in rope.values():  # what no implementation could compute (transformers refuses these too)
-        half = int(head_dim * r.partial_rotary_factor) // 2
-        if r.type == "longrope":
-            for name in ("short_factor", "long_factor"):
-                got = r.extra.get(name)
-                if not isinstance(got, list) or len(got) != half:
-                    raise BughuntError(f"{path}: rope_type longrope needs {name}, a list of {half} numbers (one per rotated pair: "
-                                       f"head_dim x partial_rotary_factor / 2), found {got!r}. Fix the config.")
-        if r.type == "dynamic" and not int(cfg.get("max_position_embeddings") or 0) > 0:
-            raise BughuntError(f"{path}: rope_type dynamic scales by the input length over max_position_embeddings, which must be "
-                               f"a positive integer; found {cfg.get('max_position_embeddings')!r}. Fix the config.")
-
     # Attention scaling and soft-caps.
     qpas = cfg.get("query_pre_attn_scalar")
     if family in ("gemma2", "gemma3") and qpas:
@@ -296,6 +284,25 @@ def spec_from_config(cfg: dict, path: str = "config.json") -> Spec:
         notes=tuple(notes),
         source=cfg,
     )
+
+
+def rope_problems(spec: Spec) -> list[str]:
+    """What in the spec's RoPE no implementation could compute (transformers refuses these too): longrope factor lists
+    of the wrong length or missing, dynamic scaling without a positive max_position_embeddings. `lint` reports the same
+    as findings; the reference refuses such a spec, and the search drops a field hypothesis that leads to one."""
+    problems = []
+    for kind, r in spec.rope.items():
+        half = int(spec.head_dim * r.partial_rotary_factor) // 2
+        if r.type == "longrope":
+            for name in ("short_factor", "long_factor"):
+                got = r.extra.get(name)
+                if not isinstance(got, list) or len(got) != half:
+                    problems.append(f"rope_type longrope ({kind} layers) needs {name}, a list of {half} numbers (one per rotated "
+                                    f"pair: head_dim x partial_rotary_factor / 2), found {got!r}")
+        if r.type == "dynamic" and not spec.max_position_embeddings > 0:
+            problems.append(f"rope_type dynamic ({kind} layers) scales by the input length over max_position_embeddings, which "
+                            f"must be a positive integer; found {spec.max_position_embeddings!r}")
+    return list(dict.fromkeys(problems))
 
 
 def load_spec(checkpoint: Path) -> Spec:

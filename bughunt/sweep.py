@@ -197,6 +197,42 @@ def _sweep(checkpoint, impl, reference, dtype, device, toggles, mode, side, cand
                 "first_above_floor": first, "points": points,
                 "max_ratio_to_floor": max((p.get("ratio_to_floor") or 0.0) for p in points)}
 
+    prints: dict[tuple, str | None] = {}
+    passes = {"full": 0, "screening": 0}  # reference passes (or candidate runs) actually made
+
+    def fingerprint(k: tuple) -> str | None:
+        """What an in-process reference pass under setting k computes: its spec, policy and input ids. Settings with
+        the same fingerprint give bit-identical traces (another spelling of one setting), so one pass serves them all."""
+        if k not in prints:
+            prints[k] = None
+            if together:
+                from bughunt.implementations.reference import ReferenceRunner
+                from bughunt.toggles import apply_to_tokens
+
+                try:
+                    r = ReferenceRunner(checkpoint, spec, varied_dtype, device, toggles={**varied_fixed, **dict(k)})
+                    ids = apply_to_tokens(np.atleast_2d(tokens), r.spec, r.toggles)
+                    prints[k] = repr((r.spec.replace(notes=()), r.policy, ids.shape, ids.tobytes()))
+                except BughuntError:
+                    pass
+        return prints[k]
+
+    def unique(todo: list[tuple], done) -> tuple[list[tuple], dict[tuple, tuple]]:
+        """The settings to run, and for each other one the setting whose pass it shares (one of `todo`, or one of
+        `done`, the settings already run)."""
+        first: dict[str, tuple] = {f: k for k in done if (f := fingerprint(k)) is not None}
+        same: dict[tuple, tuple] = {}
+        for k in todo:
+            f = fingerprint(k)
+            if f is not None and f in first:
+                same[k] = first[f]
+            elif f is not None:
+                first[f] = k
+        return [k for k in todo if k not in same], same
+
+    def alias(entry: dict, k: tuple) -> dict:
+        return {**entry, "toggles": dict(k), "label": _label(dict(k))}
+
     def evaluate_many(settings: list[dict[str, str]]) -> list[dict]:
         keys = [tuple(sorted(changed(spec, tg).items())) for tg in settings]
         todo = [k for k in dict.fromkeys(keys) if k not in cache]
@@ -209,6 +245,7 @@ def _sweep(checkpoint, impl, reference, dtype, device, toggles, mode, side, cand
         for k in [k for k in todo if keep and (where, k) in kept]:
             cache[k] = judged(k, kept[where, k])
         todo = [k for k in todo if k not in cache]
+        todo, same = unique(todo, list(cache))
         for start in range(0, len(todo), batch):
             chunk = todo[start:start + batch]
             if together:
@@ -219,9 +256,14 @@ def _sweep(checkpoint, impl, reference, dtype, device, toggles, mode, side, cand
                     kept.update({(where, k): t for k, t in zip(chunk, traces)})
             else:
                 traces = [run(varied_choice, varied_dtype, {**varied_fixed, **dict(k)}) for k in chunk]
+            passes["full"] += len(chunk)
             for k, varied in zip(chunk, traces):
                 cache[k] = judged(k, varied)
                 bar.advance()
+        for k, twin in same.items():
+            cache[k] = alias(cache[twin], k)
+            if keep and (where, twin) in kept:
+                kept[where, k] = kept[where, twin]
         return [cache[k] for k in keys]
 
     screened: dict[tuple, dict] = {}
@@ -236,12 +278,16 @@ def _sweep(checkpoint, impl, reference, dtype, device, toggles, mode, side, cand
             if fields and changes_for(spec, fields) is None:
                 evaluate_many([dict(k)])  # no implementation could read that config: scored as such, nothing run
         todo = [k for k in todo if k not in cache]
+        todo, same = unique(todo, [k for k, depth in screened if depth == layers])
         for start in range(0, len(todo), batch):
             chunk = todo[start:start + batch]
             traces = _run_reference_batch(varied_choice, checkpoint, spec, varied_dtype, device, tokens,
                                           [{**varied_fixed, **dict(k)} for k in chunk], [next_stem() for _ in chunk], layers=layers)
+            passes["screening"] += len(chunk)
             for k, varied in zip(chunk, traces):
                 screened[k, layers] = judged(k, varied, screening=True)
+        for k, twin in same.items():
+            screened[k, layers] = alias(screened[twin, layers], k)
         out = []
         for k in keys:
             if k in cache:  # run in full already: the same points as a screening pass has
@@ -268,6 +314,7 @@ def _sweep(checkpoint, impl, reference, dtype, device, toggles, mode, side, cand
                               screen_many if can_screen else None)
         search_info["evaluated"] = len(cache)
         search_info["screened"] = len({k for k, _ in screened})
+        search_info["passes"] = dict(passes)
         configs = [baseline] + [c for c in search_info.pop("plotted") if c is not baseline]
 
     cand_label = cand_choice.label + (_label(cand_fixed) if cand_fixed else "")
@@ -401,10 +448,15 @@ def _within(point: str, layers: int) -> bool:
 
 def _screen_depth(spec, entry: dict) -> int | None:
     """How many decoder layers a screening pass runs to judge settings against `entry`: through the layer of its first
-    point above the floor. At the floor, the search only refines within the noise, and screens on the first layer: a
-    refinement that acts only later (the logits' dtype or soft-cap) is not tried then. None where the departure is
-    past half the model, or after the last layer: a screening pass would save little."""
-    point = entry["first_above_floor"] or "embed"
+    point above the floor. At the floor the search only refines within the noise. Once settings have brought it there
+    (entry has toggles), it screens on the first layer, so a refinement that acts only later (the logits' dtype) is
+    not tried on top of an explained departure. A comparison at the floor as it is gets the thorough search: through
+    the layer of its point furthest from the reference relative to its floor. None where that point is past half the
+    model, or after the last layer (judged in full): a screening pass would save little."""
+    point = entry["first_above_floor"] or ("embed" if entry["toggles"] else None)
+    if point is None:
+        ranked = [p for p in entry["points"] if p.get("ratio_to_floor") is not None]
+        point = max(ranked, key=lambda p: p["ratio_to_floor"])["point"] if ranked else None
     layer = _layer_of(point)
     return None if layer is None or 2 * (layer + 1) > spec.num_layers else layer + 1
 

@@ -39,6 +39,11 @@ class ReferenceRunner(Runner):
         self.spec = apply_to_spec(self.spec, self.toggles)
         from bughunt.spec import SUPPORTED_ROPE_TYPES
 
+        from bughunt.spec import rope_problems
+
+        problems = rope_problems(self.spec)
+        if problems:
+            raise BughuntError(f"the reference cannot compute this config's RoPE: {problems[0]}. Fix the config (bughunt lint names it).")
         for kind, rope in self.spec.rope.items():
             if rope.type not in SUPPORTED_ROPE_TYPES:
                 raise BughuntError(f"the reference does not implement rope_type '{rope.type}' yet (supports: {', '.join(SUPPORTED_ROPE_TYPES)}).")
