@@ -42,14 +42,14 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=3, help="forward passes timed per row, best kept, as for the GEMMs (default 3)")
     args = ap.parse_args()
     from bughunt.checkpoint import load_weights
+    from bughunt.memory import matmul_parameters
     from bughunt.spec import load_spec
     from reference_impls import Policy, forward
 
     spec = load_spec(args.checkpoint)
     weights = load_weights(args.checkpoint, spec)
-    tied = spec.tie_word_embeddings and "lm_head.weight" in weights
-    params = sum(int(np.prod(w.shape)) for name, w in weights.items() if not (tied and name == "lm_head.weight"))
-    print(f"{args.checkpoint}: {params / 1e9:.3f}B parameters; matmul FLOPs per token = 2 x parameters (the embedding "
+    params = matmul_parameters(spec)
+    print(f"{args.checkpoint}: {params / 1e9:.3f}B parameters in matmuls; FLOPs per token = 2 x those (the embedding "
           "gather is free, the output projection is not)")
     print(f"{'tokens':>6} {'dtype':>5} {'forward':>9} {'GFLOP/s':>8} {'square GEMM':>12} {'same-shape GEMM':>16} {'of square':>9} {'of same-shape':>13}")
     for tokens in args.tokens or [64, 512]:

@@ -22,6 +22,7 @@ import numpy as np
 
 from bughunt.checkpoint import expected_shapes, validate_weights
 from bughunt.errors import BughuntError
+from bughunt.memory import matmul_parameters  # noqa: F401  (re-exported: the benchmarks count FLOPs as compare plans with)
 from bughunt.spec import Spec, load_spec, spec_from_config
 
 GENERATOR_VERSION = 1
@@ -83,14 +84,6 @@ SHAPES: dict[str, Shape] = {s.name: s for s in [
 def parameter_count(spec: Spec) -> int:
     """Parameters stored in the checkpoint (a tied lm_head counts once)."""
     return sum(int(np.prod(s, dtype=np.int64)) for s in expected_shapes(spec).values())
-
-
-def matmul_parameters(spec: Spec) -> int:
-    """Weights that enter a matrix multiplication in the forward pass: every projection plus the lm_head (tied or
-    not). The embedding is a row gather, not a matmul; norms and biases are elementwise."""
-    shapes = expected_shapes(spec)
-    projections = sum(int(np.prod(s, dtype=np.int64)) for n, s in shapes.items() if n.endswith("_proj.weight"))
-    return projections + spec.vocab_size * spec.hidden_size
 
 
 def forward_flops(spec: Spec, batch: int, seq: int) -> dict[str, int]:

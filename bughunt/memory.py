@@ -121,17 +121,15 @@ class Schedule:
                 "estimates": [e.as_dict() for e in self.estimates], "reason": self.reason}
 
 
+def matmul_parameters(spec: Spec) -> int:
+    """Weights that enter a matrix multiplication in the forward pass: every projection plus the output embedding
+    (tied or not). The input embedding is a row gather, not a matmul; norms and biases are elementwise."""
+    return spec.num_layers * _largest_layer_params(spec) + spec.vocab_size * spec.hidden_size
+
+
 def forward_flops(spec: Spec, tokens: int) -> float:
-    """Matmul FLOPs of one forward pass over `tokens` positions (2 per parameter per token, the output projection
-    included; the embedding gather is free)."""
-    return 2.0 * tokens * (parameter_count(spec) - (0 if spec.tie_word_embeddings else spec.vocab_size * spec.hidden_size))
-
-
-def cores() -> int:
-    """CPU cores this process may use."""
-    import os
-
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    """Matmul FLOPs of the projections and the output embedding in one forward pass over `tokens` positions."""
+    return 2.0 * tokens * matmul_parameters(spec)
 
 
 def plan(estimates: list[Estimate], max_memory: int | None = None, tokens: int = 0, dtype: str = "fp32",
@@ -152,7 +150,10 @@ def plan(estimates: list[Estimate], max_memory: int | None = None, tokens: int =
             f"this run cannot fit in {budget / GB:.1f} GB ({source}): {worst.label} needs about {worst.peak_bytes / GB:.1f} GB "
             f"({worst.formula}). Try " + ", ".join(h for h in hints if h) + ".")
     together = sum(e.peak_bytes for e in estimates) + parent
-    ncores = cores() if ncores is None else ncores
+    if ncores is None:
+        from reference_impls._numerics import cores  # the cores the reference's conversions are split across
+
+        ncores = cores()
     if together > budget:
         return Schedule(False, budget, source, estimates, f"together they need about {together / GB:.1f} GB")
     if len(estimates) > 1 and flops > LIGHT_FLOPS and ncores < 2 * len(estimates):

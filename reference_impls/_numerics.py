@@ -418,10 +418,17 @@ class Buffers:
         if a.ndim == 0 or a.size < THREADED_ELEMENTS or workers is None or a.shape[0] < 2:
             np.copyto(out, a, casting="unsafe")
             return out
-        bounds = np.linspace(0, a.shape[0], workers._max_workers + 1).astype(int)
+        bounds = np.linspace(0, a.shape[0], min(cores(), 8) + 1).astype(int)
         list(workers.map(lambda i: np.copyto(out[bounds[i]:bounds[i + 1]], a[bounds[i]:bounds[i + 1]], casting="unsafe"),
                          range(len(bounds) - 1)))
         return out
+
+
+def cores() -> int:
+    """CPU cores this process may use."""
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 _POOL = []
@@ -430,11 +437,10 @@ _POOL = []
 def _pool():
     """One thread per core this process may use (at most 8), or None on one core."""
     if not _POOL:
-        import os
         from concurrent.futures import ThreadPoolExecutor
 
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        _POOL.append(ThreadPoolExecutor(min(cores, 8), thread_name_prefix="bughunt-convert") if cores > 1 else None)
+        n = min(cores(), 8)
+        _POOL.append(ThreadPoolExecutor(n, thread_name_prefix="bughunt-convert") if n > 1 else None)
     return _POOL[0]
 
 

@@ -37,9 +37,7 @@ class ReferenceRunner(Runner):
         self.policy = Policy(**{**(policy or Policy()).__dict__, **policy_fields, "dtype": "fp64" if self.quantized else self.dtype})
         self.config_spec = self.spec  # what the checkpoint holds: its weights are loaded and checked against this
         self.spec = apply_to_spec(self.spec, self.toggles)
-        from bughunt.spec import SUPPORTED_ROPE_TYPES
-
-        from bughunt.spec import rope_problems
+        from bughunt.spec import SUPPORTED_ROPE_TYPES, rope_problems
 
         problems = rope_problems(self.spec)
         if problems:
