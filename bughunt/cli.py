@@ -201,7 +201,9 @@ def cmd_sweep(args) -> int:
             print(f"  {c['label']:<48} {c['score']:>7.3f} {c['first_above_floor'] or 'none':<18}")
     if sw["search"]:
         s = sw["search"]
-        print(f"  search: {s['method']}, {s['evaluated']} of {s['space_size']} settings evaluated")
+        from bughunt.sweep import search_counts
+
+        print(f"  search: {search_counts(s)}")
         for x in s.get("explanations") or []:
             if len(x["spellings"]) > 1 or x["toggle"].startswith("field:"):
                 print(f"  {x['toggle']}={x['value']}: {x['description']}")

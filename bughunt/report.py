@@ -341,7 +341,9 @@ def sweep_section(result: Result) -> str:
     s = sw.get("search")
     if s:
         parts.append(f"<div class='finding {'info' if s['at_floor'] else 'warning'}'><b>diagnosis</b>: {e(s['diagnosis'])}</div>")
-        parts.append(f"<p>search: {e(s['method'])}, {s['evaluated']} of {s['space_size']} settings evaluated; "
+        from bughunt.sweep import search_counts
+
+        parts.append(f"<p>search: {e(search_counts(s))}; "
                      f"fit {s['baseline_fit']:.2f} as is, {s['best_fit']:.2f} with the best settings (mean log10 of rel L2 / floor).</p>")
         for x in s.get("explanations") or []:
             spellings = " = ".join(e("{" + ", ".join(f"{k}={v}" for k, v in sp.items()) + "}") for sp in x["spellings"])

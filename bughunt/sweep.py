@@ -376,6 +376,21 @@ def _sweep(checkpoint, impl, reference, dtype, device, toggles, mode, side, cand
     return result
 
 
+def search_counts(search: dict) -> str:
+    """What a search ran, in words, for the terminal and the report: the settings judged in full, and those screened."""
+    text = f"{search['method']}, {search['evaluated']} of {search['space_size']} settings evaluated"
+    rounds = search.get("screening") or []
+    if rounds:
+        depth = sorted({r["layers"] for r in rounds})
+        where = "the first decoder layer" if depth == [1] else f"the first {' or '.join(map(str, depth))} decoder layers"
+        text += (f" in full; {search.get('screened', 0)} screened on {where} in {len(rounds)} "
+                 f"round{'s' if len(rounds) > 1 else ''}")
+    passes = search.get("passes")
+    if passes:
+        text += f" ({passes['full']} full and {passes['screening']} screening passes run)"
+    return text
+
+
 def _isolation(choice: ImplChoice, pool) -> str:
     return "in-process" if pool is None or (choice.name == "reference" and choice.python is None) else "worker"
 
