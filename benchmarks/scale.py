@@ -226,7 +226,7 @@ def format_table(rows: list[tuple[str, ...]]) -> str:
 
 # -- the run --------------------------------------------------------------------------------------------------
 def run_shape(name: str, args, gemm: float, outputs: Path) -> dict:
-    from bughunt.compare import default_tokens
+    from bughunt.plan import default_tokens
 
     shape = SHAPES[name]
     print(f"[{name}] {shape.description}", file=sys.stderr, flush=True)

@@ -17,7 +17,7 @@ from bughunt.errors import BughuntError
 
 def compare(*args, **kwargs):
     """See bughunt.compare.compare."""
-    from bughunt.compare import compare as _compare
+    from bughunt.comparison import compare as _compare
 
     return _compare(*args, **kwargs)
 

@@ -109,14 +109,14 @@ def format_summary(result) -> str:
 
 
 def _tokens(args, spec=None):
-    from bughunt.compare import parse_tokens, read_tokens_file
+    from bughunt.inputs.tokens import parse_token_text, read_token_file
 
     if args.tokens is not None and args.tokens_file is not None:
         raise BughuntError("give either --tokens or --tokens-file, not both.")
     if args.tokens is not None:  # an empty --tokens '' is refused, not read as "use the default tokens"
-        return parse_tokens(args.tokens)
+        return parse_token_text(args.tokens, "--tokens")
     if args.tokens_file is not None:
-        return read_tokens_file(Path(args.tokens_file))
+        return read_token_file(Path(args.tokens_file))
     return None
 
 
@@ -157,18 +157,19 @@ def _max_memory(args) -> int | None:
 
 
 def cmd_compare(args) -> int:
-    from bughunt.compare import compare
+    from bughunt.comparison import compare
     from bughunt.output import describe_written
 
     _require_device(args.device)
     out = Path(args.out) if args.out else Path("reports") / f"{Path(args.checkpoint).resolve().name}-{args.dtype}"
-    result = compare(args.checkpoint, implementations=args.impl or ["hf", "reference"], reference=args.reference,
-                     dtype=args.dtype, device=args.device, tokens=_tokens(args), out=out, floor_factor=args.floor_factor,
+    from bughunt import probes
+
+    probe_options = {k: v for probe in probes.registered() for k, v in probe.from_args(args).items()}
+    result = compare(args.checkpoint, args.impl or ["hf", "reference"], reference=args.reference, dtype=args.dtype,
+                     device=args.device, tokens=_tokens(args), out=out, floor_factor=args.floor_factor,
                      branches=not args.no_branches, allow_pickle=args.allow_pickle, isolate=not args.in_process,
                      timeout=args.timeout, max_memory=_max_memory(args), device_map=args.device_map,
-                     require_comparison=True, weight_check=args.weight_check, inner=args.inner,
-                     isolate_layers=args.isolate, text=_text(args), generate=args.generate,
-                     top_k=args.top_k, decode_config=_decode_config(args.decode_config))
+                     require_comparison=True, text=_text(args), **probe_options)
     print(format_summary(result))
     print(describe_written(out))
     return _gate(args, result)
@@ -220,29 +221,14 @@ def cmd_sweep(args) -> int:
     return _gate(args, result)
 
 
-def _decode_config(items: list[str] | None) -> dict:
-    """--decode-config KEY=VALUE items -> {key: int, float or str}."""
-    config = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise BughuntError(f"--decode-config '{item}' must be KEY=VALUE, e.g. sliding_window=4095.")
-        try:
-            config[key] = int(value)
-        except ValueError:
-            try:
-                config[key] = float(value)
-            except ValueError:
-                config[key] = value
-    return config
-
-
 def cmd_decode(args) -> int:
     from bughunt.decode import decode_check
     from bughunt.output import describe_written
 
     _require_device(args.device)
-    config = _decode_config(args.decode_config)
+    from bughunt.inputs.flags import key_values
+
+    config = key_values(args.decode_config, "--decode-config")
     tokens = _tokens(args)
     out = Path(args.out) if args.out else Path("reports") / f"{Path(args.checkpoint).resolve().name}-decode"
     result = decode_check(args.checkpoint, impl=args.impl, reference=args.reference, dtype=args.dtype, device=args.device,
@@ -349,7 +335,7 @@ def cmd_ci(args) -> int:
     from bughunt.ci import run_ci
 
     if args.shard is not None:
-        from bughunt.ci_shard import parse_shard, run_shard
+        from bughunt.ci.shard import parse_shard, run_shard
 
         run = run_shard(Path(args.matrix), Path(args.baseline), parse_shard(args.shard), update_baseline=args.update_baseline,
                         out=Path(args.out) if args.out else None)
@@ -363,7 +349,7 @@ def cmd_ci(args) -> int:
 
 
 def cmd_ci_merge(args) -> int:
-    from bughunt.ci_shard import merge
+    from bughunt.ci.shard import merge
 
     return merge([Path(d) for d in args.shards], out=Path(args.out) if args.out else None).exit_code
 
@@ -387,7 +373,8 @@ def cmd_lint(args) -> int:
 
 def cmd_weights(args) -> int:
     from bughunt.output import check_output_file
-    from bughunt.weightcheck import WEIGHTS_SCHEMA, check, format_check, write_json
+    from bughunt.probes.weights import check
+    from bughunt.weightcheck import WEIGHTS_SCHEMA, format_check, write_json
 
     _require_device(args.device)
     protect = [("the checkpoint", Path(args.checkpoint))]
@@ -435,20 +422,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "and a run that cannot fit is refused before it starts")
     c.add_argument("--device-map", choices=["auto"], help="load hf through accelerate's device map: spread over GPUs, "
                    "CPU and disk offload for a model larger than memory (hooks still capture every layer)")
-    c.add_argument("--weight-check", action="store_true", help="also check each implementation's loaded parameters against "
-                   "the checkpoint (see `bughunt weights`); the report gets a Weights section")
-    c.add_argument("--inner", action="store_true", help="also capture the points inside each layer where an implementation "
-                   "can (hf, reference): layer.{i}.attn.q, .k (after RoPE), .scores (after scale and soft-cap), .probs, .out "
-                   "(before the output projection), layer.{i}.mlp.hidden; scores and probs take tokens^2 per head and layer")
-    c.add_argument("--isolate", action="store_true", help="also run each candidate that can (hf, reference) with every "
-                   "decoder layer fed the reference's input to that layer, so each layer's own error shows without the "
-                   "error it inherits; the report draws accumulated and isolated error side by side")
-    c.add_argument("--generate", type=int, metavar="N", help="also generate N tokens greedily with each implementation's own "
-                   "generation path and report the first step where each candidate's tokens differ from the reference's")
-    c.add_argument("--top-k", type=int, default=5, metavar="K", help="with --generate: where tokens first differ, each must lie "
-                   "within the other's top-K log-probs (default 5)")
-    c.add_argument("--decode-config", action="append", metavar="KEY=VALUE",
-                   help="with --generate: config value changed on the candidates' one-token decoding steps only (plants a decode bug; hf)")
+    from bughunt import probes
+
+    for probe in probes.registered():  # each probe's own flags (bughunt/probes/)
+        probe.add_arguments(c)
     c.set_defaults(func=cmd_compare)
 
     w = command("sweep", help="run one implementation under toggle settings; search for the ones that explain a divergence")

@@ -12,7 +12,9 @@ from pathlib import Path
 import numpy as np
 
 from bughunt.checkpoint import validate_weights
-from bughunt.compare import DEFAULT_FLOOR_FACTOR, default_tokens, noise_floor, save
+from bughunt.assemble import save
+from bughunt.floors import noise_floor
+from bughunt.plan import DEFAULT_FLOOR_FACTOR, default_tokens
 from bughunt.errors import BughuntError
 from bughunt.inputs.config import validate_decode_config
 from bughunt.inputs.flags import positive
@@ -112,23 +114,7 @@ def decode_check(checkpoint: str | Path, impl: str = "hf", reference: str | None
     }
     attach(data, encoded)
     result = Result(data)
-    if out is not None:
-        data["extra_sections"] = [{"title": "Decode consistency", "html": _section(data_decode, floor_factor)}]
+    if out is not None:  # the report's decode section is drawn from data["decode"] (templates/sections/decode.html)
         save(result, Path(out), {}, render=True)
     return result
 
-
-def _section(d: dict, factor: float) -> str:
-    import html
-
-    rows = []
-    for t in d["steps"][d["prefill"]:]:
-        cross = d.get("reference", {}).get("rel_l2")
-        rows.append(f"<tr><td>{t}</td><td>{d['self']['rel_l2'][t]:.2e}</td>" + (f"<td>{cross[t]:.2e}</td>" if cross else "") + "</tr>")
-    ref = d.get("reference")
-    head = "<th>step</th><th>incremental vs own full pass (rel L2)</th>" + (f"<th>vs {html.escape(ref['label'])} ({ref['path']})</th>" if ref else "")
-    return (f"<p>{html.escape(d['candidate'])} decodes through its {d['path']} path after a prefill of {d['prefill']} tokens"
-            f"{' with decode-only config ' + html.escape(str(d['decode_config'])) if d['decode_config'] else ''}. "
-            f"First departing step: own full pass <b>{d['self']['first_departing_step']}</b>"
-            + (f", reference <b>{ref['first_departing_step']}</b>" if ref else "") + f" (above {factor:g}x the logits floor).</p>"
-            f"<table><tr>{head}</tr>{''.join(rows)}</table>")

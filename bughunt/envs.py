@@ -108,17 +108,21 @@ def interpreter(choice) -> str | None:
     return None
 
 
-def prepare(choices, in_process: bool = False) -> None:
-    """Before a run: create the library-version environments it needs, and refuse (exit 2) what cannot run."""
+def refuse(choices, in_process: bool = False) -> None:
+    """While a run is planned: refuse (exit 2) what cannot run here, without building anything."""
     for choice in choices:
         if in_process:
             refuse_in_process(choice, "--in-process runs every implementation in this interpreter; drop --in-process")
-        if choice.python:
-            continue
-        if choice.version:
-            ensure(choice.name, choice.version)
-        elif choice.name in OWN_ENVIRONMENTS:
+        if not choice.python and not choice.version and choice.name in OWN_ENVIRONMENTS:
             require_own_python(choice.name)
+
+
+def prepare(choices, in_process: bool = False) -> None:
+    """Before a run: refuse (exit 2) what cannot run, and create the library-version environments it needs."""
+    refuse(choices, in_process)
+    for choice in choices:
+        if choice.version and not choice.python:
+            ensure(choice.name, choice.version)
 
 
 # -- library-version environments ----------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bughunt import envs
+from bughunt import envs, jobs
 from bughunt.errors import BughuntError
 
 DEFAULT_TOP_K = 5
@@ -165,25 +165,41 @@ def findings(section: dict) -> list[dict]:
     return out
 
 
-def generate_choice(choice, checkpoint: Path, spec, dtype: str, device: str, tokens: np.ndarray, steps: int, stem: Path,
-                    pool=None, decode_config: dict | None = None, allow_pickle: bool = False, timeout: float | None = None,
-                    device_map: str | None = None, branches: bool = True) -> Generation:
-    """One implementation's greedy generation: in this process when `pool` is None or it is the plain in-process
-    reference, otherwise as a job for its worker (which reuses the runner it holds from the trace job)."""
-    from bughunt.implementations import runner_class
+@dataclass(frozen=True)
+class GenerateJob:
+    """Greedy generation of `steps` tokens after `tokens` through the implementation's own path; the Generation comes
+    back through the files at `stem`. `decode_config` changes config values on the one-token steps only."""
 
-    extra = {"device_map": device_map} if device_map and choice.name == "hf" else {}
-    if pool is None or (choice.name == "reference" and choice.python is None):
-        cls = runner_class(choice.name)
-        with cls(checkpoint, spec, dtype, device, branches=False, label=choice.label, allow_pickle=allow_pickle,
-                 toggles=choice.toggle_dict, **extra) as runner:
-            return runner.generate(tokens, steps, decode_config)
-    job = {"kind": "generate", "checkpoint": str(Path(checkpoint).resolve()), "name": choice.name, "choice_dtype": choice.dtype,
-           "dtype": dtype, "device": device, "tokens": np.asarray(tokens).tolist(), "branches": branches, "allow_pickle": allow_pickle,
-           "label": choice.label, "out_stem": str(stem), "toggles": choice.toggle_dict, "runner_kwargs": extra,
-           "steps": steps, "decode_config": decode_config or {}}
-    pool.run(choice.name, envs.interpreter(choice), job, timeout)
-    return Generation.load(stem)
+    kind = "generate"
+    tokens: np.ndarray
+    steps: int
+    stem: Path
+    decode_config: dict | None = None
+
+    def to_wire(self) -> dict:
+        return {"tokens": np.asarray(self.tokens).tolist(), "steps": self.steps, "stem": str(self.stem),
+                "decode_config": self.decode_config or {}}
+
+    @classmethod
+    def from_wire(cls, d: dict) -> "GenerateJob":
+        return cls(np.asarray(d["tokens"]), int(d["steps"]), Path(d["stem"]), d["decode_config"] or None)
+
+    def answer(self, runner) -> dict:
+        runner.generate(self.tokens, self.steps, self.decode_config).save(self.stem)
+        return {"generation": str(self.stem)}
+
+
+jobs.register(jobs.Kind("generate", GenerateJob.from_wire))
+
+
+def generate_choice(load: jobs.Load, job: GenerateJob, pool=None, timeout: float | None = None) -> Generation:
+    """One implementation's greedy generation: in this process when `pool` is None or it runs in the main process,
+    otherwise as a job for its worker (which reuses the runner it holds from the trace job)."""
+    if pool is None or load.choice.in_main_process:
+        with load.open(branches=False) as runner:
+            return runner.generate(job.tokens, job.steps, job.decode_config)
+    pool.run(load.choice.name, envs.interpreter(load.choice), jobs.to_wire(load, job), timeout)
+    return Generation.load(job.stem)
 
 
 def attach(result_data: dict, generations: dict, failures: dict[str, str], ref_label: str, steps: int, top_k: int,

@@ -22,8 +22,12 @@ from bughunt import progress
 from bughunt.checkpoint import validate_weights
 from bughunt.inputs.flags import positive
 from bughunt.inputs.tokens import check_token_range
-from bughunt.compare import (DEFAULT_FLOOR_FACTOR, _summary, default_tokens, judge, noise_floor, run_choice, save,
-                             unrepresentable_finding)
+from bughunt.assemble import save
+from bughunt.execute import run_trace
+from bughunt.floors import noise_floor
+from bughunt.jobs import Load, TraceJob, runner_kwargs
+from bughunt.judging import judge, summary as _summary, unrepresentable_finding
+from bughunt.plan import DEFAULT_FLOOR_FACTOR, default_tokens
 from bughunt.errors import BughuntError
 from bughunt.hypotheses import PREFIX, changes_for
 from bughunt.implementations import DEVICES, DTYPES, ImplChoice, runner_class
@@ -159,8 +163,8 @@ def _sweep(checkpoint, impl, reference, dtype, device, toggles, mode, side, cand
         from bughunt.worker import WorkerFailure
 
         try:
-            return run_choice(choice, checkpoint, spec, run_dtype, device, tokens, pool,
-                              next_stem(), timeout=timeout, toggles=tg)
+            load = Load(choice, checkpoint, spec, run_dtype, device, toggles=tg, runner_kwargs=runner_kwargs(choice))
+            return run_trace(load, TraceJob(tokens, next_stem()), pool, timeout)
         except WorkerFailure as e:
             raise BughuntError(f"{choice.label} failed during the sweep: {e}") from None
 

@@ -169,13 +169,13 @@ def _add_llamacpp(checkpoint: Path, bos: int | None, eos: int | None, stack: con
     if not available("llamacpp"):
         skipped.append({"name": "llama.cpp", "reason": "llama-cpp-python is not installed (make llamacpp)"})
         return
+    from bughunt.probes.tokenizer_path import TokenizeJob, tokenize
     from bughunt.worker import WorkerFailure, WorkerPool
 
     pool = stack.enter_context(WorkerPool())
 
     def job(texts: list[str]) -> dict:
-        return pool.run("llamacpp", None, {"kind": "tokenize", "name": "llamacpp", "checkpoint": str(checkpoint.resolve()),
-                                           "text": {"prompts": texts, "row_errors": True}}, 600)
+        return tokenize(pool, TokenizeJob("llamacpp", checkpoint, {"prompts": texts, "row_errors": True}), None, 600)
 
     try:
         probe = job(["a"])  # converts the vocabulary once (cached), or says why there is none

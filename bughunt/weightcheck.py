@@ -13,7 +13,6 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from bughunt import envs
 from bughunt.errors import BughuntError
 
 WEIGHTS_SCHEMA = "bughunt.weights"
@@ -244,59 +243,8 @@ def check_for_trace(runner) -> dict:
         return {"implementation": runner.label, "dtype": runner.dtype, "error": f"{type(e).__name__}: {e}"}
 
 
-def check(checkpoint: str | Path, impl: str, dtype: str = "fp32", device: str = "cpu", pool=None,
-          in_process: bool = False, timeout: float | None = None) -> WeightCheck:
-    """Load `checkpoint` in implementation `impl` (NAME[:DTYPE][@PYTHON]) and check its parameters. Runs in a
-    worker process (as compare does) unless `in_process`."""
-    from bughunt.checkpoint import validate_weights
-    from bughunt.implementations import ImplChoice, runner_class
-    from bughunt.spec import load_spec
-
-    checkpoint = Path(checkpoint)
-    spec = load_spec(checkpoint)
-    validate_weights(checkpoint, spec)
-    choice = ImplChoice.parse(impl) if isinstance(impl, str) else impl
-    cls = runner_class(choice.name)
-    if not getattr(cls, "exposes_weights", False):
-        why = " (the reference reads the checkpoint's tensors as they are stored)" if choice.name == "reference" else ""
-        raise BughuntError(f"implementation '{choice.name}' does not expose its loaded parameters, so there is nothing to check"
-                           f"{why}. Check one of: {', '.join(_exposing())}.")
-    dtype = choice.dtype or dtype
-    if in_process and choice.python is None:
-        if _needs_worker(choice.name):
-            raise BughuntError(f"{choice.name} fixes keras' backend per process and cannot load in-process here; drop --in-process.")
-        with cls(checkpoint, spec, dtype, device, label=choice.label, toggles=choice.toggle_dict) as runner:
-            return check_runner(runner)
-    from bughunt.worker import WorkerFailure, WorkerPool
-
-    own = pool is None
-    pool = pool or WorkerPool()
-    job = {"task": "weights", "checkpoint": str(checkpoint.resolve()), "name": choice.name, "choice_dtype": choice.dtype,
-           "dtype": dtype, "device": device, "tokens": [[0]], "label": choice.label, "toggles": choice.toggle_dict}
-    try:
-        answer = pool.run(choice.name, envs.interpreter(choice), job, timeout)
-    except WorkerFailure as e:
-        raise BughuntError(f"{choice.label} could not load {checkpoint} for the weight check: {e}") from None
-    finally:
-        if own:
-            pool.close()
-    return from_dict(answer["weights"])
-
-
 def from_dict(d: dict) -> WeightCheck:
     return WeightCheck(d["implementation"], d["dtype"], [WeightRelation(**r) for r in d["rows"]], d["not_exposed"])
-
-
-def _needs_worker(name: str) -> bool:
-    from bughunt.implementations import REGISTRY
-
-    return bool(REGISTRY[name][2])  # keras fixes its backend per process
-
-
-def _exposing() -> list[str]:
-    from bughunt.implementations import REGISTRY, available, runner_class
-
-    return [n for n in REGISTRY if available(n) and getattr(runner_class(n), "exposes_weights", False)]
 
 
 def format_check(wc: WeightCheck) -> str:

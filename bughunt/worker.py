@@ -2,7 +2,7 @@
 and returns its trace through a file. A crash, a hang (past its timeout) or a missing library in a worker is a
 failure of that implementation, never of the run.
 
-Protocol: the parent writes one JSON job per line to the worker's stdin; the worker answers one JSON line on a
+This is the parent's side; bughunt/worker_serve.py is the worker's. Protocol: the parent writes one JSON job per line to the worker's stdin; the worker answers one JSON line on a
 private copy of its stdout (the worker's fd 1 is pointed at stderr, so library prints cannot corrupt it).
 One worker per (implementation, interpreter) serves many jobs, so torch or JAX is imported once.
 """
@@ -51,7 +51,7 @@ class Worker:
         child_env = {**os.environ, **(env or {})}
         child_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), child_env.get("PYTHONPATH")]))
         try:
-            self.proc = subprocess.Popen([self.python, "-m", "bughunt.worker"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            self.proc = subprocess.Popen([self.python, "-m", "bughunt.worker_serve"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                          stderr=self.stderr, env=child_env, text=True, bufsize=1)
         except OSError as e:
             self.stderr.close()
@@ -139,6 +139,7 @@ class WorkerPool:
         self.workers: dict[tuple[str, str | None], Worker] = {}
 
     def run(self, name: str, python: str | None, job: dict, timeout: float | None = None) -> dict:
+        """Send one request (bughunt.jobs.to_wire) to the worker of (name, python), starting it when needed."""
         from bughunt.implementations import REGISTRY
 
         key = (name, python)
@@ -175,85 +176,3 @@ class WorkerPool:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def serve() -> None:
-    """The worker's main loop (python -m bughunt.worker)."""
-    protocol = os.fdopen(os.dup(1), "w", buffering=1)
-    os.dup2(2, 1)  # anything a library prints goes to stderr, not into the protocol
-    sys.stdout = sys.stderr
-    import numpy as np
-
-    from bughunt.implementations import runner_class
-    from bughunt.spec import load_spec
-
-    held: tuple[str, object] | None = None  # the last runner, kept open: a sweep's next setting may not need a reload
-
-    def runner_for(job: dict, spec):
-        """The open runner for a job: the held one, switched to the job's toggles, when only live toggles differ."""
-        nonlocal held
-        checkpoint = Path(job["checkpoint"])
-        key = json.dumps([job["checkpoint"], (checkpoint / "config.json").stat().st_mtime_ns, job["name"], job.get("choice_dtype"),
-                          job["dtype"], job["device"], job.get("branches", True), job.get("allow_pickle", False),
-                          job.get("runner_kwargs") or {}])
-        if held is not None and held[0] == key and held[1].retoggle(job.get("toggles") or {}):
-            return held[1], True
-        release_held()
-        cls = runner_class(job["name"])
-        runner = cls(checkpoint, spec, job["dtype"], job["device"], branches=job.get("branches", True), label=job["label"],
-                     allow_pickle=job.get("allow_pickle", False), toggles=job.get("toggles") or {}, **(job.get("runner_kwargs") or {}))
-        runner.open()
-        held = (key, runner)
-        return runner, False
-
-    def release_held():
-        nonlocal held
-        if held is not None:
-            held, (_, runner) = None, held
-            runner.close()
-
-    for line in sys.stdin:
-        if not line.strip():
-            continue
-        job = json.loads(line)
-        try:
-            if job.get("kind") == "tokenize":  # this implementation's own tokenizer path (bughunt/tokenizer_paths.py)
-                from bughunt.tokenizer_paths import encode_path
-
-                protocol.write(json.dumps({"ok": True, **encode_path(job["name"], Path(job["checkpoint"]), job["text"])}) + "\n")
-                protocol.flush()
-                continue
-            spec = load_spec(Path(job["checkpoint"]))
-            runner, reused = runner_for(job, spec)
-            runner.label = job["label"]
-            if job.get("task") == "weights":  # the weight check alone (bughunt weights): no forward pass
-                from bughunt.weightcheck import check_runner
-
-                answer = {"ok": True, "weights": check_runner(runner).to_dict(all_rows=True)}
-            elif job.get("kind") == "generate":  # greedy generation through the implementation's own path
-                runner.generate(np.asarray(job["tokens"]), int(job["steps"]), job.get("decode_config") or None).save(Path(job["out_stem"]))
-                answer = {"ok": True, "generation": job["out_stem"]}
-            else:
-                from bughunt.trace import Trace
-
-                feed = Trace.load(Path(job["feed"])) if job.get("feed") else None  # --isolate: the reference's trace
-                trace = runner.run(np.asarray(job["tokens"]), Path(job["out_stem"]), inner=job.get("inner", False), feed=feed)
-                trace.meta["worker"] = {"python": sys.executable, "pid": os.getpid(), "reused_loaded_model": reused}
-                if job.get("check_weights") and runner.exposes_weights:
-                    from bughunt.weightcheck import check_for_trace
-
-                    trace.meta["weight_check"] = check_for_trace(runner)
-                trace.save_meta()
-                answer = {"ok": True, "trace": job["out_stem"]}
-        except BughuntError as e:
-            release_held()
-            answer = {"ok": False, "error": str(e)}
-        except Exception as e:  # noqa: BLE001 - reported to the parent as this implementation's failure
-            release_held()
-            answer = {"ok": False, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(limit=8)}
-        protocol.write(json.dumps(answer) + "\n")
-        protocol.flush()
-    release_held()
-
-if __name__ == "__main__":
-    serve()

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from bughunt.cli import main
-from bughunt.compare import compare
+from bughunt.comparison import compare
 from bughunt.result import Result
 from bughunt.tiny import make_tiny_checkpoint
 
@@ -44,7 +44,9 @@ def test_reproduce_command_in_the_result_reruns_to_the_same_numbers(tmp_path, ti
 def test_a_config_field_hf_reads_differently_is_named_at_the_first_point_it_touches(tiny, tokens):
     # HF runs with rms_norm_eps=0.5 while the reference reads the checkpoint's 1e-6: embed is untouched, the first
     # consumer of a norm (layer.0's attention branch) is where the divergence must first rise above the floor.
-    from bughunt.compare import judge, noise_floor, run_implementation
+    from bughunt.execute import run_implementation
+    from bughunt.floors import noise_floor
+    from bughunt.judging import judge
     from bughunt.implementations import ImplChoice
     from bughunt.metrics import compare_traces
     from bughunt.spec import load_spec

@@ -313,7 +313,7 @@ MATRIX = 'implementations = ["hf"]\ndtypes = ["fp32"]\n[[checkpoints]]\ntiny = "
 
 
 def baseline_doc(tiny) -> tuple[str, dict]:
-    from bughunt.ci import _tokens_identity, load_matrix, cells_of
+    from bughunt.ci import cells_of, load_matrix, tokens_identity
 
     import tempfile
 
@@ -326,7 +326,7 @@ def baseline_doc(tiny) -> tuple[str, dict]:
     tokens = entry.tokens.resolve(load_spec(tiny["llama"]))
     doc = {"schema": "bughunt.baseline", "schema_version": 1, "cell": cell.id, "checkpoint": cell.checkpoint,
            "implementation": cell.impl.label, "dtype": "fp32", "device": "cpu", "reference": cell.reference.label,
-           "branches": True, "tokens": _tokens_identity(tokens), "first_above_floor": None,
+           "branches": True, "tokens": tokens_identity(tokens), "first_above_floor": None,
            "points": [{"point": "embed", "rel_l2": 0.0, "cosine": 1.0}]}
     return cell.baseline_name, doc
 
@@ -379,7 +379,7 @@ def test_bad_matrix_or_baseline_is_refused(case, tmp_path, tiny, capsys):
 
 @pytest.fixture(scope="module")
 def good_result(tiny, tmp_path_factory):
-    from bughunt.compare import compare
+    from bughunt.comparison import compare
 
     out = tmp_path_factory.mktemp("result") / "run"
     compare(tiny["llama"], ["reference:fp32"], reference="reference:fp64", tokens=[[2, 17, 99, 5]], out=out, isolate=False, render=False)

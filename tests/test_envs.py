@@ -9,7 +9,7 @@ import pytest
 
 from bughunt import envs
 from bughunt.cli import main
-from bughunt.compare import compare
+from bughunt.comparison import compare
 from bughunt.errors import BughuntError
 from bughunt.implementations import ImplChoice
 from bughunt.tiny import TINY_FAMILIES

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from bughunt.cli import main
-from bughunt.compare import compare
+from bughunt.comparison import compare
 from bughunt.result import Result
 
 STEPS = 6

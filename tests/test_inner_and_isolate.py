@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 
 from bughunt.cli import main
-from bughunt.compare import judge, noise_floor, run_implementation
+from bughunt.execute import run_implementation
+from bughunt.floors import noise_floor
+from bughunt.judging import judge
 from bughunt.implementations import ImplChoice
 from bughunt.metrics import compare_traces
 from bughunt.result import Result

@@ -6,7 +6,7 @@ import importlib.util
 
 import pytest
 
-from bughunt.compare import compare
+from bughunt.comparison import compare
 from bughunt.sweep import sweep
 from bughunt.tiny import make_tiny_checkpoint
 from bughunt.worker import WorkerPool

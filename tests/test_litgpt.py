@@ -5,7 +5,7 @@ reference on every family it supports. Without its environment, it is refused wi
 import pytest
 
 from bughunt.cli import main
-from bughunt.compare import compare
+from bughunt.comparison import compare
 from bughunt.envs import own_python
 from bughunt.implementations import ImplChoice, runner_class
 from bughunt.tiny import TINY_FAMILIES

@@ -10,7 +10,7 @@ import pytest
 
 pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (`make llamacpp`)")
 
-from bughunt.compare import compare  # noqa: E402
+from bughunt.comparison import compare  # noqa: E402
 from bughunt.implementations.gguf_convert import convert_many  # noqa: E402
 from bughunt.implementations.llamacpp import FAMILY_ARCH, LlamaCppRunner  # noqa: E402
 from bughunt.spec import load_spec  # noqa: E402
@@ -187,7 +187,7 @@ def test_bad_llamacpp_choices_exit_2_with_one_message(tiny, tmp_path, capsys):
 
 # -- weight check: the GGUF side ----------------------------------------------------------------------------------------
 def test_weight_check_reads_the_gguf_back_and_undoes_the_converters_documented_permutation(tiny, gguf):
-    from bughunt.weightcheck import check
+    from bughunt.probes.weights import check
 
     assert check(tiny["llama"], "llamacpp", in_process=True).counts == {"identical": 39}  # q/k permuted back exactly
     gemma2 = check(tiny["gemma2"], "llamacpp", in_process=True)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from bughunt.cli import main
-from bughunt.compare import compare
+from bughunt.comparison import compare
 from bughunt.decode import decode_check
 from bughunt.implementations.hf import HFRunner
 from bughunt.implementations.reference import ReferenceRunner

@@ -228,7 +228,7 @@ def test_planted_bug_changes_each_family():
 
 
 def test_reference_rates_are_read_from_a_real_compare_result(tokens):
-    from bughunt.compare import compare
+    from bughunt.comparison import compare
     from bughunt.tiny import tiny_checkpoint
 
     checkpoint = tiny_checkpoint("llama")

@@ -154,7 +154,7 @@ def test_max_memory_must_be_a_size(capsys, tiny, tmp_path):
 
 def test_compare_schedules_one_after_another_when_only_each_alone_fits(tiny, tokens):
     from bughunt import memory
-    from bughunt.compare import compare
+    from bughunt.comparison import compare
 
     spec = load_spec(tiny["llama"])
     hf = memory.estimate("hf", "hf", spec, "fp32", tokens.shape)
@@ -209,8 +209,9 @@ def test_passes_run_side_by_side_equal_the_same_passes_run_alone(family, tiny, t
 def test_a_candidate_side_sweep_switches_live_toggles_on_the_loaded_model(tiny, tokens):
     """Module swaps (gelu, query scale, RoPE wrappers) need no reload; config values do. Either way the trace is
     exactly what a fresh load with the same toggles gives."""
-    from bughunt.compare import run_choice
+    from bughunt.execute import run_trace
     from bughunt.implementations import ImplChoice
+    from bughunt.jobs import Load, TraceJob
     from bughunt.worker import WorkerPool
 
     ck, spec = tiny["gemma"], load_spec(tiny["gemma"])
@@ -219,7 +220,7 @@ def test_a_candidate_side_sweep_switches_live_toggles_on_the_loaded_model(tiny, 
 
     scratch = Path(tempfile.mkdtemp())
     with WorkerPool() as pool:
-        run = lambda tg, i: run_choice(ImplChoice("hf"), ck, spec, "fp32", "cpu", tokens, pool, scratch / f"t{i}", toggles=tg)  # noqa: E731
+        run = lambda tg, i: run_trace(Load(ImplChoice("hf"), ck, spec, "fp32", toggles=tg), TraceJob(tokens, scratch / f"t{i}"), pool)  # noqa: E731
         first = run({}, 0)
         live = run({"gelu": "exact"}, 1)
         back = run({}, 2)
@@ -238,16 +239,16 @@ def test_a_candidate_side_sweep_switches_live_toggles_on_the_loaded_model(tiny, 
     assert not np.array_equal(live.arrays["logits"], first.arrays["logits"])
 
 
-def test_the_documented_api_call_survives_importing_the_compare_module(tiny):
+def test_the_documented_api_call_survives_importing_the_experiment_modules(tiny):
     import bughunt
-    import bughunt.compare  # noqa: F401 - sets the package attribute to the module
+    import bughunt.comparison  # noqa: F401 - the module has its own name; bughunt.compare stays the function
 
     result = bughunt.compare(tiny["llama"], ["reference:fp32", "reference"], tokens=[[2, 5, 7]], render=False)
     assert result.first_above_floor("reference:fp32") is None
 
 
 def test_device_map_auto_captures_every_layer_like_a_plain_load(tiny, tokens):
-    from bughunt.compare import compare
+    from bughunt.comparison import compare
 
     plain = compare(tiny["qwen3"], ["hf", "reference"], tokens=tokens, render=False)
     mapped = compare(tiny["qwen3"], ["hf", "reference"], tokens=tokens, render=False, device_map="auto")
@@ -276,7 +277,7 @@ def test_a_screening_pass_stops_after_its_layers_and_equals_the_full_pass_there(
 
 
 def test_weight_buffers_are_reused_only_once_nothing_holds_them():
-    from reference_impls._numerics import Buffers
+    from reference_impls._weights import Buffers
 
     buffers = Buffers()
     a = buffers.take((4, 3))
@@ -298,7 +299,7 @@ def test_weight_buffers_are_reused_only_once_nothing_holds_them():
 def test_large_conversions_split_across_threads_give_the_same_values(monkeypatch):
     import ml_dtypes
 
-    from reference_impls import _numerics
+    from reference_impls import _weights as _numerics
 
     stored = np.random.default_rng(0).standard_normal((64, 33)).astype(ml_dtypes.bfloat16)
     whole = _numerics.Buffers().convert(stored).copy()

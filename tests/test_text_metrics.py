@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from bughunt.cli import main
-from bughunt.compare import compare
+from bughunt.comparison import compare
 from bughunt.metrics import token_nll
 from bughunt.result import Result
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from bughunt.cli import main
-from bughunt.compare import noise_floor
+from bughunt.floors import noise_floor
 from bughunt.errors import BughuntError
 from bughunt.implementations.hf import HFRunner
 from bughunt.implementations.reference import ReferenceRunner

@@ -67,6 +67,7 @@ def test_deepmind_path_reads_tokenizer_model_in_its_worker(tiny, tmp_path):
     import sentencepiece
 
     from bughunt.tiny_tokenizer import CORPUS
+    from bughunt.probes.tokenizer_path import TokenizeJob, tokenize
     from bughunt.worker import WorkerFailure, WorkerPool
 
     checkpoint = tmp_path / "gemma-spm"
@@ -74,11 +75,11 @@ def test_deepmind_path_reads_tokenizer_model_in_its_worker(tiny, tmp_path):
     sentencepiece.SentencePieceTrainer.train(input=str(CORPUS), model_prefix=str(checkpoint / "tokenizer"), vocab_size=200,
                                              model_type="bpe", pad_id=0, eos_id=1, bos_id=2, unk_id=3, minloglevel=2)
     text = "The miller sat by the door."
-    job = {"kind": "tokenize", "name": "deepmind", "checkpoint": str(checkpoint), "text": {"prompts": [text]}}
+    job = TokenizeJob("deepmind", checkpoint, {"prompts": [text]})
     with WorkerPool() as pool:
-        answer = pool.run("deepmind", None, job)
+        answer = tokenize(pool, job)
         with pytest.raises(WorkerFailure, match="reads a SentencePiece tokenizer.model, which this checkpoint lacks"):
-            pool.run("deepmind", None, {**job, "checkpoint": str(tiny["gemma"])})
+            tokenize(pool, TokenizeJob("deepmind", tiny["gemma"], job.text))
     sp = sentencepiece.SentencePieceProcessor(model_file=str(checkpoint / "tokenizer.model"))
     assert answer["path"].startswith("DeepMind gemma ") and "Gemma2Tokenizer.encode(add_bos=True)" in answer["path"]
     assert answer["rows"] == [[2] + list(sp.encode(text))]
@@ -93,17 +94,18 @@ def test_llamacpp_path_tokenizes_the_converted_vocabulary_in_its_worker(tiny):
     the failure names the C++ exception. A GGUF converted without a vocabulary (the converter refused the tokenizer) has no path at all."""
     import transformers
 
+    from bughunt.probes.tokenizer_path import TokenizeJob, tokenize
     from bughunt.worker import WorkerFailure, WorkerPool
 
     text = "The miller sat by the door."
     fed = transformers.AutoTokenizer.from_pretrained(str(tiny["llama"]))(text)["input_ids"]
-    job = {"kind": "tokenize", "name": "llamacpp", "checkpoint": str(tiny["llama"]), "text": {"prompts": [text]}}
+    job = TokenizeJob("llamacpp", tiny["llama"], {"prompts": [text]})
     with WorkerPool() as pool:
-        answer = pool.run("llamacpp", None, job)
+        answer = tokenize(pool, job)
         with pytest.raises(WorkerFailure, match=r"aborted the process \(signal SIGABRT\): terminate called .*std::out_of_range"):
-            pool.run("llamacpp", None, {**job, "text": {"prompts": ["hello\n\n  world"]}})
+            tokenize(pool, TokenizeJob("llamacpp", tiny["llama"], {"prompts": ["hello\n\n  world"]}))
         with pytest.raises(WorkerFailure, match="converted without a vocabulary"):
-            pool.run("llamacpp", None, {**job, "checkpoint": str(tiny["qwen3"])})
+            tokenize(pool, TokenizeJob("llamacpp", tiny["qwen3"], job.text))
     assert answer["path"].startswith("llama-cpp-python 0.3.36 Llama.tokenize on the GGUF's llama vocabulary")
     row = answer["rows"][0]
     assert row[0] == fed[0] == 2 and row[1:3] == fed[1:3]  # BOS as the GGUF's add_bos_token says, the same first words

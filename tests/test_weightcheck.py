@@ -13,7 +13,8 @@ import torch
 from bughunt.cli import main
 from bughunt.implementations.hf import HFRunner
 from bughunt.spec import load_spec
-from bughunt.weightcheck import check, check_runner, classify, rope_interleave
+from bughunt.probes.weights import check
+from bughunt.weightcheck import check_runner, classify, rope_interleave
 
 HAVE_KERAS = all(importlib.util.find_spec(m) for m in ("keras", "keras_hub", "jax"))
 HAVE_GEMMA = all(importlib.util.find_spec(m) for m in ("gemma", "kauldron", "flax", "jax"))
@@ -141,7 +142,7 @@ def test_weights_command_exits_1_on_parameters_the_checkpoint_lacks(tiny, tmp_pa
 
 @pytest.mark.skipif(not HAVE_KERAS, reason="keras-hub stack not installed")
 def test_keras_layouts_are_undone_and_compare_reports_the_fp16_cast(tiny, tmp_path, pool):
-    from bughunt.compare import compare
+    from bughunt.comparison import compare
 
     assert check(tiny["gemma2"], "keras-jax", pool=pool).departures == []
     result = compare(tiny["mistral"], ["keras-jax", "reference"], out=tmp_path / "report", pool=pool, weight_check=True)

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from bughunt.cli import main
-from bughunt.compare import compare
+from bughunt.comparison import compare
 from bughunt.result import Result
 
 

@@ -14,6 +14,10 @@ DTYPES = ("fp64", "fp32", "bf16", "fp16")
 # weight types an implementation makes with its own quantizer (the reference's: its quantization noise floor)
 QUANTIZED = {"llamacpp": ("q8_0", "q4_k_m"), "reference": ("q8_0", "q4_k_m")}
 DEVICES = ("cpu", "cuda")
+# implementations that run in the main process (no worker) unless given another interpreter: the float64 reference, whose
+# numpy forward steps side by side with its noise-floor passes; and which compute at float64 unless a dtype is given
+MAIN_PROCESS = frozenset({"reference"})
+FLOAT64_BY_DEFAULT = frozenset({"reference"})
 
 # name -> (module:class, python modules that must be importable for it to be available, environment for its worker)
 REGISTRY: dict[str, tuple[str, tuple[str, ...], dict[str, str]]] = {
@@ -52,6 +56,15 @@ class ImplChoice:
     @property
     def toggle_dict(self) -> dict[str, str]:
         return dict(self.toggles)
+
+    @property
+    def in_main_process(self) -> bool:
+        """Whether it runs in the main process rather than in a worker (the plain reference)."""
+        return self.name in MAIN_PROCESS and self.python is None
+
+    def dtype_at(self, run_dtype: str) -> str:
+        """The dtype it computes at in a run whose --dtype is `run_dtype` (the reference defaults to fp64)."""
+        return self.dtype or ("fp64" if self.name in FLOAT64_BY_DEFAULT else run_dtype)
 
     @classmethod
     def parse(cls, text: str) -> "ImplChoice":

@@ -42,6 +42,9 @@ class Runner:
     # toggles an open runner can switch without loading again (the rest change how the model is built)
     live_toggles: frozenset[str] = frozenset({"bos"})
 
+    # whether it spreads the model over devices and disk with `device_map="auto"` (--device-map; accelerate)
+    supports_device_map = False
+
     # whether the runner applies the ignored-field hypotheses `field:<path>` (bughunt/hypotheses.py)
     applies_field_hypotheses = False
 

@@ -23,6 +23,7 @@ class HFRunner(Runner):
     families = ("gemma", "gemma2", "gemma3", "llama", "mistral", "phi3", "qwen2", "qwen3")
     dtypes = ("fp32", "bf16", "fp16", "fp64")
     devices = ("cpu", "cuda")
+    supports_device_map = True
     toggle_support = {
         "bos": None,
         "gelu": None,  # swap the MLP's activation module for transformers' own ACT2FN entry

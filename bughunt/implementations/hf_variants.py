@@ -19,6 +19,7 @@ _SDPA_REFUSALS = {"gemma2": "transformers refuses SDPA for Gemma 2 (Gemma2PreTra
 
 
 class _RefusingHFRunner(HFRunner):
+    supports_device_map = False  # --device-map goes to the plain eager path only
     # family -> why transformers refuses this path for it (checked against transformers by tests/test_hf_variants.py)
     refusals: dict[str, str] = {}
 
@@ -52,6 +53,7 @@ class HFCompileRunner(HFRunner):
 
     name = "hf+compile"
     devices = ("cpu", "cuda")
+    supports_device_map = False
 
     def _open(self) -> None:
         import torch

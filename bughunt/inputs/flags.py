@@ -11,3 +11,21 @@ def positive(value: float | None, flag: str, meaning: str) -> None:
     """Refuse a setting that is not a finite positive number (None means "not set" and passes)."""
     if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
         raise BughuntError(f"{flag} must be a finite positive number ({meaning}), got {value}.")
+
+
+def key_values(items: list[str] | None, flag: str) -> dict:
+    """Repeated KEY=VALUE flags (--decode-config) -> {key: int, float or str}."""
+    config = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise BughuntError(f"{flag} '{item}' must be KEY=VALUE, e.g. sliding_window=4095.")
+        for kind in (int, float):
+            try:
+                config[key] = kind(value)
+                break
+            except ValueError:
+                continue
+        else:
+            config[key] = value
+    return config
