@@ -46,8 +46,12 @@ def imports(mods: dict[str, Path]) -> dict[str, set[str]]:
     for module, path in mods.items():
         tree = ast.parse(path.read_text(), str(path))
         is_package = path.name == "__init__.py"
+        type_only = {id(n) for stmt in ast.walk(tree) if isinstance(stmt, ast.If) and _is_type_checking(stmt.test)
+                     for n in ast.walk(stmt)}
         for node in ast.walk(tree):
             targets = []
+            if id(node) in type_only:  # `if TYPE_CHECKING:` imports never run
+                continue
             if isinstance(node, ast.Import):
                 targets = [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom):
@@ -59,6 +63,11 @@ def imports(mods: dict[str, Path]) -> dict[str, set[str]]:
                 if t and t != module and not module.startswith(t + "."):  # a package's own __init__ is not a circle
                     graph[module].add(t)
     return graph
+
+
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
 
 
 def circles(graph: dict[str, set[str]]) -> list[list[str]]:

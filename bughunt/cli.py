@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from bughunt.errors import BughuntError
+from bughunt.summary import format_summary
 
 EXIT_CODES = """\
 exit codes (the same for every bughunt command):
@@ -64,48 +65,6 @@ def _gate(args, result) -> int:
     if getattr(args, "fail_on_finding", False) and any(f["severity"] in ("error", "warning") for f in result.findings):
         return 1
     return 0
-
-
-def format_summary(result) -> str:
-    """The short terminal table: one row per candidate, naming the first capture point above the floor."""
-    d = result.data
-    lines = [f"{d['checkpoint']['spec']['family']} · {d['checkpoint']['path']} · reference {d['settings']['reference']} · "
-             f"floor factor {d['settings']['floor_factor']:g}"]
-    text = d["inputs"].get("text")
-    if text:
-        shape = f"{len(d['inputs']['tokens'])} x {len(d['inputs']['tokens'][0])} ids"
-        lines.append(f"  input: {text['kind']} ({shape}) through {text['tokenizer']}; {text['bos']}")
-        for path, p in (text.get("paths") or {}).items():
-            state = p["skipped"][:100] if "skipped" in p else "same ids" if p.get("agrees") else "DIFFERENT ids"
-            lines.append(f"  tokenizer path {path}: {state}")
-    lines += [f"  {f['severity'].upper()}: {f['message']}" for f in d["findings"] if f["kind"] in ("input", "tokenizer")]
-    header = f"  {'implementation':<28} {'dtype':<5} {'first above floor':<18} {'max rel L2':>11} {'at':<12} {'logits KL':>10} {'top-1':>6}"
-    lines.append(header)
-    for e in d["implementations"]:
-        if e["label"] == d["settings"]["reference"]:
-            continue
-        if e["status"] != "ok":
-            lines.append(f"  {e['label']:<28} {e['dtype']:<5} FAILED: {e['error'][:90]}")
-            continue
-        c = result.comparison(e["label"])
-        s = c["summary"]
-        fmt = lambda v, f: "–" if v is None else format(v, f)  # noqa: E731
-        lines.append(f"  {e['label']:<28} {c['dtype']:<5} {c['first_above_floor'] or 'none':<18} {fmt(s['max_rel_l2'], '.2e'):>11} "
-                     f"{s['max_rel_l2_point'] or '–':<12} {fmt(s['logits_kl'], '.2e'):>10} {fmt(s['logits_top1'], '.3f'):>6}")
-    gen = d.get("generation")
-    if gen and gen.get("reference"):
-        for c in gen["candidates"]:
-            what = (f"identical to {gen['reference']['label']} for all {gen['steps']} steps" if c["first_diff"] is None else
-                    f"first differs at step {c['first_diff']}, top-{gen['top_k']} check {'passes' if c['topk_ok'] == 1 else 'FAILS'}")
-            lines.append(f"  generation {c['candidate']}: {what}")
-    for f in d["findings"]:
-        if f["severity"] != "info" and f["kind"] not in ("input", "tokenizer"):  # those came first, above the numerics
-            lines.append(f"  {f['severity'].upper()}: {f['message']}")
-    if d.get("schedule"):
-        sch = d["schedule"]
-        lines.append(f"  memory plan: {'side by side' if sch['side_by_side'] else 'one after another'} within {sch['budget_gb']} GB "
-                     f"({sch['budget_source']}{', ' + sch['reason'] if sch.get('reason') else ''}); estimated peaks " + ", ".join(f"{e['label']} ~{e['peak_gb']} GB" for e in sch["estimates"]))
-    return "\n".join(lines)
 
 
 def _tokens(args, spec=None):

@@ -5,14 +5,14 @@ to reports/demo/."""
 
 from __future__ import annotations
 
-import html
 import time
 from pathlib import Path
 
-from bughunt.cli import format_summary
-from bughunt.compare import compare
+from bughunt.comparison import compare
 from bughunt.implementations import REGISTRY, available, supports
+from bughunt.report import render_template
 from bughunt.result import write_atomically
+from bughunt.summary import format_summary
 from bughunt.text import default_request
 from bughunt.tiny import TINY_FAMILIES, tiny_checkpoint
 
@@ -64,14 +64,7 @@ def run_demo(out: Path, families: list[str] | None = None) -> list:
                             out=tmp / "planted-gemma2-gelu", text=default_request())
             print(f"planted bug (hf gemma2 with gelu=exact): {planted.data['diagnosis']}", flush=True)
             rows.append(("planted-gemma2-gelu", "hf{gelu=exact} search", planted.data["diagnosis"], None))
-        body = "".join(f"<tr><td><a href='{f}/report.html'>{f}</a></td><td>{html.escape(c)}</td><td>{html.escape(first)}</td>"
-                       f"<td>{'–' if m is None else format(m, '.2e')}</td></tr>" for f, c, first, m in rows)
-        (tmp / "index.html").write_text(
-            "<!doctype html><meta charset='utf-8'><title>bughunt demo</title><body style='font-family:sans-serif'>"
-            "<h1>bughunt demo</h1><p>Tiny seeded checkpoints, trained for a few seconds on bughunt's shipped text, fed its "
-            "default prompt; every installed implementation against the float64 reference.</p>"
-            "<table border=1 cellpadding=4><tr><th>family</th><th>implementation</th><th>first above floor</th><th>max rel L2</th></tr>"
-            f"{body}</table></body>")
+        (tmp / "index.html").write_text(render_template("demo_index.html", rows=rows))
 
     from bughunt.worker import WorkerPool
 

@@ -14,27 +14,11 @@ import numpy as np
 from bughunt import envs, progress
 from bughunt.context import RunContext
 from bughunt.errors import BughuntError
+from bughunt.floors import run_reference_with_floors, runs_floors
 from bughunt.implementations import ImplChoice
-from bughunt.jobs import Load, TraceJob, to_wire
+from bughunt.jobs import Load, TraceJob, run_in_process, to_wire
 from bughunt.spec import Spec
 from bughunt.trace import Trace
-
-
-def run_in_process(load: Load, job: TraceJob) -> Trace:
-    """Open, run and close one implementation in this process (the trace streams to `job.stem` unless it is None)."""
-    from bughunt.envs import refuse_in_process
-
-    refuse_in_process(load.choice, "--in-process runs every implementation in this interpreter; drop --in-process")
-    feed = Trace.load(job.feed) if isinstance(job.feed, Path) else job.feed
-    with load.open() as runner:
-        trace = runner.run(job.tokens, job.stem, inner=job.inner, feed=feed)
-        if job.check_weights and runner.exposes_weights:
-            from bughunt.weightcheck import check_for_trace
-
-            trace.meta["weight_check"] = check_for_trace(runner)
-            if trace.stem is not None:
-                trace.save_meta()
-        return trace
 
 
 def run_trace(load: Load, job: TraceJob, pool=None, timeout: float | None = None) -> Trace:
@@ -69,7 +53,6 @@ def trace_job(ctx: RunContext, index: int, **fields) -> TraceJob:
 
 def attempt(ctx: RunContext, choice: ImplChoice, index: int) -> Trace | None:
     """Run one implementation and its probes' `after` hooks; a failure goes into its entry."""
-    from bughunt.floors import runs_floors, run_reference_with_floors
     from bughunt.worker import WorkerFailure
 
     entry = ctx.entry(choice)

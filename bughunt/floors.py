@@ -11,7 +11,7 @@ import numpy as np
 
 from bughunt import metrics
 from bughunt.implementations import DTYPES, ImplChoice
-from bughunt.jobs import Load, TraceJob
+from bughunt.jobs import Load, TraceJob, run_in_process
 from bughunt.metrics import UNIT_ROUNDOFF, compare_traces
 from bughunt.spec import Spec
 from bughunt.trace import Trace
@@ -29,7 +29,6 @@ def reference_with_floors(load: Load, tokens: np.ndarray, floor_dtypes, scratch:
     """The float64 reference and its noise-floor passes (the reference emulating each dtype) in one read of the model.
     Quantized weight types read their own weights, one pass each."""
     from bughunt.implementations.reference import ReferenceRunner, run_together
-    from bughunt.execute import run_in_process
 
     dtypes = [d for d in dict.fromkeys(floor_dtypes) if d != "fp64"]
     quantized = [d for d in dtypes if d not in DTYPES]
@@ -92,7 +91,6 @@ def noise_floor(checkpoint: Path, spec: Spec, dtype: str, tokens: np.ndarray, *,
                 allow_pickle: bool = False, scratch: Path | None = None, inner: bool = False) -> dict:
     """The noise floor at `dtype` for this input, running what it needs: the float64 reference (unless `fp64` is given)
     and the reference emulating `dtype`. With `scratch`, the traces stream to files there instead of memory."""
-    from bughunt.execute import run_in_process
 
     ref = Load(ImplChoice("reference", "fp64"), Path(checkpoint), spec, "fp64", allow_pickle=allow_pickle)
     timings = {}

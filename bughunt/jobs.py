@@ -109,6 +109,24 @@ class TraceJob:
         return {"trace": str(self.stem)}
 
 
+def run_in_process(load: Load, job: TraceJob):
+    """Open, run and close one implementation in this process (the trace streams to `job.stem` unless it is None)."""
+    from bughunt.envs import refuse_in_process
+    from bughunt.trace import Trace
+
+    refuse_in_process(load.choice, "--in-process runs every implementation in this interpreter; drop --in-process")
+    feed = Trace.load(job.feed) if isinstance(job.feed, Path) else job.feed
+    with load.open() as runner:
+        trace = runner.run(job.tokens, job.stem, inner=job.inner, feed=feed)
+        if job.check_weights and runner.exposes_weights:
+            from bughunt.weightcheck import check_for_trace
+
+            trace.meta["weight_check"] = check_for_trace(runner)
+            if trace.stem is not None:
+                trace.save_meta()
+        return trace
+
+
 @dataclass(frozen=True)
 class Kind:
     """A job kind: how it is read off the wire, and whether it needs an open runner (a tokenizer path does not)."""
