@@ -348,17 +348,10 @@ def cmd_weights(args) -> int:
     return 1 if wc.departures else 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _add_compare(command) -> None:
+    """`bughunt compare` and its flags."""
     from bughunt.implementations import DEVICES, DTYPES
     from bughunt.implementations.catalog import impl_help
-
-    p = argparse.ArgumentParser(prog="bughunt", description="Find numerics bugs in transformer implementations, layer by layer.",
-                                epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True)
-
-    def command(name: str, **kwargs) -> argparse.ArgumentParser:
-        """A sub-command whose --help ends with the exit codes and the --out policy."""
-        return sub.add_parser(name, epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
 
     c = command("compare", help="compare implementations of one checkpoint against a reference")
     c.add_argument("checkpoint", help="Hugging Face-format checkpoint directory (config.json + *.safetensors)")
@@ -387,6 +380,10 @@ def build_parser() -> argparse.ArgumentParser:
         probe.add_arguments(c)
     c.set_defaults(func=cmd_compare)
 
+def _add_sweep(command) -> None:
+    """`bughunt sweep` and its flags."""
+    from bughunt.implementations import DEVICES, DTYPES
+
     w = command("sweep", help="run one implementation under toggle settings; search for the ones that explain a divergence")
     w.add_argument("checkpoint")
     w.add_argument("--impl", default="hf", metavar="NAME[:DTYPE]", help="the candidate implementation (default hf)")
@@ -408,6 +405,10 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--fail-on-finding", action="store_true", help="exit 1 when the candidate as is departs from the reference")
     w.set_defaults(func=cmd_sweep)
 
+def _add_decode(command) -> None:
+    """`bughunt decode` and its flags."""
+    from bughunt.implementations import DEVICES, DTYPES
+
     k = command("decode", help="full forward pass vs incremental decoding (prefill, then one token at a time)")
     k.add_argument("checkpoint")
     k.add_argument("--impl", default="hf", metavar="NAME[:DTYPE][toggles]")
@@ -425,11 +426,15 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--fail-on-finding", action="store_true", help="exit 1 when a decoding step departs")
     k.set_defaults(func=cmd_decode)
 
+def _add_demo(command) -> None:
+    """`bughunt demo` and its flags."""
     d = command("demo", help="generate tiny checkpoints and compare every installed implementation on each")
     d.add_argument("--out", type=_path, default="reports/demo")
     d.add_argument("--family", action="append", help="limit to these families (repeatable)")
     d.set_defaults(func=cmd_demo)
 
+def _add_tiny(command) -> None:
+    """`bughunt tiny` and its flags."""
     t = command("tiny", help="write a tiny seeded checkpoint of a family")
     t.add_argument("family")
     t.add_argument("--out", type=_path, required=True)
@@ -438,6 +443,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "CPU, deterministic: the same seed gives byte-identical weights), so loss on text means something")
     t.set_defaults(func=cmd_tiny)
 
+def _add_envs(command) -> None:
+    """`bughunt envs` and its flags."""
     e = command("envs", help="list, create or remove the library-version environments (hf==VERSION) in the user cache")
     e.add_argument("action", choices=["list", "create", "remove"])
     e.add_argument("names", nargs="*", metavar="NAME", help="create: IMPL==VERSION, e.g. hf==5.22.0; remove: a name from "
@@ -445,17 +452,25 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--all", action="store_true", help="remove: every environment")
     e.set_defaults(func=cmd_envs)
 
+def _add_render(command) -> None:
+    """`bughunt render` and its flags."""
     r = command("render", help="re-render plots and report.html from a result.json")
     r.add_argument("result", help="result.json or the directory holding it")
     r.add_argument("--out", type=_path, help="where to write (default: beside result.json)")
     r.set_defaults(func=cmd_render)
 
+def _add_lint(command) -> None:
+    """`bughunt lint` and its flags."""
     lt = command("lint", help="static checks of a checkpoint's config, weights and tokenizer: exit 0 clean, 1 an error fired, 2 bad input")
     lt.add_argument("checkpoint", help="Hugging Face-format checkpoint directory")
     lt.add_argument("--json", type=_path, metavar="FILE", help="also write the versioned lint document to FILE")
     lt.add_argument("--tokenizers", action="store_true",
                     help="also encode a corpus of tricky strings with every available tokenizer implementation and report disagreements")
     lt.set_defaults(func=cmd_lint)
+
+def _add_weights(command) -> None:
+    """`bughunt weights` and its flags."""
+    from bughunt.implementations import DEVICES, DTYPES
 
     wt = command("weights", help="compare every parameter an implementation loaded with the checkpoint: exit 0 all identical, "
                  "1 a parameter departs, 2 bad input")
@@ -470,11 +485,15 @@ def build_parser() -> argparse.ArgumentParser:
     wt.add_argument("--timeout", type=_positive_seconds, default=600.0, help="seconds the worker may take (default 600)")
     wt.set_defaults(func=cmd_weights)
 
+def _add_implementations(command) -> None:
+    """`bughunt implementations` and its flags."""
     im = command("implementations", help="list every implementation: installed here or not, library versions, families, "
                  "dtypes, devices, toggles, and how to install a missing one")
     im.add_argument("--json", action="store_true", help="print the list as JSON")
     im.set_defaults(func=cmd_implementations)
 
+def _add_ci(command, sub) -> None:
+    """`bughunt ci` and its flags."""
     g = sub.add_parser("ci", help="run a TOML matrix of cells against stored baselines: exit 0 pass, 1 regression, 2 bad input",
                        usage="bughunt ci MATRIX --baseline DIR [--update-baseline] [--shard K/N] [--out DIR]\n"
                              "       bughunt ci merge DIR... [--out DIR]",
@@ -486,6 +505,28 @@ def build_parser() -> argparse.ArgumentParser:
                    "of the cells; also writes shard.json for `bughunt ci merge`")
     g.add_argument("--out", type=_path, metavar="DIR", help="where to write junit.xml, summary.md, index.html and the reports (default reports/ci)")
     g.set_defaults(func=cmd_ci)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bughunt", description="Find numerics bugs in transformer implementations, layer by layer.",
+                                epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def command(name: str, **kwargs) -> argparse.ArgumentParser:
+        """A sub-command whose --help ends with the exit codes and the --out policy."""
+        return sub.add_parser(name, epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
+
+    _add_compare(command)
+    _add_sweep(command)
+    _add_decode(command)
+    _add_demo(command)
+    _add_tiny(command)
+    _add_envs(command)
+    _add_render(command)
+    _add_lint(command)
+    _add_weights(command)
+    _add_implementations(command)
+    _add_ci(command, sub)
     return p
 
 

@@ -8,8 +8,10 @@ from __future__ import annotations
 import datetime as _dt
 import shlex
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict
 
 from bughunt.checkpoint import validate_weights
 from bughunt.assemble import save
@@ -52,9 +54,31 @@ def incremental(choice: ImplChoice, checkpoint: Path, spec, dtype: str, device: 
         return full, np.concatenate(rows, axis=1), "prefix recomputation"
 
 
-def decode_check(checkpoint: str | Path, impl: str = "hf", reference: str | None = None, dtype: str = "fp32", device: str = "cpu",
-                 tokens=None, prefill: int = 1, decode_config: dict | None = None, floor_factor: float = DEFAULT_FLOOR_FACTOR,
-                 out: str | Path | None = None, text=None) -> Result:
+class DecodeOptions(BaseModel):
+    """decode_check's keywords: the reference to decode against (optional), dtype and device, the input (ids or text),
+    the prefill length, the decode-only config change, the floor factor and where to write."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+
+    reference: str | None = None
+    dtype: str = "fp32"
+    device: str = "cpu"
+    tokens: Any = None
+    prefill: int = 1
+    decode_config: dict | None = None
+    floor_factor: float = DEFAULT_FLOOR_FACTOR
+    out: str | Path | None = None
+    text: Any = None
+
+
+def decode_check(checkpoint: str | Path, impl: str = "hf", **settings) -> Result:
+    """Full forward pass vs incremental decoding (prefill, then one token at a time) of implementation `impl`, and
+    against `reference` when given; `settings` are DecodeOptions' fields."""
+    from bughunt.plan import validated
+
+    o = validated(DecodeOptions, settings)
+    reference, dtype, device, tokens, prefill = o.reference, o.dtype, o.device, o.tokens, o.prefill
+    decode_config, floor_factor, out, text = o.decode_config, o.floor_factor, o.out, o.text
     checkpoint = Path(checkpoint)
     if out is not None:
         check_output_dir(out, "decode", [("the checkpoint", checkpoint)])
