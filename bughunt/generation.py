@@ -15,6 +15,7 @@ import numpy as np
 
 from bughunt import envs, jobs
 from bughunt.errors import BughuntError
+from bughunt.findings import Finding
 
 DEFAULT_TOP_K = 5
 MAX_STEPS = 4096
@@ -160,8 +161,7 @@ def findings(section: dict) -> list[dict]:
         else:
             message = (f"{c['candidate']}'s greedy generation departs from {ref}'s {where}; a token lies outside the other's "
                        f"top-{k}: the generation paths disagree beyond a near tie")
-        out.append({"severity": "info" if contained else "warning", "kind": "generation", "implementation": c["candidate"],
-                    "point": "logits", "message": message})
+        out.append(Finding("info" if contained else "warning", "generation", message, c["candidate"], "logits").to_dict())
     return out
 
 
@@ -210,8 +210,8 @@ def attach(result_data: dict, generations: dict, failures: dict[str, str], ref_l
     if ref is None:
         result_data["generation"] = {"steps": steps, "top_k": top_k, "prompt_length": prompt_length, "decode_config": decode_config,
                                      "reference": None, "candidates": [], "failed": failures}
-        result_data["findings"].append({"severity": "error", "kind": "generation", "implementation": ref_label, "point": None,
-                                        "message": f"the reference {ref_label} could not generate: {failures.get(ref_label, 'no result')}"})
+        result_data["findings"].append(Finding("error", "generation", f"the reference {ref_label} could not generate: "
+                                               f"{failures.get(ref_label, 'no result')}", ref_label).to_dict())
         return
     comps = []
     for c in result_data["comparisons"]:
@@ -228,5 +228,4 @@ def attach(result_data: dict, generations: dict, failures: dict[str, str], ref_l
     result_data["generation"] = section
     result_data["findings"].extend(findings(section))
     for label, error in failures.items():
-        result_data["findings"].append({"severity": "error", "kind": "generation", "implementation": label, "point": None,
-                                        "message": f"{label} could not generate: {error}"})
+        result_data["findings"].append(Finding("error", "generation", f"{label} could not generate: {error}", label).to_dict())

@@ -102,6 +102,15 @@ def is_layer_output(text: str) -> bool:
         return False
 
 
+def is_branch_output(text: str) -> bool:
+    """Whether `text` is `layer.{i}.attn` or `layer.{i}.mlp` (a branch's output, not a point inside it)."""
+    try:
+        point = parse(text)
+    except ValueError:
+        return False
+    return point.branch is not None and point.inner is None
+
+
 def is_inner(text: str) -> bool:
     """Whether `text` is a point inside a branch (`layer.{i}.attn.q`, ...)."""
     try:

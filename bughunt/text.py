@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from bughunt.errors import BughuntError
+from bughunt.findings import Finding
 from bughunt.inputs.text import check_prompt, read_chat_file, read_prompt_file
 
 DEFAULT_TEXT_FILE = Path(__file__).parent / "data" / "default_prompt.txt"
@@ -283,7 +284,7 @@ def attach(data: dict, encoded: EncodedText | None, paths: dict[str, dict] | Non
     from bughunt.tokenizer_paths import judge_paths
 
     record = encoded.record()
-    notes = [{"severity": "info", "kind": "input", "implementation": None, "point": None, "message": n} for n in encoded.notes]
+    notes = [Finding("info", "input", n).to_dict() for n in encoded.notes]
     if paths:
         eos = data.get("checkpoint", {}).get("spec", {}).get("eos_token_id")
         notes += judge_paths(encoded, paths, eos[0] if isinstance(eos, list) and eos else eos if isinstance(eos, int) else None)

@@ -21,6 +21,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from bughunt.errors import BughuntError
+from bughunt.findings import Finding
 
 PATH_NAMES = {"hf": "transformers AutoTokenizer", "keras-jax": "keras-hub CausalLMPreprocessor",
               "keras-torch": "keras-hub CausalLMPreprocessor", "deepmind": "DeepMind gemma gm.text tokenizer",
@@ -261,8 +262,8 @@ def judge_paths(encoded, paths: dict[str, dict], eos: int | None = None) -> list
             if diff is None:
                 continue
             where = f" (row {i})" if len(encoded.rows) > 1 else ""
-            findings.append({"severity": "warning", "kind": "tokenizer", "implementation": label, "point": None,
-                             "message": f"{label}'s own tokenizer path ({p['path']}) {diff}{where}; every implementation was "
-                                        f"fed the checkpoint tokenizer's ids, so the numerics below compare the same input"})
+            findings.append(Finding("warning", "tokenizer", f"{label}'s own tokenizer path ({p['path']}) {diff}{where}; every "
+                                    "implementation was fed the checkpoint tokenizer's ids, so the numerics below compare the "
+                                    "same input", label).to_dict())
         p["agrees"] = all(d is None for d in p.get("differences", []))
     return findings

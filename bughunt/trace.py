@@ -6,7 +6,6 @@ are memory-mapped: no step needs a whole trace in memory."""
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,40 +14,37 @@ import numpy as np
 
 from bughunt.errors import BughuntError
 from bughunt.safetensors_io import SafetensorsWriter, map_safetensors, write_safetensors
+from bughunt import points as P
 
-_POINT = re.compile(r"^(embed|final_norm|logits|layer\.(\d+)(\.(attn|mlp)(\.(q|k|scores|probs|out|hidden))?)?)$")
 # Points inside a layer (opt-in: scores and probs are tokens^2 per head), in forward order within the layer.
 INNER_POINTS = ("attn.q", "attn.k", "attn.scores", "attn.probs", "attn.out", "mlp.hidden")
 
 
 def capture_points(num_layers: int, branches: bool = False) -> list[str]:
     """Capture point names in forward order: embed, layer.0[, layer.0.attn, layer.0.mlp], ..., final_norm, logits."""
-    names = ["embed"]
+    names = [P.EMBED]
     for i in range(num_layers):
         if branches:
-            names += [f"layer.{i}.attn", f"layer.{i}.mlp"]
-        names.append(f"layer.{i}")
-    return names + ["final_norm", "logits"]
+            names += [P.branch(i, "attn"), P.branch(i, "mlp")]
+        names.append(P.layer(i))
+    return names + [P.FINAL_NORM, P.LOGITS]
 
 
 def point_order(name: str) -> tuple:
     """Sort key that puts capture points in forward order."""
-    m = _POINT.match(name)
-    if not m:
+    try:
+        point = P.parse(name)
+    except ValueError:
         return (3, 0, 0, name)
-    if name == "embed":
-        return (0, 0, 0, "")
-    if name == "final_norm":
-        return (2, 0, 0, "")
-    if name == "logits":
-        return (2, 1, 0, "")
+    if point.layer is None:
+        return {P.EMBED: (0, 0, 0, ""), P.FINAL_NORM: (2, 0, 0, ""), P.LOGITS: (2, 1, 0, "")}[name]
     within = ("attn.q", "attn.k", "attn.scores", "attn.probs", "attn.out", "attn", "mlp.hidden", "mlp", "")
-    return (1, int(m.group(2)), within.index((m.group(3) or ".")[1:]), "")
+    return (1, point.layer, within.index(".".join(x for x in (point.branch, point.inner) if x)), "")
 
 
 def is_residual_point(name: str) -> bool:
     """Points on the residual stream (what the per-layer plot draws): embed, layer.{i}, final_norm."""
-    return name in ("embed", "final_norm") or bool(re.fullmatch(r"layer\.\d+", name))
+    return name in (P.EMBED, P.FINAL_NORM) or P.is_layer_output(name)
 
 
 def _paths(path_stem: Path) -> tuple[Path, Path]:

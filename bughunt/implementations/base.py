@@ -11,6 +11,7 @@ import numpy as np
 from bughunt.errors import BughuntError
 from bughunt.spec import Spec
 from bughunt.trace import Trace, TraceWriter
+from bughunt import points as P
 
 
 class Runner:
@@ -133,7 +134,7 @@ class Runner:
         if tokens.min() < 0 or tokens.max() >= self.spec.vocab_size:
             raise BughuntError(f"token ids must lie in [0, {self.spec.vocab_size}) for this checkpoint; got range [{tokens.min()}, {tokens.max()}].")
         expected = 3 + self.spec.num_layers * 3
-        keep = None if self.branches else (lambda p: not p.endswith((".attn", ".mlp")))
+        keep = None if self.branches else (lambda p: not P.is_branch_output(p))
         return tokens, TraceWriter(stem, expected, self.trace_dtype, keep)
 
     def feeder(self, feed: Trace, tokens: np.ndarray):
@@ -145,7 +146,7 @@ class Runner:
         if tuple(shape[:2]) != tuple(tokens.shape):
             raise BughuntError(f"--isolate: the reference's trace holds {list(shape[:2])} positions but {self.label} runs "
                                f"{list(tokens.shape)} (a bos toggle on one side only?); isolate with the same input on both sides.")
-        return lambda i: feed.arrays["embed" if i == 0 else f"layer.{i - 1}"]
+        return lambda i: feed.arrays["embed" if i == 0 else P.layer(i - 1)]
 
     def finish(self, out: TraceWriter, tokens: np.ndarray, seconds: float, **timings: float) -> Trace:
         meta = {"implementation": self.name, "dtype": self.dtype, "device": self.device, "versions": self.versions(),
@@ -230,11 +231,11 @@ def decoder_points(base, spec: Spec, branches: bool) -> dict[str, tuple[object, 
     for i, layer in enumerate(layers):
         if branches:
             if spec.sandwich_norms:  # the branch output is the post-branch norm's output
-                points[f"layer.{i}.attn"] = (layer.post_attention_layernorm, "out")
-                points[f"layer.{i}.mlp"] = (layer.post_feedforward_layernorm, "out")
+                points[P.branch(i, "attn")] = (layer.post_attention_layernorm, "out")
+                points[P.branch(i, "mlp")] = (layer.post_feedforward_layernorm, "out")
             else:
-                points[f"layer.{i}.attn"] = (layer.self_attn, "out")
-                points[f"layer.{i}.mlp"] = (layer.mlp, "out")
-        points[f"layer.{i}"] = (layer, "out")
+                points[P.branch(i, "attn")] = (layer.self_attn, "out")
+                points[P.branch(i, "mlp")] = (layer.mlp, "out")
+        points[P.layer(i)] = (layer, "out")
     points["final_norm"] = (base.norm, "out")
     return points

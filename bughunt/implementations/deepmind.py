@@ -14,6 +14,7 @@ import numpy as np
 from bughunt.checkpoint import load_weights
 from bughunt.errors import BughuntError
 from bughunt.implementations.base import Runner
+from bughunt import points as P
 
 
 def cannot_represent(spec) -> list[str]:
@@ -179,7 +180,7 @@ class DeepMindRunner(Runner):
         inter = state["intermediates"]
         arrays = {"embed": inter["embedder"]["encode"][0]}
         for i in range(self.spec.num_layers):
-            arrays[f"layer.{i}"] = inter[f"layer_{i}"]["__call__"][0][1]  # Block returns (cache, x)
+            arrays[P.layer(i)] = inter[f"layer_{i}"]["__call__"][0][1]  # Block returns (cache, x)
         arrays["final_norm"] = inter["final_norm"]["__call__"][0]
         arrays["logits"] = out.logits
         return {k: np.asarray(v, dtype=np.float32) for k, v in arrays.items()}

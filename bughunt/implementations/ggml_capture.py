@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass, field
 
 import numpy as np
+from bughunt import points as P
 
 _MAX_DIMS, _MAX_OP_PARAMS, _MAX_SRC = 4, 64, 10  # ggml.h: GGML_MAX_DIMS, GGML_MAX_OP_PARAMS, GGML_MAX_SRC
 
@@ -115,11 +116,11 @@ class GraphCapture:
         m = re.fullmatch(r"(.+)-(\d+)", name)
         base, index = (m.group(1), int(m.group(2))) if m else (name, None)
         if name == p.embed:
-            return "embed"
+            return P.EMBED
         if name == p.final_norm:
-            return "final_norm"
+            return P.FINAL_NORM
         if base == "l_out" and index is not None:
-            return f"layer.{index}"
+            return P.layer(index)
         if not self.branches:
             return None
         for kind, pattern in (("attn", p.attn), ("mlp", p.mlp)):
@@ -129,12 +130,12 @@ class GraphCapture:
                 if self.ggml.ggml_op_name(s.op) == b"MUL_MAT" and s.src[0]:
                     m2 = re.fullmatch(re.escape(weight).replace(r"\{i\}", r"(\d+)"), self.ggml.name(s.src[0]))
                     if m2:
-                        return f"layer.{int(m2.group(1))}.{kind}"
+                        return P.branch(int(m2.group(1)), kind)
             elif "{i}" in pattern:
                 if index is not None and pattern == f"{base}-{{i}}":
-                    return f"layer.{index}.{kind}"
+                    return P.branch(index, kind)
             elif name == pattern:  # no layer index in the name: graph order says which layer
-                return f"layer.{self._layer}.{kind}"
+                return P.branch(self._layer, kind)
         return None
 
     def __call__(self, t: int, ask: bool, user_data) -> bool:
@@ -151,7 +152,7 @@ class GraphCapture:
                     raise RuntimeError(f"two graph nodes map to {point} ({self.order[-1][0]} and {name})")
                 self.arrays[point] = self.ggml.read(t)
                 self.order.append((name, point))
-                if point.startswith("layer.") and point.count(".") == 1:
+                if P.is_layer_output(point):
                     self._layer += 1
             return True
         except BaseException as e:  # an exception must not cross the C boundary: keep it, stop the graph

@@ -9,6 +9,7 @@ import numpy as np
 
 from bughunt.errors import BughuntError
 from bughunt.implementations.base import Runner, decoder_points
+from bughunt import points as P
 
 TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "fp64": "float64"}
 
@@ -288,7 +289,7 @@ class HFRunner(Runner):
                 output, probs = original(attn, query, key, value, attention_mask, *args, **kwargs)
             finally:
                 torch.nn.functional.softmax = softmax
-            point = f"layer.{layer_of[id(attn)]}.attn"
+            point = P.branch(layer_of[id(attn)], "attn")
             scores = seen["scores"]
             if attention_mask is not None:
                 mask = attention_mask[..., : scores.shape[-1]]
@@ -304,7 +305,7 @@ class HFRunner(Runner):
 
         for i, layer in enumerate(base.layers):
             def hidden(mod, args, i=i):
-                keep(f"layer.{i}.mlp.hidden", args[0])
+                keep(P.inner(i, "mlp", "hidden"), args[0])
             handles.append(layer.mlp.down_proj.register_forward_pre_hook(hidden))
         module.eager_attention_forward = eager_with_capture
         return lambda: setattr(module, "eager_attention_forward", original)

@@ -11,6 +11,7 @@ import numpy as np
 
 from bughunt.errors import BughuntError
 from bughunt.implementations.base import Runner
+from bughunt import points as P
 
 KERAS_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
@@ -81,7 +82,7 @@ class KerasRunner(Runner):
         embed, *layers, final = outs
         logits = self.backbone.token_embedding(final, reverse=True)  # tied or untied head; applies Gemma 2's final soft-cap
         arrays = {"embed": embed}
-        arrays.update({f"layer.{i}": x for i, x in enumerate(layers)})
+        arrays.update({P.layer(i): x for i, x in enumerate(layers)})
         arrays["final_norm"] = final
         arrays["logits"] = logits
         return {k: np.asarray(ops.convert_to_numpy(ops.cast(v, "float32"))) for k, v in arrays.items()}

@@ -14,6 +14,7 @@ import numpy as np
 from bughunt.errors import BughuntError
 from bughunt.implementations.base import Runner
 from bughunt.spec import Spec
+from bughunt import points as P
 
 TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
@@ -128,9 +129,9 @@ class LitGPTRunner(Runner):
         for i, block in enumerate(blocks):
             if self.branches:  # Gemma 2/3: the branch output is the post-branch norm's (Identity elsewhere)
                 sandwich = self.spec.sandwich_norms
-                points[f"layer.{i}.attn"] = (block.post_attention_norm if sandwich else block.attn, "out")
-                points[f"layer.{i}.mlp"] = (block.post_mlp_norm if sandwich else block.mlp, "out")
-            points[f"layer.{i}"] = (block, "out")
+                points[P.branch(i, "attn")] = (block.post_attention_norm if sandwich else block.attn, "out")
+                points[P.branch(i, "mlp")] = (block.post_mlp_norm if sandwich else block.mlp, "out")
+            points[P.layer(i)] = (block, "out")
         points["final_norm"] = (self.model.transformer.ln_f, "out")
         return points
 
