@@ -151,7 +151,7 @@ def plan(estimates: list[Estimate], max_memory: int | None = None, tokens: int =
             f"({worst.formula}). Try " + ", ".join(h for h in hints if h) + ".")
     together = sum(e.peak_bytes for e in estimates) + parent
     if ncores is None:
-        from reference_impls._numerics import cores  # the cores the reference's conversions are split across
+        from reference_impls._weights import cores  # the cores the reference's conversions are split across
 
         ncores = cores()
     if together > budget:

@@ -139,8 +139,38 @@ def _rope_from(params: dict, default_theta: float | None, path: str, partial: fl
 
 
 def spec_from_config(cfg: dict, path: str = "config.json") -> Spec:
-    """Read a config dict into a Spec, resolving per-family defaults and legacy fields."""
+    """Read a config dict into a Spec, resolving per-family defaults and legacy fields. Each reader below takes one
+    concern (sizes, activation, attention layout, RoPE, scaling and soft-caps, layout flags, special ids) and appends
+    to `notes` how it resolved an ambiguous or legacy field."""
     validate_config(cfg, path)
+    model_type, family = _family(cfg, path)
+    notes: list[str] = []
+    sizes = _sizes(cfg, path)
+    activation = _activation(cfg, family, path, notes)
+    layer_types, window = _layer_types(cfg, family, sizes["num_layers"], path, notes)
+    rope = _rope(cfg, family, path, notes)
+    return Spec(
+        family=family,
+        model_type=model_type,
+        **sizes,
+        activation=activation,
+        rms_eps=float(cfg.get("rms_norm_eps", 1e-5 if family == "phi3" else 1e-6)),
+        max_position_embeddings=int(cfg.get("max_position_embeddings") or 0),
+        layer_types=layer_types,
+        sliding_window=window,
+        rope=rope,
+        **_scaling_and_softcaps(cfg, family, sizes["head_dim"]),
+        **_layout(cfg, family, sizes["hidden_size"]),
+        original_max_position_embeddings=cfg.get("original_max_position_embeddings"),
+        **_special_ids(cfg),
+        config_dtype=cfg.get("dtype") or cfg.get("torch_dtype"),
+        notes=tuple(notes),
+        source=cfg,
+    )
+
+
+def _family(cfg: dict, path: str) -> tuple[str, str]:
+    """config.json's model_type and the bughunt family it names."""
     model_type = cfg.get("model_type")
     if model_type is None:
         raise BughuntError(f"{path}: no 'model_type' field, so the architecture is unknown. Add e.g. \"model_type\": \"llama\".")
@@ -148,8 +178,11 @@ def spec_from_config(cfg: dict, path: str = "config.json") -> Spec:
         raise BughuntError(
             f"{path}: model_type '{model_type}' is not supported. Supported: {', '.join(sorted(FAMILIES))}."
         )
-    family = FAMILIES[model_type]
-    notes: list[str] = []
+    return model_type, FAMILIES[model_type]
+
+
+def _sizes(cfg: dict, path: str) -> dict[str, int]:
+    """The Spec's size fields: required ones checked, kv heads and head_dim derived when the config leaves them out."""
     hidden = _req(cfg, "hidden_size", int, path)
     heads = _req(cfg, "num_attention_heads", int, path)
     layers = _req(cfg, "num_hidden_layers", int, path)
@@ -159,8 +192,12 @@ def spec_from_config(cfg: dict, path: str = "config.json") -> Spec:
     head_dim = cfg.get("head_dim") or hidden // heads
     if heads % kv:
         raise BughuntError(f"{path}: num_attention_heads={heads} is not a multiple of num_key_value_heads={kv}. Fix the config.")
+    return dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_layers=layers, num_heads=heads,
+                num_kv_heads=kv, head_dim=head_dim)
 
-    # Activation: Gemma 2/3 configs carry hidden_activation; Gemma 1 and others hidden_act.
+
+def _activation(cfg: dict, family: str, path: str, notes: list[str]) -> str:
+    """The MLP activation: Gemma 2/3 configs carry hidden_activation; Gemma 1 and others hidden_act."""
     act_fields = {k: cfg[k] for k in ("hidden_activation", "hidden_act") if cfg.get(k)}
     if family in ("gemma2", "gemma3") and "hidden_activation" in act_fields:
         raw_act, act_field = act_fields["hidden_activation"], "hidden_activation"
@@ -180,8 +217,11 @@ def spec_from_config(cfg: dict, path: str = "config.json") -> Spec:
         notes.append("gemma config says hidden_act='gelu' (legacy value); the Gemma paper/official code use the tanh approximation, so the spec reads gelu_tanh")
     if len(set(act_fields.values())) > 1:
         notes.append(f"activation fields disagree: {act_fields}; using {act_field}")
+    return activation
 
-    # Layer types and sliding window.
+
+def _layer_types(cfg: dict, family: str, layers: int, path: str, notes: list[str]) -> tuple[tuple[str, ...], int | None]:
+    """Which layers use a sliding window ("sliding"/"full" per layer), and the window itself (None: no layer slides)."""
     window = cfg.get("sliding_window")
     if family == "qwen2" or family == "qwen3":
         if not cfg.get("use_sliding_window", False):
@@ -204,39 +244,51 @@ def spec_from_config(cfg: dict, path: str = "config.json") -> Spec:
         types = tuple("full" for _ in types)
     if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window <= 0):
         raise BughuntError(f"{path}: sliding_window must be a positive integer or null, found {window!r}.")
+    return types, window
 
-    # RoPE: transformers 5 writes rope_parameters (possibly per layer type); 4.x wrote rope_theta + rope_scaling.
+
+def _rope(cfg: dict, family: str, path: str, notes: list[str]) -> dict[str, Rope]:
+    """RoPE per layer type ("full"/"sliding"): transformers 5 writes rope_parameters (possibly per layer type); 4.x
+    wrote rope_theta + rope_scaling."""
     partial = float(cfg.get("partial_rotary_factor", 1.0) or 1.0)
     rp = cfg.get("rope_parameters")
-    rope: dict[str, Rope] = {}
     # Without a rope_theta anywhere, transformers uses the architecture's default_theta (Gemma 3: 1M global, 10k local).
     default_theta = {"full": 1_000_000.0 if family == "gemma3" else 10000.0, "sliding": 10000.0}
-    if isinstance(rp, dict):
-        for params, kind in [(rp.get("full_attention"), "full"), (rp.get("sliding_attention"), "sliding"), (rp, "full")]:
-            if isinstance(params, dict) and "rope_theta" not in params and cfg.get("rope_theta") is None and \
-                    (params is not rp or not any(k in rp for k in ("full_attention", "sliding_attention"))):
-                notes.append(f"no rope_theta for {kind} layers; using the {family} default {default_theta[kind]:g}, as transformers does")
-    if isinstance(rp, dict) and ("full_attention" in rp or "sliding_attention" in rp):
-        for key, kind in (("full_attention", "full"), ("sliding_attention", "sliding")):
-            if key in rp:
-                rope[kind] = _rope_from(rp[key], cfg.get("rope_theta", default_theta[kind]), path, partial)
-        rope.setdefault("full", rope.get("sliding"))
-        rope.setdefault("sliding", rope["full"])
-    elif isinstance(rp, dict):
-        rope["full"] = rope["sliding"] = _rope_from(rp, cfg.get("rope_theta", default_theta["full"]), path, partial)
-    else:
-        scaling = cfg.get("rope_scaling") or {}
-        base = dict(scaling)
-        base.setdefault("rope_theta", cfg.get("rope_theta", 10000.0 if family != "gemma3" else 1_000_000.0))
-        rope["full"] = _rope_from(base, None, path, partial)
-        if family == "gemma3":
-            local = cfg.get("rope_local_base_freq", 10000.0)
-            rope["sliding"] = Rope(theta=float(local), partial_rotary_factor=partial)
-            notes.append(f"Gemma 3 sliding layers use rope_local_base_freq={local}")
-        else:
-            rope["sliding"] = rope["full"]
+    if not isinstance(rp, dict):
+        return _rope_legacy(cfg, family, path, partial, notes)
+    for params, kind in [(rp.get("full_attention"), "full"), (rp.get("sliding_attention"), "sliding"), (rp, "full")]:
+        if isinstance(params, dict) and "rope_theta" not in params and cfg.get("rope_theta") is None and \
+                (params is not rp or not any(k in rp for k in ("full_attention", "sliding_attention"))):
+            notes.append(f"no rope_theta for {kind} layers; using the {family} default {default_theta[kind]:g}, as transformers does")
+    if "full_attention" not in rp and "sliding_attention" not in rp:
+        whole = _rope_from(rp, cfg.get("rope_theta", default_theta["full"]), path, partial)
+        return {"full": whole, "sliding": whole}
+    rope: dict[str, Rope] = {}
+    for key, kind in (("full_attention", "full"), ("sliding_attention", "sliding")):
+        if key in rp:
+            rope[kind] = _rope_from(rp[key], cfg.get("rope_theta", default_theta[kind]), path, partial)
+    rope.setdefault("full", rope.get("sliding"))
+    rope.setdefault("sliding", rope["full"])
+    return rope
 
-    # Attention scaling and soft-caps.
+
+def _rope_legacy(cfg: dict, family: str, path: str, partial: float, notes: list[str]) -> dict[str, Rope]:
+    """RoPE as transformers 4.x wrote it: rope_theta and rope_scaling; Gemma 3's sliding layers use
+    rope_local_base_freq."""
+    base = dict(cfg.get("rope_scaling") or {})
+    base.setdefault("rope_theta", cfg.get("rope_theta", 10000.0 if family != "gemma3" else 1_000_000.0))
+    full = _rope_from(base, None, path, partial)
+    if family != "gemma3":
+        return {"full": full, "sliding": full}
+    local = cfg.get("rope_local_base_freq", 10000.0)
+    sliding = Rope(theta=float(local), partial_rotary_factor=partial)
+    notes.append(f"Gemma 3 sliding layers use rope_local_base_freq={local}")
+    return {"full": full, "sliding": sliding}
+
+
+def _scaling_and_softcaps(cfg: dict, family: str, head_dim: int) -> dict[str, float | None]:
+    """The query scale (Gemma 2/3: query_pre_attn_scalar^-0.5, others head_dim^-0.5) and the Gemma 2/3 soft-caps on
+    attention scores and final logits."""
     qpas = cfg.get("query_pre_attn_scalar")
     if family in ("gemma2", "gemma3") and qpas:
         query_scale = float(qpas) ** -0.5
@@ -244,46 +296,29 @@ def spec_from_config(cfg: dict, path: str = "config.json") -> Spec:
         query_scale = head_dim ** -0.5
     attn_softcap = cfg.get("attn_logit_softcapping") if family in ("gemma2", "gemma3") else None
     final_softcap = cfg.get("final_logit_softcapping") if family in ("gemma2", "gemma3") else None
+    return dict(query_scale=query_scale, attn_softcap=float(attn_softcap) if attn_softcap else None,
+                final_softcap=float(final_softcap) if final_softcap else None)
 
+
+def _layout(cfg: dict, family: str, hidden: int) -> dict[str, Any]:
+    """How the family lays out its layers and embeddings: Gemma's scaled embedding and (1 + w) norms, sandwich norms,
+    QK-norm, q/k/v biases, tied embeddings, Phi-3's fused projections."""
     gemma = family.startswith("gemma")
-    tie_default = gemma
-    tie = cfg.get("tie_word_embeddings", tie_default)
-    eps_default = 1e-5 if family == "phi3" else 1e-6
-    return Spec(
-        family=family,
-        model_type=model_type,
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=inter,
-        num_layers=layers,
-        num_heads=heads,
-        num_kv_heads=kv,
-        head_dim=head_dim,
-        activation=activation,
-        rms_eps=float(cfg.get("rms_norm_eps", eps_default)),
-        max_position_embeddings=int(cfg.get("max_position_embeddings") or 0),
-        layer_types=types,
-        sliding_window=window,
-        rope=rope,
-        attn_softcap=float(attn_softcap) if attn_softcap else None,
-        final_softcap=float(final_softcap) if final_softcap else None,
-        query_scale=query_scale,
+    return dict(
         embed_scale=math.sqrt(hidden) if gemma else None,
         norm_form="one_plus_w" if gemma else "w",
         sandwich_norms=family in ("gemma2", "gemma3"),
         qk_norm=family in ("gemma3", "qwen3"),
         attention_bias=bool(cfg.get("attention_bias", family == "qwen2")),
-        tie_word_embeddings=bool(tie),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", gemma)),
         fused_qkv=family == "phi3",
         fused_gate_up=family == "phi3",
-        original_max_position_embeddings=cfg.get("original_max_position_embeddings"),
-        bos_token_id=cfg.get("bos_token_id"),
-        eos_token_id=cfg.get("eos_token_id"),
-        pad_token_id=cfg.get("pad_token_id"),
-        config_dtype=cfg.get("dtype") or cfg.get("torch_dtype"),
-        notes=tuple(notes),
-        source=cfg,
     )
+
+
+def _special_ids(cfg: dict) -> dict[str, Any]:
+    """The BOS, EOS (one id or a list) and PAD token ids, as the config gives them."""
+    return dict(bos_token_id=cfg.get("bos_token_id"), eos_token_id=cfg.get("eos_token_id"), pad_token_id=cfg.get("pad_token_id"))
 
 
 def rope_problems(spec: Spec) -> list[str]:

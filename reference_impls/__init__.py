@@ -6,7 +6,9 @@ forward order, as soon as each is computed: `embed`, `layer.{i}`, `layer.{i}.att
 checkpoint); each is converted to float64 only while its layer runs.
 """
 
-from reference_impls._numerics import Points, Policy, Shared
+from reference_impls._capture import Points
+from reference_impls._numerics import Policy
+from reference_impls._weights import Shared
 
 FORWARDS = {
     "gemma": "reference_impls.gemma",

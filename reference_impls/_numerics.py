@@ -1,8 +1,10 @@
-"""Numerics primitives for the float64 reference forward passes.
+"""The numerics of the float64 reference forward passes: rounding to an emulated dtype, linear layers, RMSNorm,
+activations, RoPE and its scalings, softmax attention and the output embedding, each written from its paper.
 
-Everything is computed in float64. A `Policy` says where a real implementation would round to a
-lower-precision dtype; `Numerics` applies exactly those roundings (bf16/fp16 via ml_dtypes), so the
-reference can reproduce a given dtype policy step by step, or run with no rounding at all (fp64).
+Everything is computed in float64. A `Policy` says where a real implementation would round to a lower-precision dtype;
+`Numerics` applies exactly those roundings (bf16/fp16 via ml_dtypes), so the reference can reproduce a given dtype
+policy step by step, or run with no rounding at all (fp64). How the weights reach these functions is
+reference_impls/_weights.py; where the capture points go is reference_impls/_capture.py.
 """
 
 from __future__ import annotations
@@ -136,74 +138,78 @@ class Numerics:
         return self.r(y)
 
     def rope_inv_freq(self, rope, rot_dim: int, seq_len: int, max_pos: int, original_max: int | None) -> tuple[np.ndarray, float]:
-        """Inverse frequencies [rot_dim/2] and the attention factor that multiplies cos and sin, per RoPE scaling type:
-        - default (Su et al. 2021): theta^(-2i/d);
-        - linear, position interpolation (Chen et al. 2023): divided by factor;
-        - dynamic NTK (bloc97 2023; as configs use it, the trained length is max_position_embeddings): the base grows
-          to theta * (factor * L / L_train - (factor - 1))^(d / (d - 2)) once the input length L exceeds L_train;
-        - yarn (Peng et al. 2023): per-dimension blend of interpolation (1/factor) and extrapolation, ramped between
-          the dimensions that rotate beta_fast and beta_slow times over the original length; attention factor
-          0.1 ln(factor) + 1 unless the config gives one;
-        - llama3 (Llama 3.1 release): wavelengths longer than L_orig / low_freq_factor divided by factor, shorter than
-          L_orig / high_freq_factor kept, a smooth blend in between;
-        - longrope (Phi-3 report, LongRoPE, Ding et al. 2024): per-dimension rescale factors, short_factor until the
-          input length exceeds original_max_position_embeddings, long_factor from then on; attention factor
-          sqrt(1 + ln(max_pos / L_orig) / ln(L_orig))."""
+        """Inverse frequencies [rot_dim/2] and the attention factor that multiplies cos and sin, per RoPE scaling type
+        (rope.type): default (Su et al. 2021) theta^(-2i/d), and the scalings below."""
         r32 = self.r32
         theta, kind, extra = rope.theta, rope.type, rope.extra
         exponent = r32(np.arange(0, rot_dim, 2, dtype=np.float64) / rot_dim)
         orig = int(extra.get("original_max_position_embeddings") or original_max or max_pos)
         if kind == "dynamic":
-            length = max(seq_len, max_pos)
-            theta = theta * ((rope.factor * length / max_pos) - (rope.factor - 1)) ** (rot_dim / (rot_dim - 2))
+            theta = _dynamic_ntk_theta(theta, rope.factor, rot_dim, seq_len, max_pos)
         inv = r32(1.0 / r32(theta ** exponent))
-        attention = 1.0
-        if kind == "linear":
-            inv = r32(inv / rope.factor)
-        elif kind == "yarn":
-            factor = rope.factor
-            beta_fast, beta_slow = extra.get("beta_fast") or 32, extra.get("beta_slow") or 1
+        if kind in ("default", "dynamic"):
+            return inv, 1.0
+        if kind == "linear":  # position interpolation (Chen et al. 2023): every frequency divided by factor
+            return r32(inv / rope.factor), 1.0
+        if kind == "yarn":
+            return self._yarn(inv, rope, rot_dim, orig)
+        if kind == "llama3":
+            return self._llama3(inv, rope, orig), 1.0
+        if kind == "longrope":
+            return self._longrope(rope, exponent, seq_len, max_pos, orig)
+        raise NotImplementedError(f"rope_type {kind}")
 
-            def dim_of(rotations):  # the dimension that rotates `rotations` times over the original length
-                return rot_dim * math.log(orig / (rotations * 2 * math.pi)) / (2 * math.log(rope.theta))
+    def _yarn(self, inv: np.ndarray, rope, rot_dim: int, orig: int) -> tuple[np.ndarray, float]:
+        """YaRN (Peng et al. 2023): per-dimension blend of interpolation (1/factor) and extrapolation, ramped between
+        the dimensions that rotate beta_fast and beta_slow times over the original length; attention factor
+        0.1 ln(factor) + 1 unless the config gives one."""
+        r32, extra, factor = self.r32, rope.extra, rope.factor
+        beta_fast, beta_slow = extra.get("beta_fast") or 32, extra.get("beta_slow") or 1
 
-            low, high = dim_of(beta_fast), dim_of(beta_slow)
-            if extra.get("truncate", True):
-                low, high = math.floor(low), math.ceil(high)
-            low, high = max(low, 0), min(high, rot_dim - 1)
-            if low == high:
-                high += 0.001
-            ramp = np.clip((np.arange(rot_dim // 2, dtype=np.float64) - low) / (high - low), 0, 1)
-            extrapolate = 1 - ramp
-            inv = r32(r32(inv / factor) * (1 - extrapolate) + inv * extrapolate)
-            if extra.get("attention_factor") is not None:
-                attention = float(extra["attention_factor"])
-            else:
-                mscale = lambda sc, m=1.0: 1.0 if sc <= 1 else 0.1 * m * math.log(sc) + 1.0  # noqa: E731
-                if extra.get("mscale") and extra.get("mscale_all_dim"):
-                    attention = mscale(factor, extra["mscale"]) / mscale(factor, extra["mscale_all_dim"])
-                else:
-                    attention = mscale(factor)
-        elif kind == "llama3":
-            low_ff = 1.0 if extra.get("low_freq_factor") is None else extra["low_freq_factor"]  # null: not given
-            high_ff = 4.0 if extra.get("high_freq_factor") is None else extra["high_freq_factor"]
-            wavelen = 2 * math.pi / inv
-            scaled = np.where(wavelen > orig / low_ff, inv / rope.factor, inv)
-            smooth = (orig / wavelen - low_ff) / (high_ff - low_ff)
-            blended = (1 - smooth) * scaled / rope.factor + smooth * scaled
-            medium = ~(wavelen < orig / high_ff) & ~(wavelen > orig / low_ff)
-            inv = r32(np.where(medium, blended, scaled))
-        elif kind == "longrope":
-            first_long = orig + {"orig": 0, "orig+1": 1, "orig+2": 2}[self.policy.longrope_switch]
-            long = seq_len >= first_long
-            ext = np.asarray(extra["long_factor"] if long else extra["short_factor"], dtype=np.float64)
-            inv = r32(1.0 / r32(ext * r32(theta ** exponent)))
-            factor = extra.get("factor") or max_pos / orig
-            attention = float(extra["attention_factor"]) if extra.get("attention_factor") is not None else \
-                (1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(orig)))
-        elif kind not in ("default", "dynamic"):
-            raise NotImplementedError(f"rope_type {kind}")
-        return inv, attention
+        def dim_of(rotations):  # the dimension that rotates `rotations` times over the original length
+            return rot_dim * math.log(orig / (rotations * 2 * math.pi)) / (2 * math.log(rope.theta))
+
+        low, high = dim_of(beta_fast), dim_of(beta_slow)
+        if extra.get("truncate", True):  # the config's `truncate` (default true): whole dimensions
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, rot_dim - 1)
+        if low == high:
+            high += 0.001
+        ramp = np.clip((np.arange(rot_dim // 2, dtype=np.float64) - low) / (high - low), 0, 1)
+        extrapolate = 1 - ramp
+        inv = r32(r32(inv / factor) * (1 - extrapolate) + inv * extrapolate)
+        if extra.get("attention_factor") is not None:
+            return inv, float(extra["attention_factor"])
+        if extra.get("mscale") and extra.get("mscale_all_dim"):  # DeepSeek-style configs: a ratio of two mscales
+            return inv, _yarn_mscale(factor, extra["mscale"]) / _yarn_mscale(factor, extra["mscale_all_dim"])
+        return inv, _yarn_mscale(factor)
+
+    def _llama3(self, inv: np.ndarray, rope, orig: int) -> np.ndarray:
+        """Llama 3.1 release: wavelengths longer than L_orig / low_freq_factor divided by factor, shorter than
+        L_orig / high_freq_factor kept, a smooth blend in between."""
+        extra = rope.extra
+        low_ff = 1.0 if extra.get("low_freq_factor") is None else extra["low_freq_factor"]  # null: not given
+        high_ff = 4.0 if extra.get("high_freq_factor") is None else extra["high_freq_factor"]
+        wavelen = 2 * math.pi / inv
+        scaled = np.where(wavelen > orig / low_ff, inv / rope.factor, inv)
+        smooth = (orig / wavelen - low_ff) / (high_ff - low_ff)
+        blended = (1 - smooth) * scaled / rope.factor + smooth * scaled
+        medium = ~(wavelen < orig / high_ff) & ~(wavelen > orig / low_ff)
+        return self.r32(np.where(medium, blended, scaled))
+
+    def _longrope(self, rope, exponent: np.ndarray, seq_len: int, max_pos: int, orig: int) -> tuple[np.ndarray, float]:
+        """LongRoPE (Phi-3 report; Ding et al. 2024): per-dimension rescale factors, short_factor until the input
+        length exceeds original_max_position_embeddings (Policy.longrope_switch says where), long_factor from then
+        on; attention factor sqrt(1 + ln(max_pos / L_orig) / ln(L_orig))."""
+        r32, extra = self.r32, rope.extra
+        first_long = orig + {"orig": 0, "orig+1": 1, "orig+2": 2}[self.policy.longrope_switch]
+        long = seq_len >= first_long
+        ext = np.asarray(extra["long_factor"] if long else extra["short_factor"], dtype=np.float64)
+        inv = r32(1.0 / r32(ext * r32(rope.theta ** exponent)))
+        factor = extra.get("factor") or max_pos / orig
+        if extra.get("attention_factor") is not None:
+            return inv, float(extra["attention_factor"])
+        return inv, (1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(orig)))
 
     def rope_cos_sin(self, positions: np.ndarray, rope, rot_dim: int, spec) -> tuple[np.ndarray, np.ndarray]:
         """cos/sin tables [seq, rot_dim]: angle = pos * inv_freq, computed in fp32, scaled by the attention factor,
@@ -300,9 +306,10 @@ class Numerics:
         full[..., k0:k0 + block.shape[-1]] = block
         return full
 
-    def logits(self, x: np.ndarray, weights: "Weights", name: str, cap: float | None, out: np.ndarray):
+    def logits(self, x: np.ndarray, weights, name: str, cap: float | None, out: np.ndarray):
         """x W^T for the output embedding, soft-capped, one vocabulary chunk at a time into `out` [b, s, vocab]: the
-        float64 copy of the embedding matrix is never whole in memory. A generator: it yields after each chunk."""
+        float64 copy of the embedding matrix is never whole in memory (`weights` is a reference_impls._weights.Weights,
+        read by `shape` and `rows`). A generator: it yields after each chunk."""
         vocab = weights.shape(name)[0]
         step = max(1, CHUNK_BYTES // (8 * x.shape[-1]))
         for v0 in range(0, vocab, step):
@@ -332,152 +339,20 @@ def merge_heads(x: np.ndarray) -> np.ndarray:
     return x.transpose(0, 2, 1, 3).reshape(b, s, n * d)
 
 
+def _dynamic_ntk_theta(theta: float, factor: float, rot_dim: int, seq_len: int, max_pos: int) -> float:
+    """Dynamic NTK scaling (bloc97 2023; the trained length L_train is max_position_embeddings, as configs use it):
+    the base grows to theta * (factor * L / L_train - (factor - 1))^(d / (d - 2)) once the input length L exceeds
+    L_train."""
+    length = max(seq_len, max_pos)
+    return theta * ((factor * length / max_pos) - (factor - 1)) ** (rot_dim / (rot_dim - 2))
+
+
+def _yarn_mscale(scale: float, m: float = 1.0) -> float:
+    """YaRN's attention factor (Peng et al. 2023): 0.1 m ln(scale) + 1, and 1 at scales up to 1."""
+    return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+
 def resolve(spec, policy: Policy, default_norm_dtype: str) -> tuple[Numerics, str, str]:
     """The Numerics for a policy, the activation kind and the norm dtype to use for this spec."""
     act = spec.activation if policy.gelu is None or not spec.activation.startswith("gelu") else "gelu_" + policy.gelu
     return Numerics(policy), act, policy.norm_dtype or default_norm_dtype
-
-
-# Stored dtype -> emulated dtypes that hold every one of its values exactly (no rounding needed on conversion).
-_EXACT_IN = {"bfloat16": ("fp32", "bf16"), "float16": ("fp32", "fp16"), "float32": ("fp32",)}
-
-
-class Weights:
-    """The checkpoint's tensors as the forward pass uses them. Each is read from its memory-mapped file when asked
-    for, converted to float64 and rounded to the emulated model dtype (a model loaded at that dtype holds exactly
-    these values), and dropped by the caller after use: memory stays near one layer in float64 whatever the
-    model's size. `rows` gathers only some rows (the embedding of the input ids, a vocabulary chunk).
-
-    With a `cache` (see `Shared`), forward passes stepped side by side convert each tensor once between them."""
-
-    def __init__(self, n: Numerics, stored: dict[str, np.ndarray], cache: dict | None = None, buffers: "Buffers | None" = None):
-        self.n, self.stored, self.cache = n, stored, cache
-        self.buffers = buffers if buffers is not None else Buffers()
-        # a mapping of memory-mapped arrays may say how to drop a used array's pages from resident memory
-        self.release = getattr(stored, "release", lambda array: None)
-
-    def _convert(self, key: tuple, read) -> np.ndarray:
-        a = read()
-        held = _EXACT_IN.get(np.dtype(a.dtype).name, ())
-        stored = self.n.policy.weights_dtype  # a lower precision the weights are cast to on load, before the model dtype
-        exact = (self.n.dt is None or self.n.policy.dtype in held) and (stored == "model" or stored in held)
-        key = key + (None if exact else (self.n.policy.dtype, stored),)  # exact conversions are the same at every dtype
-        if self.cache is not None and key in self.cache:
-            return self.cache[key]
-        a64 = self.buffers.convert(a)
-        self.release(a)
-        if not exact:
-            a64 = self.n.r(self.n.r_to(a64, stored)) if stored != "model" else self.n.r(a64)
-        if self.cache is not None:
-            self.cache[key] = a64
-        return a64
-
-    def __getitem__(self, name: str) -> np.ndarray:
-        return self._convert((name,), lambda: self.stored[name])
-
-    def rows(self, name: str, index) -> np.ndarray:
-        key = (name, (index.start, index.stop) if isinstance(index, slice) else np.asarray(index).tobytes())
-        return self._convert(key, lambda: self.stored[name][index])
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self.stored[name].shape)
-
-
-# Conversions of at least this many elements are split across threads (numpy's casts release the GIL).
-THREADED_ELEMENTS = 1 << 20
-
-
-class Buffers:
-    """Float64 buffers the stored weights are converted into, reused from tensor to tensor and layer to layer.
-
-    Converting a stored (bf16) tensor into freshly allocated float64 memory costs about as much as multiplying by it
-    at short inputs: most of the time goes to page faults on the new pages (glibc hands large blocks back to the
-    kernel on free). Every decoder layer has the same shapes, so one buffer per shape in use at a time suffices. A
-    buffer is reused only once nothing else holds it (its reference count: a view, a cache entry or a trace in memory
-    keeps it), so reuse can never overwrite a value still in use. Large conversions are split across the cores."""
-
-    def __init__(self):
-        self.free: dict[tuple, list[np.ndarray]] = {}
-
-    def take(self, shape: tuple[int, ...]) -> np.ndarray:
-        import sys
-
-        held = self.free.setdefault(tuple(shape), [])
-        for buf in held:
-            if sys.getrefcount(buf) <= 3:  # this list, the loop variable and getrefcount's argument: nobody else
-                return buf
-        held.append(np.empty(shape, dtype=np.float64))
-        return held[-1]
-
-    def convert(self, a: np.ndarray) -> np.ndarray:
-        """`a` in float64, in a reused buffer (float64 input is returned as it is: no copy)."""
-        if np.dtype(a.dtype) == np.float64:
-            return np.asarray(a)
-        out = self.take(a.shape)
-        workers = _pool()
-        if a.ndim == 0 or a.size < THREADED_ELEMENTS or workers is None or a.shape[0] < 2:
-            np.copyto(out, a, casting="unsafe")
-            return out
-        bounds = np.linspace(0, a.shape[0], min(cores(), 8) + 1).astype(int)
-        list(workers.map(lambda i: np.copyto(out[bounds[i]:bounds[i + 1]], a[bounds[i]:bounds[i + 1]], casting="unsafe"),
-                         range(len(bounds) - 1)))
-        return out
-
-
-def cores() -> int:
-    """CPU cores this process may use."""
-    import os
-
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-_POOL = []
-
-
-def _pool():
-    """One thread per core this process may use (at most 8), or None on one core."""
-    if not _POOL:
-        from concurrent.futures import ThreadPoolExecutor
-
-        n = min(cores(), 8)
-        _POOL.append(ThreadPoolExecutor(n, thread_name_prefix="bughunt-convert") if n > 1 else None)
-    return _POOL[0]
-
-
-class Shared:
-    """Stored weights plus a cache of their float64 conversions, for forward passes stepped side by side."""
-
-    def __init__(self, stored: dict[str, np.ndarray]):
-        self.stored, self.cache, self.buffers = stored, {}, Buffers()
-
-
-def stream_weights(n: Numerics, weights) -> Weights:
-    """Weights read lazily from `weights` (name -> array, typically memory-mapped; or a `Shared`) and rounded to n's
-    dtype on use."""
-    if isinstance(weights, Shared):
-        return Weights(n, weights.stored, weights.cache, weights.buffers)
-    return Weights(n, weights)
-
-
-def layer_input(out, i: int, x: np.ndarray, n: Numerics) -> np.ndarray:
-    """The input to decoder layer i: this pass's own `x`, or with --isolate (out.feed) the reference's input to that
-    layer, rounded to the emulated dtype, so the layer's own error shows without the error it inherits."""
-    feed = getattr(out, "feed", None)
-    return x if feed is None else n.r(np.asarray(feed(i), dtype=np.float64))
-
-
-def capture_inner(out, point: str, x: np.ndarray) -> None:
-    """Write a point inside the layer (e.g. `layer.0.mlp.hidden`) only when the pass was asked for them."""
-    if getattr(out, "inner", False):
-        out[point] = x
-
-
-class Points(dict):
-    """Capture points kept in memory: what `forward` writes into when no trace file is given."""
-
-    inner = False
-    feed = None
-
-    def buffer(self, point: str, shape: tuple[int, ...]) -> np.ndarray:
-        self[point] = np.empty(shape)
-        return self[point]

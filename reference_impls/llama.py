@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from reference_impls._numerics import Policy, capture_inner, layer_input, merge_heads, resolve, split_heads, stream_weights
+from reference_impls._capture import capture_inner, layer_input
+from reference_impls._numerics import Policy, merge_heads, resolve, split_heads
+from reference_impls._weights import stream_weights
 
 
 def forward(weights: dict, spec, tokens: np.ndarray, policy: Policy, out):
