@@ -13,7 +13,6 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from bughunt.errors import BughuntError
 
 WEIGHTS_SCHEMA = "bughunt.weights"
 WEIGHTS_VERSION = 1

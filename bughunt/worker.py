@@ -17,10 +17,8 @@ import sys
 import tempfile
 import threading
 import time
-import traceback
 from pathlib import Path
 
-from bughunt.errors import BughuntError
 from bughunt.interrupt import on_interrupt, requested
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]

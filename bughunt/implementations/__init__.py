@@ -131,6 +131,13 @@ def runner_class(name: str):
     return getattr(importlib.import_module(module), cls)
 
 
+def runner_class_unchecked(name: str):
+    """The runner class even when its libraries are missing (runner modules import their heavy library lazily): what a
+    runner says about itself (install hint, tokenizer path, memory overhead) without running it."""
+    module, _, cls = REGISTRY[name][0].partition(":")
+    return getattr(importlib.import_module(module), cls)
+
+
 def supports(name: str, family: str) -> bool:
     """Whether an installed implementation runs this family (without loading its heavy library)."""
     return available(name) and family in runner_class(name).families

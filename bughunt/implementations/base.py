@@ -43,6 +43,17 @@ class Runner:
     # toggles an open runner can switch without loading again (the rest change how the model is built)
     live_toggles: frozenset[str] = frozenset({"bos"})
 
+    # how to install its stack; None: `pip install` of the modules it misses (bughunt implementations prints it)
+    install_hint: str | None = None
+
+    # its own tokenizer path, in words (None: it has none); `own_tokenizer` runs it (bughunt/probes/tokenizer_path.py)
+    tokenizer_path: str | None = None
+
+    @classmethod
+    def own_tokenizer(cls, checkpoint: Path, text: dict) -> dict:
+        """{"path": what ran, "rows": [ids per row]}: the ids this library's own tokenizer path gives for `text`."""
+        raise BughuntError(f"implementation {cls.name} has no tokenizer path of its own")
+
     # whether it spreads the model over devices and disk with `device_map="auto"` (--device-map; accelerate)
     supports_device_map = False
 

@@ -10,24 +10,7 @@ import importlib.util
 import json
 from dataclasses import asdict, dataclass
 
-from bughunt.implementations import REGISTRY, available
-
-# How to install an implementation's stack (from the repository root). Implementations not named here get
-# `pip install` of the modules they miss.
-INSTALL = {
-    "reference": "pip install -e .   (bughunt's core)",
-    "hf": "pip install -e .   (bughunt's core)",
-    "hf+sdpa": "pip install -e .   (bughunt's core)",
-    "hf+flex": "pip install -e .   (bughunt's core)",
-    "hf+compile": "pip install -e .   (bughunt's core; Inductor on CPU also needs a C++ compiler: apt-get install g++)",
-    "deepmind": "pip install --no-deps -r requirements/jax.txt",
-    "keras-jax": "pip install --no-deps -r requirements/keras.txt",
-    "keras-torch": "pip install --no-deps -r requirements/keras.txt",
-    "mlx": "pip install --no-deps -r requirements/mlx.txt",
-    "litgpt": "make litgpt   (its own environment, .venv-litgpt, beside .venv)",
-    "llamacpp": "make llamacpp   (builds llama-cpp-python from source; requirements/llamacpp.txt)",
-}
-
+from bughunt.implementations import REGISTRY, available, runner_class_unchecked
 
 @dataclass
 class ImplementationInfo:
@@ -42,12 +25,6 @@ class ImplementationInfo:
     toggles: list[str]  # toggles the runner applies
     toggles_refused: dict[str, str]  # toggle -> why the runner cannot apply it
     install: str
-
-
-def _runner_class_unchecked(name: str):
-    """The runner class even when its libraries are missing: runner modules import their heavy library lazily."""
-    module, _, cls = REGISTRY[name][0].partition(":")
-    return getattr(importlib.import_module(module), cls)
 
 
 def _versions(modules: tuple[str, ...]) -> dict[str, str]:
@@ -66,7 +43,7 @@ def describe(name: str) -> ImplementationInfo:
     modules = REGISTRY[name][1]
     missing = [m for m in modules if importlib.util.find_spec(m) is None]
     try:
-        cls = _runner_class_unchecked(name)
+        cls = runner_class_unchecked(name)
     except ImportError:  # a runner module that imports its library at the top cannot even be read without it
         cls = type(name, (), {"families": (), "dtypes": (), "devices": ()})
     support = getattr(cls, "toggle_support", {})
@@ -76,7 +53,7 @@ def describe(name: str) -> ImplementationInfo:
         dtypes=list(cls.dtypes), devices=list(cls.devices),
         toggles=sorted(k for k, v in support.items() if v is None),
         toggles_refused={k: v for k, v in sorted(support.items()) if v is not None},
-        install=INSTALL.get(name, "pip install " + " ".join(missing or modules)))
+        install=cls.install_hint or "pip install " + " ".join(missing or modules))
 
 
 def describe_all() -> list[ImplementationInfo]:
@@ -115,7 +92,7 @@ def family_refusal(name: str, python: str | None, family: str) -> str | None:
     None when it does, or when it runs in another interpreter (that interpreter's library decides)."""
     if python is not None or name not in REGISTRY or not available(name):
         return None
-    cls = _runner_class_unchecked(name)
+    cls = runner_class_unchecked(name)
     if family in cls.families:
         return None
     return getattr(cls, "refusals", {}).get(family) or f"{name} does not support {family} (it runs {', '.join(cls.families)})"

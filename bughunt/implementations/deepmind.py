@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import os
 
+from pathlib import Path
+
 import numpy as np
 
 from bughunt.checkpoint import load_weights
@@ -40,7 +42,41 @@ def cannot_represent(spec) -> list[str]:
 
 
 class DeepMindRunner(Runner):
+    tokenizer_path = "DeepMind gemma gm.text tokenizer"  # its own tokenizer path (bughunt/probes/tokenizer_path.py)
+    @classmethod
+    def own_tokenizer(cls, checkpoint: Path, text: dict) -> dict:
+        """The ids this library's own tokenizer path gives for `text` (bughunt/tokenizer_paths.py)."""
+        spm = checkpoint / "tokenizer.model"
+        if not spm.exists():
+            raise BughuntError("DeepMind gemma's tokenizer reads a SentencePiece tokenizer.model, which this checkpoint lacks")
+        from bughunt.implementations import _tf_stub
+
+        _tf_stub.install()  # kauldron imports tensorflow at import time
+        from gemma import gm
+        from gemma.gm.text import _template
+
+        import json
+
+        family = json.loads((checkpoint / "config.json").read_text()).get("model_type", "")
+        cls = gm.text.Gemma3Tokenizer if family.startswith("gemma3") else gm.text.Gemma2Tokenizer
+        tok = cls(path=str(spm))
+        from importlib.metadata import version
+
+        what = f"DeepMind gemma {version('gemma')} {cls.__name__}.encode(add_bos=True)"
+        if "chat" in text:
+            parts = []
+            for m in text["chat"]:
+                if m["role"] == "user":
+                    parts.append(_template.PROMPT.format(m["content"]))
+                elif m["role"] in ("assistant", "model"):
+                    parts.append(_template.ANSWER.format(m["content"]))
+                else:
+                    raise BughuntError(f"gm.text's chat format has user and model turns only; this chat has role {m['role']!r}")
+            return {"path": what + " on turns formatted with gm.text's chat template", "rows": [[int(i) for i in tok.encode("".join(parts), add_bos=True)]]}
+        return {"path": what, "rows": [[int(i) for i in tok.encode(p, add_bos=True)] for p in text["prompts"]]}
+
     name = "deepmind"
+    install_hint = "pip install --no-deps -r requirements/jax.txt"  # how to install its stack (bughunt implementations prints it)
     families = ("gemma", "gemma2", "gemma3")
     dtypes = ("fp32", "bf16")
     devices = ("cpu", "cuda")

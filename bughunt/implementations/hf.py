@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import tempfile
 
+from pathlib import Path
+
 import numpy as np
 
 from bughunt.errors import BughuntError
@@ -20,7 +22,22 @@ def _tensor(output):
 
 
 class HFRunner(Runner):
+    tokenizer_path = "transformers AutoTokenizer"  # its own tokenizer path (bughunt/probes/tokenizer_path.py)
+    @classmethod
+    def own_tokenizer(cls, checkpoint: Path, text: dict) -> dict:
+        """The ids this library's own tokenizer path gives for `text` (bughunt/tokenizer_paths.py)."""
+        import transformers
+
+        tok = transformers.AutoTokenizer.from_pretrained(str(checkpoint))
+        what = f"transformers {transformers.__version__} AutoTokenizer ({type(tok).__name__})"
+        if "chat" in text:
+            ids = tok.apply_chat_template(text["chat"], tokenize=True, add_generation_prompt=text["add_generation_prompt"],
+                                          return_dict=True)["input_ids"]
+            return {"path": what + ", apply_chat_template", "rows": [[int(i) for i in ids]]}
+        return {"path": what, "rows": [[int(i) for i in tok(p)["input_ids"]] for p in text["prompts"]]}
+
     name = "hf"
+    install_hint = "pip install -e .   (bughunt's core)"  # how to install its stack (bughunt implementations prints it)
     families = ("gemma", "gemma2", "gemma3", "llama", "mistral", "phi3", "qwen2", "qwen3")
     dtypes = ("fp32", "bf16", "fp16", "fp64")
     devices = ("cpu", "cuda")

@@ -20,6 +20,7 @@ _SDPA_REFUSALS = {"gemma2": "transformers refuses SDPA for Gemma 2 (Gemma2PreTra
 
 class _RefusingHFRunner(HFRunner):
     supports_device_map = False  # --device-map goes to the plain eager path only
+    tokenizer_path = None  # the same tokenizer as hf, whose path is checked once
     # family -> why transformers refuses this path for it (checked against transformers by tests/test_hf_variants.py)
     refusals: dict[str, str] = {}
 
@@ -52,8 +53,10 @@ class HFCompileRunner(HFRunner):
     keep running the graph compiled without them."""
 
     name = "hf+compile"
+    install_hint = "pip install -e .   (bughunt's core; Inductor on CPU also needs a C++ compiler: apt-get install g++)"  # how to install its stack (bughunt implementations prints it)
     devices = ("cpu", "cuda")
     supports_device_map = False
+    tokenizer_path = None  # the same tokenizer as hf, whose path is checked once
 
     def _open(self) -> None:
         import torch

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 
+from pathlib import Path
+
 import numpy as np
 
 from bughunt.errors import BughuntError
@@ -17,6 +19,33 @@ KERAS_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 class KerasRunner(Runner):
+    install_hint = "pip install --no-deps -r requirements/keras.txt"  # how to install its stack (bughunt implementations prints it)
+    tokenizer_path = "keras-hub CausalLMPreprocessor"  # its own tokenizer path (bughunt/probes/tokenizer_path.py)
+    @classmethod
+    def own_tokenizer(cls, checkpoint: Path, text: dict) -> dict:
+        """The ids this library's own tokenizer path gives for `text` (bughunt/tokenizer_paths.py)."""
+        import numpy as np
+
+        try:
+            import keras_hub
+        except ImportError as e:
+            raise BughuntError(f"keras-hub cannot be imported in this process ({e}); its tokenizer path runs in the keras "
+                               "worker, where KERAS_BACKEND is set before keras is imported") from None
+
+        try:
+            pre = keras_hub.models.CausalLMPreprocessor.from_preset(str(checkpoint))
+        except Exception as e:  # the library cannot read this checkpoint's tokenizer: a skip with its reason
+            raise BughuntError(f"keras-hub cannot build a preprocessor for this checkpoint: {type(e).__name__}: {str(e)[:300]}") from None
+        what = f"keras-hub {keras_hub.__version__} {type(pre).__name__}.generate_preprocess"
+        prompts = [text["rendered"]] if "chat" in text else text["prompts"]
+        rows = []
+        for p in prompts:
+            pre.sequence_length = 2 * len(p.encode("utf-8")) + 8  # room for every byte and the start/end tokens
+            out = pre.generate_preprocess([p])
+            ids, mask = np.asarray(out["token_ids"])[0], np.asarray(out["padding_mask"])[0].astype(bool)
+            rows.append([int(i) for i in ids[mask]])
+        return {"path": what + (" on the text the checkpoint's chat template renders" if "chat" in text else ""), "rows": rows}
+
     backend = "jax"
     # keras-hub 0.32 converts these HF model types; phi3 has no converter (Phi3Backbone exists, no HF loader).
     families = ("gemma", "gemma2", "gemma3", "llama", "mistral", "qwen2", "qwen3")

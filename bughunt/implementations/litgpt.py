@@ -76,6 +76,7 @@ def litgpt_config_kwargs(spec: Spec) -> dict:
 
 class LitGPTRunner(Runner):
     name = "litgpt"
+    install_hint = "make litgpt   (its own environment, .venv-litgpt, beside .venv)"  # how to install its stack (bughunt implementations prints it)
     families = ("gemma", "gemma2", "gemma3", "llama", "mistral", "phi3", "qwen2", "qwen3")
     dtypes = ("fp32", "bf16", "fp16")
     devices = ("cpu", "cuda")

@@ -81,7 +81,60 @@ def gguf_file(checkpoint: Path, dtype: str, vocab: str = "auto") -> tuple[Path, 
 
 
 class LlamaCppRunner(Runner):
+    tokenizer_path = "llama.cpp's tokenizer on the converted GGUF"  # its own tokenizer path (bughunt/probes/tokenizer_path.py)
+    @classmethod
+    def own_tokenizer(cls, checkpoint: Path, text: dict) -> dict:
+        """llama.cpp's tokenizer as llama-cpp-python drives it: `Llama.tokenize(text, add_bos=True)` (BOS as the GGUF's
+        tokenizer.ggml.add_bos_token says), and for a chat the GGUF's own template rendered by its Jinja2ChatFormatter and
+        tokenized with special tokens parsed (no BOS added: the formatter's prompt carries what the template writes), as
+        create_chat_completion does. The vocabulary is the one the converter wrote; a GGUF converted without one (the
+        converter refused the tokenizer) has no tokenizer path. Only the vocabulary is converted (--vocab-only), so an 8B
+        checkpoint's path costs seconds, not a full conversion.
+
+        llama.cpp's tokenizer can abort the process on text its vocabulary cannot encode, so each text is tokenized in a
+        forked child: an abort is that text's error (with what llama.cpp said), not the end of the worker. With
+        text["row_errors"], rows that failed are None and "errors" maps their index to the reason; otherwise the first
+        failure raises BughuntError."""
+        import llama_cpp
+        from llama_cpp import llama_chat_format
+
+        from bughunt.implementations.gguf_convert import VOCAB_ONLY, convert
+
+        path, record = convert(checkpoint, VOCAB_ONLY)  # --vocab-only: the tokenizer without converting any weight
+        if record.get("vocabulary") != "real":
+            raise BughuntError("llama.cpp has no tokenizer for this checkpoint: its GGUF was converted without a vocabulary "
+                               f"({record.get('vocabulary_reason') or 'vocabulary-less conversion'})")
+        llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+        what = f"llama-cpp-python {llama_cpp.__version__} Llama.tokenize on the GGUF's {llm.metadata.get('tokenizer.ggml.model', '?')} vocabulary"
+        if "chat" in text:
+            template = llm.metadata.get("tokenizer.chat_template")
+            if not template:
+                raise BughuntError("the GGUF carries no chat template (tokenizer.chat_template), so llama-cpp-python has no chat path for it")
+
+            def piece(token: int) -> str:
+                return llm.detokenize([token], special=True).decode("utf-8", "replace") if token >= 0 else ""
+
+            formatter = llama_chat_format.Jinja2ChatFormatter(template=template, eos_token=piece(llm.token_eos()),
+                                                              bos_token=piece(llm.token_bos()),
+                                                              add_generation_prompt=text["add_generation_prompt"])
+            result = formatter(messages=text["chat"])
+            calls = [lambda: llm.tokenize(result.prompt.encode("utf-8"), add_bos=not result.added_special, special=True)]
+            what += ", chat through its Jinja2ChatFormatter"
+        else:
+            calls = [lambda p=p: llm.tokenize(p.encode("utf-8"), add_bos=True, special=False) for p in text["prompts"]]
+            what += " (add_bos=True)"
+        rows, errors = [], {}
+        for i, call in enumerate(calls):
+            ids, error = _in_forked_child(call)
+            if error is not None and not text.get("row_errors"):
+                raise BughuntError(f"llama.cpp's tokenizer failed on text {i}: {error}")
+            rows.append(ids)
+            if error is not None:
+                errors[i] = error
+        return {"path": what, "rows": rows, **({"errors": errors} if errors else {})}
+
     name = "llamacpp"
+    install_hint = "make llamacpp   (builds llama-cpp-python from source; requirements/llamacpp.txt)"  # how to install its stack (bughunt implementations prints it)
     families = tuple(FAMILY_ARCH)
     dtypes = ("fp32", "fp16", "bf16", *QUANT_TYPES)
     devices = ("cpu",)
@@ -251,3 +304,51 @@ class LlamaCppRunner(Runner):
                 "build_flags": source.get("wheel_cmake_args") or "unknown (not built by `make llamacpp`)",
                 "system_info": llama_cpp.llama_print_system_info().decode().strip(),
                 "converter": f"convert_hf_to_gguf.py from llama-cpp-python {source.get('llama_cpp_python', '?')} sdist"}
+
+
+def _in_forked_child(call) -> tuple[list[int] | None, str | None]:
+    """(ids, None) from `call()` run in a forked child, or (None, why) when it raised or the child died (a native abort:
+    its stderr, e.g. "terminate called after throwing an instance of 'std::out_of_range'", is the reason)."""
+    import json
+    import os
+    import signal
+
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: tokenize, answer, and leave without running any of the parent's cleanup
+        try:
+            os.close(out_r)
+            os.close(err_r)
+            os.dup2(err_w, 2)
+            os.environ["GGML_NO_BACKTRACE"] = "1"  # ggml would otherwise run gdb on abort to print a backtrace
+            try:
+                answer = {"ids": [int(i) for i in call()]}
+            except BaseException as e:  # noqa: BLE001 - reported to the parent as this text's error
+                answer = {"error": f"{type(e).__name__}: {e}"}
+            data = json.dumps(answer).encode()
+            while data:
+                data = data[os.write(out_w, data):]
+        finally:
+            os._exit(0)
+    os.close(out_w)
+    os.close(err_w)
+    chunks, errs = [], []
+    for fd, sink in ((out_r, chunks), (err_r, errs)):
+        while block := os.read(fd, 65536):
+            sink.append(block)
+        os.close(fd)
+    _, status = os.waitpid(pid, 0)
+    data = b"".join(chunks)
+    if data:
+        answer = json.loads(data)
+        return answer.get("ids"), answer.get("error")
+    said = " ".join(ln.strip() for ln in b"".join(errs).decode("utf-8", "replace").splitlines()
+                    if "terminate called" in ln or "what()" in ln or "GGML_ASSERT" in ln or "error" in ln.lower())
+    how = f"signal {signal.Signals(-os.waitstatus_to_exitcode(status)).name}" if os.WIFSIGNALED(status) else f"exit {os.waitstatus_to_exitcode(status)}"
+    return None, f"llama.cpp aborted the process ({how})" + (f": {said[:300]}" if said else "")
+
+
+# ------------------------------------------------------------------------------------------------
+# Judging the paths against the ids every implementation was fed
+# ------------------------------------------------------------------------------------------------

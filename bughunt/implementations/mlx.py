@@ -17,6 +17,7 @@ MLX_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 class MLXRunner(Runner):
     name = "mlx"
+    install_hint = "pip install --no-deps -r requirements/mlx.txt"  # how to install its stack (bughunt implementations prints it)
     # mlx-lm 0.32 model files for these HF model types (mistral is read by its llama file)
     families = ("gemma", "gemma2", "gemma3", "llama", "mistral", "phi3", "qwen2", "qwen3")
     dtypes = ("fp32", "bf16", "fp16")
