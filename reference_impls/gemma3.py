@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from bughunt import points as P
 from reference_impls._capture import capture_inner, layer_input
 from reference_impls._numerics import Policy, merge_heads, resolve, split_heads
 from reference_impls._weights import stream_weights
@@ -41,20 +42,20 @@ def forward(weights: dict, spec, tokens: np.ndarray, policy: Policy, out):
         v = split_heads(n.linear(h, W[p + "self_attn.v_proj.weight"]), nkv, hd)
         q, k = norm(q, W[p + "self_attn.q_norm.weight"]), norm(k, W[p + "self_attn.k_norm.weight"])  # QK-norm, before RoPE
         q, k = n.apply_rope(q, cos, sin), n.apply_rope(k, cos, sin)
-        a = n.attention(q, k, v, spec.query_scale, spec.attn_softcap, window, out, f"layer.{i}.attn")
+        a = n.attention(q, k, v, spec.query_scale, spec.attn_softcap, window, out, P.branch(i, "attn"))
         a = n.linear(merge_heads(a), W[p + "self_attn.o_proj.weight"])
         a = norm(a, W[p + "post_attention_layernorm.weight"])
-        out[f"layer.{i}.attn"] = a
+        out[P.branch(i, "attn")] = a
         x = n.r(x + a)
         h = norm(x, W[p + "pre_feedforward_layernorm.weight"])
         g = n.activation(n.linear(h, W[p + "mlp.gate_proj.weight"]), act)
         hidden = n.r(g * n.linear(h, W[p + "mlp.up_proj.weight"]))
-        capture_inner(out, f"layer.{i}.mlp.hidden", hidden)
+        capture_inner(out, P.inner(i, "mlp", "hidden"), hidden)
         m = n.linear(hidden, W[p + "mlp.down_proj.weight"])
         m = norm(m, W[p + "post_feedforward_layernorm.weight"])
-        out[f"layer.{i}.mlp"] = m
+        out[P.branch(i, "mlp")] = m
         x = n.r(x + m)
-        out[f"layer.{i}"] = x
+        out[P.layer(i)] = x
         yield  # layer i done: forward passes run side by side share each layer's weights (reference_impls.forward_many)
 
     x = norm(x, W["model.norm.weight"])
