@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from bughunt.errors import BughuntError
+from reference_impls._numerics import POLICY_CHOICES, Policy
 from bughunt.spec import Rope, Spec
 
 
@@ -70,18 +71,23 @@ def _norm_default(spec: Spec) -> str:
     return "fp32" if spec.norm_form == "one_plus_w" else "mixed"
 
 
+def _policy(name: str, description: str, **kw) -> Toggle:
+    """A toggle that is a field of the reference's Policy: its values (and the values a search tries) are the Policy's
+    table (reference_impls._numerics.POLICY_CHOICES), its default the Policy field's default unless given."""
+    values = POLICY_CHOICES[name]
+    field_default = next(f.default for f in dataclasses.fields(Policy) if f.name == name)
+    kw.setdefault("default", lambda s: field_default)
+    return Toggle(name, description, "choice", values, suggestions=lambda s: values, **kw)
+
+
 TOGGLES: dict[str, Toggle] = {t.name: t for t in [
-    Toggle("gelu", "GELU form in the MLP: exact (erf) or the tanh approximation", "choice", ("exact", "tanh"),
-           default=_gelu_default, suggestions=lambda s: ("exact", "tanh"), applies=lambda s: s.activation.startswith("gelu")),
-    Toggle("rope_dtype", "RoPE inverse frequencies and positions in fp32, or in the model dtype (a buffer cast by model.to(bf16))",
-           "choice", ("fp32", "model"), default=lambda s: "fp32", suggestions=lambda s: ("fp32", "model")),
-    Toggle("rope_pairing", "which features RoPE rotates together: half (x[i], x[i+d/2]) or interleaved (x[2i], x[2i+1])",
-           "choice", ("half", "interleaved"), default=lambda s: "half", suggestions=lambda s: ("half", "interleaved")),
-    Toggle("norm_dtype", "RMSNorm precision: fp32 (normalise and scale, incl. Gemma's (1+w), in fp32), mixed (normalise in fp32, "
-           "scale in the model dtype), model (all in the model dtype)", "choice", ("fp32", "mixed", "model"),
-           default=_norm_default, suggestions=lambda s: ("fp32", "mixed", "model")),
-    Toggle("embed_scale_dtype", "the sqrt(hidden) embedding scale kept in fp32 or rounded to the model dtype first",
-           "choice", ("fp32", "model"), default=lambda s: "model", suggestions=lambda s: ("fp32", "model"),
+    _policy("gelu", "GELU form in the MLP: exact (erf) or the tanh approximation", default=_gelu_default,
+            applies=lambda s: s.activation.startswith("gelu")),
+    _policy("rope_dtype", "RoPE inverse frequencies and positions in fp32, or in the model dtype (a buffer cast by model.to(bf16))"),
+    _policy("rope_pairing", "which features RoPE rotates together: half (x[i], x[i+d/2]) or interleaved (x[2i], x[2i+1])"),
+    _policy("norm_dtype", "RMSNorm precision: fp32 (normalise and scale, incl. Gemma's (1+w), in fp32), mixed (normalise in fp32, "
+            "scale in the model dtype), model (all in the model dtype)", default=_norm_default),
+    _policy("embed_scale_dtype", "the sqrt(hidden) embedding scale kept in fp32 or rounded to the model dtype first",
            applies=lambda s: s.embed_scale is not None),
     Toggle("bos", "prepend BOS to the input ids (on) or strip it (off)", "choice", ("on", "off"),
            default=lambda s: "on", suggestions=lambda s: ("on", "off"), applies=lambda s: s.bos_token_id is not None),
@@ -102,30 +108,23 @@ TOGGLES: dict[str, Toggle] = {t.name: t for t in [
            suggestions=lambda s: tuple(dict.fromkeys([_fmt(s.rope["full"].theta), "10000.0", "500000.0", "1000000.0"]))),
     Toggle("rms_eps", "RMSNorm epsilon", "float", default=lambda s: _fmt(s.rms_eps),
            suggestions=lambda s: tuple(dict.fromkeys([_fmt(s.rms_eps), "1e-06", "1e-05"]))),
-    Toggle("rope_positions", "RoPE positions alone in the model dtype (bf16 rounds 257 to 256, 8191 to 8192) or kept exact",
-           "choice", ("fp32", "model"), default=lambda s: "fp32", suggestions=lambda s: ("fp32", "model")),
-    Toggle("longrope_switch", "the first input length that uses longrope's long factors: orig, orig+1 (length > "
-           "original_max_position_embeddings, Phi-3's code) or orig+2 (one token late)", "choice", ("orig", "orig+1", "orig+2"),
-           default=lambda s: "orig+1", suggestions=lambda s: ("orig", "orig+1", "orig+2"),
-           applies=lambda s: any(r.type == "longrope" for r in s.rope.values())),
+    _policy("rope_positions", "RoPE positions alone in the model dtype (bf16 rounds 257 to 256, 8191 to 8192) or kept exact"),
+    _policy("longrope_switch", "the first input length that uses longrope's long factors: orig, orig+1 (length > "
+            "original_max_position_embeddings, Phi-3's code) or orig+2 (one token late)",
+            applies=lambda s: any(r.type == "longrope" for r in s.rope.values())),
     Toggle("rope_theta_source", "RoPE theta read from the config, or a hard-coded 10000 (a port that ignores the field)",
            "choice", ("config", "default"), default=lambda s: "config", suggestions=lambda s: ("config", "default"),
            applies=lambda s: any(r.theta != 10000.0 for r in s.rope.values())),
     # Storage and precision: where an implementation keeps or computes values at a lower precision than the run's dtype.
-    Toggle("weights_dtype", "weights as loaded: the checkpoint's values at the model dtype (model), or rounded to fp16 or bf16 "
-           "first (a converter that casts on load)", "choice", ("model", "fp16", "bf16"), default=lambda s: "model",
-           suggestions=lambda s: ("model", "fp16", "bf16")),
-    Toggle("kv_dtype", "K (after RoPE) and V as a KV cache holds them: in the model dtype (model), or rounded to fp16, bf16 or "
-           "fp8 (e4m3)", "choice", ("model", "fp16", "bf16", "fp8"), default=lambda s: "model",
-           suggestions=lambda s: ("model", "fp16", "bf16", "fp8")),
-    Toggle("attn_dtype", "attention scores and softmax: mixed (scores in the model dtype, softmax in fp32: HF eager), fp32 "
-           "(both in fp32, probabilities rounded to the model dtype: fused kernels), model (both in the model dtype)",
-           "choice", ("mixed", "fp32", "model"), default=lambda s: "mixed", suggestions=lambda s: ("mixed", "fp32", "model")),
-    Toggle("logits_dtype", "output logits (and their soft-cap) in the model dtype (model) or in fp32 from the final norm's output",
-           "choice", ("model", "fp32"), default=lambda s: "model", suggestions=lambda s: ("model", "fp32")),
-    Toggle("matmul_inputs", "both operands of every linear layer (projections, MLP, output embedding) as the model dtype has "
-           "them (model), or rounded first to tf32, bf16 or fp16 (TF32 matmuls, autocast)", "choice",
-           ("model", "tf32", "bf16", "fp16"), default=lambda s: "model", suggestions=lambda s: ("model", "tf32", "bf16", "fp16")),
+    _policy("weights_dtype", "weights as loaded: the checkpoint's values at the model dtype (model), or rounded to fp16 or bf16 "
+            "first (a converter that casts on load)"),
+    _policy("kv_dtype", "K (after RoPE) and V as a KV cache holds them: in the model dtype (model), or rounded to fp16, bf16 or "
+            "fp8 (e4m3)"),
+    _policy("attn_dtype", "attention scores and softmax: mixed (scores in the model dtype, softmax in fp32: HF eager), fp32 "
+            "(both in fp32, probabilities rounded to the model dtype: fused kernels), model (both in the model dtype)"),
+    _policy("logits_dtype", "output logits (and their soft-cap) in the model dtype (model) or in fp32 from the final norm's output"),
+    _policy("matmul_inputs", "both operands of every linear layer (projections, MLP, output embedding) as the model dtype has "
+            "them (model), or rounded first to tf32, bf16 or fp16 (TF32 matmuls, autocast)"),
     # Runtime settings of implementations that keep a K/V cache in the captured pass (llamacpp). The defaults are what
     # such a library gives a user who sets nothing; no search tries them (they are settings, not hypotheses).
     Toggle("kv_cache", "type the K and V cache stores keys and values in (llama.cpp's default is f16)", "choice",
@@ -134,9 +133,8 @@ TOGGLES: dict[str, Toggle] = {t.name: t for t in [
            default=lambda s: "auto", setting=True),
 ]}
 
-# Toggles that are Policy fields of the reference (the rest change the Spec or the input ids).
-POLICY_TOGGLES = ("gelu", "rope_dtype", "rope_pairing", "norm_dtype", "embed_scale_dtype", "rope_positions", "longrope_switch",
-                  "weights_dtype", "kv_dtype", "attn_dtype", "logits_dtype", "matmul_inputs")
+# Toggles that are Policy fields of the reference (the rest change the Spec or the input ids): its table names them.
+POLICY_TOGGLES = tuple(POLICY_CHOICES)
 
 
 _FIELD_CACHE: dict[str, dict[str, Toggle]] = {}  # config.json text -> its field toggles (a search asks many times)
@@ -287,4 +285,4 @@ def apply_to_tokens(tokens, spec: Spec, toggles: dict[str, str]):
 
 
 __all__ = ["TOGGLES", "POLICY_TOGGLES", "Toggle", "parse_toggles", "defaults", "changed", "apply_to_spec", "apply_to_tokens",
-           "available", "lookup", "field_toggles", "describe_setting", "Rope"]
+            "available", "lookup", "field_toggles", "describe_setting", "Rope"]

@@ -25,6 +25,16 @@ NORM_DTYPE = ("fp32", "mixed", "model")
 EMBED_SCALE_DTYPE = ("fp32", "model")
 
 
+# Every numerics choice of the Policy below and the values it takes: bughunt's toggles of the same names are read off
+# this table (bughunt/toggles.py), so a new choice is a field here, its values here, and a line saying what it means.
+POLICY_CHOICES: dict[str, tuple[str, ...]] = {
+    "gelu": GELU, "rope_dtype": ROPE_DTYPE, "rope_pairing": ROPE_PAIRING, "norm_dtype": NORM_DTYPE,
+    "embed_scale_dtype": EMBED_SCALE_DTYPE, "rope_positions": ("fp32", "model"), "longrope_switch": ("orig", "orig+1", "orig+2"),
+    "weights_dtype": ("model", "fp16", "bf16"), "kv_dtype": ("model", "fp16", "bf16", "fp8"),
+    "attn_dtype": ("mixed", "fp32", "model"), "logits_dtype": ("model", "fp32"), "matmul_inputs": ("model", "tf32", "bf16", "fp16"),
+}
+
+
 @dataclass(frozen=True)
 class Policy:
     """Where the forward pass rounds. dtype="fp64" rounds nowhere; the other fields say how each
@@ -47,12 +57,10 @@ class Policy:
     matmul_inputs: str = "model"  # "tf32"/"bf16"/"fp16": both operands of each linear layer rounded to that first
 
     def __post_init__(self) -> None:
-        for name, allowed in (("dtype", tuple(DTYPES)), ("gelu", GELU + (None,)), ("rope_dtype", ROPE_DTYPE),
-                              ("rope_pairing", ROPE_PAIRING), ("norm_dtype", NORM_DTYPE + (None,)),
-                              ("embed_scale_dtype", EMBED_SCALE_DTYPE), ("rope_positions", ("fp32", "model")),
-                              ("longrope_switch", ("orig", "orig+1", "orig+2")), ("weights_dtype", ("model", "fp16", "bf16")),
-                              ("kv_dtype", ("model", "fp16", "bf16", "fp8")), ("attn_dtype", ("mixed", "fp32", "model")),
-                              ("logits_dtype", ("model", "fp32")), ("matmul_inputs", ("model", "tf32", "bf16", "fp16"))):
+        if self.dtype not in DTYPES:
+            raise ValueError(f"Policy.dtype={self.dtype!r}; allowed: {tuple(DTYPES)}")
+        for name, allowed in POLICY_CHOICES.items():
+            allowed = allowed + ((None,) if name in ("gelu", "norm_dtype") else ())  # None: the spec's or family's own
             if getattr(self, name) not in allowed:
                 raise ValueError(f"Policy.{name}={getattr(self, name)!r}; allowed: {allowed}")
 

@@ -12,6 +12,7 @@ import numpy as np
 from bughunt.checkpoint import load_weights
 from bughunt.errors import BughuntError
 from bughunt.implementations.base import Runner
+from bughunt.toggles import TOGGLES
 from bughunt.trace import Trace
 
 
@@ -21,10 +22,8 @@ class ReferenceRunner(Runner):
     families = ("gemma", "gemma2", "gemma3", "llama", "mistral", "phi3", "qwen2", "qwen3")
     dtypes = ("fp64", "fp32", "bf16", "fp16", "q8_0", "q4_k_m")  # quantized: float64 on llama.cpp's quantized weights
     devices = ("cpu", "cuda")  # numpy runs on the host whatever the device asked; the trace says so
-    toggle_support = {name: None for name in ("gelu", "rope_dtype", "rope_pairing", "norm_dtype", "embed_scale_dtype", "bos",
-                                              "sliding_window", "attn_softcap", "final_softcap", "query_scale", "rope_theta", "rms_eps",
-                                              "rope_positions", "longrope_switch", "rope_theta_source", "weights_dtype",
-                                              "kv_dtype", "attn_dtype", "logits_dtype", "matmul_inputs")}
+    # every toggle but a library's runtime settings: the Policy's numerics choices, the Spec's values, bos
+    toggle_support = {name: None for name, toggle in TOGGLES.items() if not toggle.setting}
     applies_field_hypotheses = True  # field:<path> toggles: the spec as an implementation that reads the config that way
 
     def __init__(self, *args, policy=None, **kwargs):
