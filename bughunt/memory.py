@@ -17,9 +17,6 @@ from bughunt.spec import Spec
 
 GB = 1 << 30
 BYTES = {"fp64": 8, "fp32": 4, "bf16": 2, "fp16": 2}
-# Resident cost of importing each stack and building its model objects, measured on this project's tiny checkpoints
-# (a bare `import torch, transformers` is ~0.5 GB of RSS; JAX with Flax or Keras ~0.8 GB).
-LIBRARY_GB = {"hf": 0.6, "reference": 0.25, "deepmind": 1.2, "keras-jax": 1.2, "keras-torch": 1.0}
 # Of the RAM available, what `--device-map auto` lets accelerate fill with layers before it offloads the rest to disk:
 # the remainder is left to the reference, the traces and the page cache that reads the offloaded weights back.
 CPU_SHARE_WITH_OFFLOAD = 0.35
@@ -70,35 +67,52 @@ class Estimate:
 
 def estimate(name: str, label: str, spec: Spec, dtype: str, tokens_shape: tuple[int, int], device: str = "cpu",
              device_map: str | None = None) -> Estimate:
-    """Peak resident (host) memory of one implementation's run."""
+    """Peak resident (host) memory of one implementation's run, from what its runner says about itself: the resident
+    cost of its library (`library_gb`), whether it streams one layer's weights at a time (`streams_layers`: the
+    reference) and whether it converts from a float32 copy of the weights (`converts_from_fp32`)."""
+    from bughunt.implementations import runner_class_unchecked
+
+    runner = runner_class_unchecked(name)
+    lib = runner.library_gb * GB
+    if runner.streams_layers:
+        peak, formula = _streaming_peak(spec, tokens_shape)
+    else:
+        peak, formula = _loaded_peak(spec, dtype, tokens_shape, device, device_map, runner.converts_from_fp32)
+    return Estimate(label, int(peak + lib), formula + " + library")
+
+
+def _streaming_peak(spec: Spec, tokens_shape: tuple[int, int]) -> tuple[int, str]:
+    """One layer's weights in float64 (+ its stored copy being read), float64 activations of a layer, one block of
+    attention scores and one vocabulary chunk of the output embedding (reference_impls/_numerics.py CHUNK_BYTES)."""
     b, s = tokens_shape
     h, i, v = spec.hidden_size, spec.intermediate_size, spec.vocab_size
-    heads = spec.num_heads
+    layer = _largest_layer_params(spec) * (8 + 2)
+    acts = b * s * (6 * h + 4 * i) * 8
+    chunks = 3 * (64 << 20)
+    logits = b * s * v * 8 // 4  # the logits buffer is on disk; a quarter resident while it is written
+    return layer + acts + chunks + logits, "largest layer x 10 B + activations (6 h + 4 i) x 8 B x tokens + chunks"
+
+
+def _loaded_peak(spec: Spec, dtype: str, tokens_shape: tuple[int, int], device: str, device_map: str | None,
+                 converts_from_fp32: bool) -> tuple[int, str]:
+    """The whole model at its dtype (on the host unless on cuda; at most its RAM share with --device-map auto), the
+    activations eager attention keeps, the logits and their copies, and conversion buffers where the runner converts."""
+    b, s = tokens_shape
+    h, i, v = spec.hidden_size, spec.intermediate_size, spec.vocab_size
     width = BYTES.get(dtype, 4)
     params = parameter_count(spec)
-    lib = LIBRARY_GB.get(name, 1.0) * GB
-    if name == "reference":
-        # one layer's weights in float64 (+ its stored copy being read), float64 activations of a layer, one block of
-        # attention scores and one vocabulary chunk of the output embedding (reference_impls/_numerics.py CHUNK_BYTES).
-        layer = _largest_layer_params(spec) * (8 + 2)
-        acts = b * s * (6 * h + 4 * i) * 8
-        chunks = 3 * (64 << 20)
-        logits = b * s * v * 8 // 4  # the logits buffer is on disk; a quarter resident while it is written
-        peak = layer + acts + chunks + logits + lib
-        formula = "largest layer x 10 B + activations (6 h + 4 i) x 8 B x tokens + chunks + library"
-    else:
-        on_host = 0 if device == "cuda" else 1
-        weights = params * width * on_host
-        if device_map == "auto" and device == "cpu":  # at most its share of RAM; the rest is offloaded to disk
-            weights = min(weights, int(available_memory() * CPU_SHARE_WITH_OFFLOAD))
-        acts = b * s * (8 * h + 3 * i) * width + b * heads * s * s * width * 3  # eager attention keeps scores and probs
-        logits = b * s * v * (width + 4 + 4)  # model-dtype logits, their fp32 copy, and the trace's copy on its way out
-        extra = params * width // 8 if name in ("deepmind", "keras-jax", "keras-torch") else 0  # conversion buffers
-        if name in ("deepmind", "keras-jax", "keras-torch"):
-            weights = params * (width + 4) * on_host  # they convert from a float32 copy
-        peak = weights + acts * on_host + logits + extra + lib
-        formula = "parameters x dtype bytes + activations + logits + library"
-    return Estimate(label, int(peak), formula)
+    on_host = 0 if device == "cuda" else 1
+    weights = params * width * on_host
+    if device_map == "auto" and device == "cpu":  # at most its share of RAM; the rest is offloaded to disk
+        weights = min(weights, int(available_memory() * CPU_SHARE_WITH_OFFLOAD))
+    acts = b * s * (8 * h + 3 * i) * width + b * spec.num_heads * s * s * width * 3  # eager attention keeps scores and probs
+    logits = b * s * v * (width + 4 + 4)  # model-dtype logits, their fp32 copy, and the trace's copy on its way out
+    extra = 0
+    if converts_from_fp32:
+        extra = params * width // 8  # conversion buffers
+        weights = params * (width + 4) * on_host  # they convert from a float32 copy
+    return weights + acts * on_host + logits + extra, "parameters x dtype bytes + activations + logits"
+
 
 
 # A run whose forward pass needs at most this many matmul FLOPs is light: its time goes to importing libraries and

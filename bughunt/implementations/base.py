@@ -43,6 +43,14 @@ class Runner:
     # toggles an open runner can switch without loading again (the rest change how the model is built)
     live_toggles: frozenset[str] = frozenset({"bos"})
 
+    # what the memory plan counts for it (bughunt/memory.py): the resident cost of its library once imported and its model
+    # objects built (measured on the tiny checkpoints: a bare `import torch, transformers` is ~0.5 GB of RSS; JAX with
+    # Flax or Keras ~0.8 GB), whether it holds one layer's weights at a time, and whether it converts the weights from a
+    # float32 copy
+    library_gb = 1.0
+    streams_layers = False
+    converts_from_fp32 = False
+
     # how to install its stack; None: `pip install` of the modules it misses (bughunt implementations prints it)
     install_hint: str | None = None
 

@@ -77,6 +77,7 @@ class DeepMindRunner(Runner):
 
     name = "deepmind"
     install_hint = "pip install --no-deps -r requirements/jax.txt"  # how to install its stack (bughunt implementations prints it)
+    library_gb, converts_from_fp32 = 1.2, True  # JAX, Flax; it converts from a float32 copy (bughunt/memory.py)
     families = ("gemma", "gemma2", "gemma3")
     dtypes = ("fp32", "bf16")
     devices = ("cpu", "cuda")

@@ -38,6 +38,7 @@ class HFRunner(Runner):
 
     name = "hf"
     install_hint = "pip install -e .   (bughunt's core)"  # how to install its stack (bughunt implementations prints it)
+    library_gb = 0.6  # torch and transformers, resident (bughunt/memory.py)
     families = ("gemma", "gemma2", "gemma3", "llama", "mistral", "phi3", "qwen2", "qwen3")
     dtypes = ("fp32", "bf16", "fp16", "fp64")
     devices = ("cpu", "cuda")

@@ -21,6 +21,7 @@ _SDPA_REFUSALS = {"gemma2": "transformers refuses SDPA for Gemma 2 (Gemma2PreTra
 class _RefusingHFRunner(HFRunner):
     supports_device_map = False  # --device-map goes to the plain eager path only
     tokenizer_path = None  # the same tokenizer as hf, whose path is checked once
+    library_gb = 1.0  # SDPA, flex and Inductor paths: counted as a full stack (bughunt/memory.py)
     # family -> why transformers refuses this path for it (checked against transformers by tests/test_hf_variants.py)
     refusals: dict[str, str] = {}
 
@@ -57,6 +58,7 @@ class HFCompileRunner(HFRunner):
     devices = ("cpu", "cuda")
     supports_device_map = False
     tokenizer_path = None  # the same tokenizer as hf, whose path is checked once
+    library_gb = 1.0  # SDPA, flex and Inductor paths: counted as a full stack (bughunt/memory.py)
 
     def _open(self) -> None:
         import torch

@@ -20,6 +20,7 @@ KERAS_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 class KerasRunner(Runner):
     install_hint = "pip install --no-deps -r requirements/keras.txt"  # how to install its stack (bughunt implementations prints it)
+    library_gb, converts_from_fp32 = 1.2, True  # Keras on JAX; it converts from a float32 copy (bughunt/memory.py)
     tokenizer_path = "keras-hub CausalLMPreprocessor"  # its own tokenizer path (bughunt/probes/tokenizer_path.py)
     @classmethod
     def own_tokenizer(cls, checkpoint: Path, text: dict) -> dict:
@@ -230,4 +231,5 @@ class KerasJaxRunner(KerasRunner):
 
 class KerasTorchRunner(KerasRunner):
     name = "keras-torch"
+    library_gb = 1.0  # Keras on torch (bughunt/memory.py)
     backend = "torch"

@@ -19,6 +19,7 @@ from bughunt.trace import Trace
 class ReferenceRunner(Runner):
     name = "reference"
     install_hint = "pip install -e .   (bughunt's core)"  # how to install its stack (bughunt implementations prints it)
+    library_gb, streams_layers = 0.25, True  # numpy; one layer's weights in float64 at a time (bughunt/memory.py)
     families = ("gemma", "gemma2", "gemma3", "llama", "mistral", "phi3", "qwen2", "qwen3")
     dtypes = ("fp64", "fp32", "bf16", "fp16", "q8_0", "q4_k_m")  # quantized: float64 on llama.cpp's quantized weights
     devices = ("cpu", "cuda")  # numpy runs on the host whatever the device asked; the trace says so
