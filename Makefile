@@ -65,7 +65,16 @@ llamacpp-cmake-args:
 demo: $(VENV)/.stacks
 	$(VENV)/bin/bughunt demo
 
-test: $(VENV)/.test $(VENV)/.llamacpp $(LITGPT_VENV)/.installed envs
+test: $(VENV)/.test $(VENV)/.llamacpp $(LITGPT_VENV)/.installed envs wheel-check
 	$(VENV)/bin/python -m pytest -q --durations=25
 
-.PHONY: demo test litgpt envs llamacpp llamacpp-cmake-args
+# The tests not marked `slow` (every test file keeps some): a few minutes on 2 cores, for the edit-test loop.
+test-fast: $(VENV)/.test
+	$(VENV)/bin/python -m pytest -q -m "not slow" --durations=10
+
+# Build the wheel, install it into a fresh virtual environment (not editable) and run bughunt from outside the
+# repository: a package or data file the wheel leaves out fails here (see .ci/wheel-check).
+wheel-check:
+	.ci/wheel-check $(PY)
+
+.PHONY: demo test test-fast wheel-check litgpt envs llamacpp llamacpp-cmake-args
