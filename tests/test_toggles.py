@@ -227,10 +227,10 @@ SCREENED = [PLANTED[i] for i in (1, 3, 7, 9, 12)]
 def test_screening_finds_what_the_full_search_finds_with_fewer_full_passes(family, dtype, planted, tiny, monkeypatch):
     """The search screens settings on the layers up to the first departure and runs only its shortlist in full; with
     screening off (every setting run in full) it must reach the same answer."""
-    from bughunt import sweep as sweep_module
+    from bughunt import search as search_module
 
     screened = sweep(tiny[family], impl="hf", dtype=dtype, mode="search", candidate_toggles=planted).data["sweep"]["search"]
-    monkeypatch.setattr(sweep_module, "CONFIRM_MAX", 10**9)  # no list of settings is longer: nothing is screened
+    monkeypatch.setattr(search_module, "CONFIRM_MAX", 10**9)  # no list of settings is longer: nothing is screened
     full = sweep(tiny[family], impl="hf", dtype=dtype, mode="search", candidate_toggles=planted).data["sweep"]["search"]
     assert full["screening"] == [] and screened["screening"]
     assert all(s["layers"] < load_spec(tiny[family]).num_layers for s in screened["screening"])
