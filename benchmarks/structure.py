@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -120,6 +121,15 @@ def functions(mods: dict[str, Path]) -> list[dict]:
     return out
 
 
+def probe_files(name: str = "logit_lens") -> list[str]:
+    """The files of the package (source, templates, schemas) whose name or text names probe `name`: what adding that
+    probe touched. For the logit lens, a probe added as the example of a plug-in: its module, its registration line,
+    its report template."""
+    files = [p for p in (ROOT / "bughunt").rglob("*") if p.suffix in (".py", ".html", ".json") and p.is_file()]
+    pattern = re.compile(rf"\b{name}\b")
+    return sorted(str(p.relative_to(ROOT)) for p in files if pattern.search(p.name) or pattern.search(p.read_text()))
+
+
 def facts() -> dict:
     mods = modules()
     graph = imports(mods)
@@ -139,6 +149,7 @@ def facts() -> dict:
         "functions_over_parameter_limit": sorted((f for f in funcs if f["parameters"] > MAX_PARAMETERS),
                                                  key=lambda f: -f["parameters"]),
         "limits": {"function_lines": MAX_FUNCTION_LINES, "parameters": MAX_PARAMETERS},
+        "probe_files": probe_files(),
     }
 
 
@@ -157,6 +168,7 @@ def main(argv=None) -> int:
         print(f"longest function: {lf['function']} ({lf['lines']} lines)")
         print(f"most parameters: {mp['function']} ({mp['parameters']})")
         print(f"largest module: {lm['module']} ({lm['lines']} lines)")
+        print(f"files a new probe touched (logit_lens): {len(f['probe_files'])}: {', '.join(f['probe_files'])}")
         print(f"functions over {MAX_FUNCTION_LINES} lines: {len(f['functions_over_line_limit'])}"
               + "".join(f"\n  {x['function']}:{x['line']} {x['lines']}" for x in f["functions_over_line_limit"]))
         print(f"functions over {MAX_PARAMETERS} parameters: {len(f['functions_over_parameter_limit'])}"

@@ -26,9 +26,8 @@ def compare(checkpoint: str | Path, implementations: Sequence[str | ImplChoice] 
 
     `settings` are the run's options (bughunt.plan.CompareOptions: reference, dtype, device, tokens or text, out,
     floor_factor, branches, allow_pickle, render, isolate, timeout, max_memory, device_map, require_comparison) and its
-    probes' options (bughunt/probes: weight_check, inner, isolate_layers, generate, top_k, decode_config, logit_lens,
-    ...); an unknown one is refused. `pool` (a bughunt.worker.WorkerPool) may be shared across calls so libraries load
-    once. Every check happens before anything runs (a BughuntError, exit 2 in the CLI)."""
+    probes' options (bughunt/probes: weight_check, inner, isolate_layers, generate, top_k, decode_config, ...); an
+    unknown one is refused. `pool` (a bughunt.worker.WorkerPool) may be shared across calls so libraries load once. Every check happens before anything runs (a BughuntError, exit 2 in the CLI)."""
     plan = make_plan(checkpoint, implementations, settings)
     with RunContext(plan, pool) as ctx:
         execute(ctx)
