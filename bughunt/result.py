@@ -13,7 +13,9 @@ from pathlib import Path
 
 from bughunt.errors import BughuntError
 
-SCHEMA_VERSION = 1
+# 2: decode keeps only its data ("decode"); before, it also stored its report section as HTML in extra_sections.
+# Results of version 1 still load and render (report.stored_sections).
+SCHEMA_VERSION = 2
 SCHEMA_PATH = Path(__file__).parent / "schemas" / "result.schema.json"
 
 
