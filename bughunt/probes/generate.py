@@ -33,7 +33,7 @@ class Generate(Probe):
     result_key = "generation"
 
     def enabled(self, options: Options) -> bool:
-        return bool(options.generate) or bool(options.decode_config)
+        return options.generate is not None or bool(options.decode_config)
 
     def check(self, plan, options: Options) -> Options:
         spec = plan.spec
