@@ -3,7 +3,7 @@ cells and writes, beside its junit.xml, summary.md, index.html and reports, a sh
 `bughunt ci merge DIR...` checks that the documents are the N shards of one run and writes the one summary.md,
 junit.xml, index.html and exit code the unsharded run would have (0 pass, 1 regression, 2 bad input).
 
-Which cells a shard runs (`bughunt.ci.assign_shards`): whole checkpoint-device groups, contiguous in matrix order,
+Which cells a shard runs (`bughunt.ci.run.assign_shards`): whole checkpoint-device groups, contiguous in matrix order,
 about 1/N of the cells each. A group is never split, because its cells share one compare run (each checkpoint is
 loaded once per implementation and the float64 reference runs once) and one report. So a matrix spreads over at
 most as many shards as it has checkpoint-device groups; further shards run nothing and say so.
@@ -21,7 +21,12 @@ from typing import Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from bughunt.ci import Cell, CellOutcome, CiRun, Matrix, Threshold, Violation, assign_shards, cells_of, run_ci, write_outputs
+from bughunt.ci.baseline import Cell, cells_of
+from bughunt.ci.judge import Violation
+from bughunt.ci.matrix import Matrix, Threshold
+from bughunt.ci.outcome import CellOutcome, CiRun
+from bughunt.ci.outputs import write_file, write_outputs
+from bughunt.ci.run import assign_shards, run_ci
 from bughunt.errors import BughuntError
 from bughunt.implementations import ImplChoice
 from bughunt.output import check_output_dir, write_output_dir
@@ -130,7 +135,7 @@ class ShardDocument(_Strict):
 
 
 def _groups(matrix: Matrix) -> list[dict]:
-    """The checkpoint-device groups in run order, as `bughunt.ci._plan` forms them, without touching a checkpoint."""
+    """The checkpoint-device groups in run order, as `bughunt.ci.run._plan` forms them, without touching a checkpoint."""
     return [{"name": f"{entry.name}-{device}", "cells": [c.id for c in cells_of(entry) if c.device == device]}
             for entry in matrix.checkpoints for device in entry.devices]
 
@@ -158,10 +163,8 @@ def shard_document(run: CiRun) -> dict:
 def run_shard(matrix_path: str | Path, baseline_dir: str | Path, shard: tuple[int, int], update_baseline: bool = False,
               out: str | Path | None = None, log: Callable[[str], None] = print) -> CiRun:
     """`run_ci` on shard K of N, then its shard document beside the other outputs."""
-    from bughunt.ci import _write_file
-
     def finish(run: CiRun, directory: Path) -> None:  # inside the output, before it is moved into place
-        _write_file(directory / SHARD_FILE, json.dumps(shard_document(run), indent=1, sort_keys=True) + "\n")
+        write_file(directory / SHARD_FILE, json.dumps(shard_document(run), indent=1, sort_keys=True) + "\n")
 
     return run_ci(matrix_path, baseline_dir, update_baseline=update_baseline, out=out, log=log, shard=shard, finish=finish)
 
