@@ -60,28 +60,26 @@ def _number(v, spec: str) -> str:
 
 
 def sections(data: dict, images: dict[str, str]) -> list[dict]:
-    """The report's sections after the plots, in order: generation, sweep, decode, the HTML sections stored in the
-    result (sanitized), isolated layers, weights. Each is {"title", "template", "data"}; report.html includes the
-    template with `data` set."""
+    """The report's sections after the plots, in order: sweep, decode, the HTML sections stored in the result
+    (sanitized), then each probe's (bughunt/probes: generation, isolated layers, weights, logit lens, ...). Each is
+    {"title", "template", "data"}; report.html includes the template with `data` set."""
+    from bughunt import probes
+
     out: list[dict] = []
 
     def add(title: str, name: str, view) -> None:
         out.append({"title": title, "template": f"sections/{name}.html", "data": view})
 
-    if data.get("generation"):
-        add("Greedy generation", "generation", generation_view(data["generation"]))
     if data.get("sweep"):
         add("Sweep", "sweep", sweep_view(data["sweep"]))
     if data.get("decode"):
         add("Decode consistency", "decode", decode_view(data["decode"], data["settings"]["floor_factor"]))
     for s in stored_sections(data):
         add(s["title"], "stored_html", {"html": safe_section_html(s["html"])})
-    if images.get("isolated"):
-        add("Isolated layers", "isolated", {"comparisons": [c for c in data["comparisons"] if c.get("isolated")],
-                                            "image": images["isolated"]})
-    checks = [e["meta"]["weight_check"] for e in data.get("implementations", []) if (e.get("meta") or {}).get("weight_check")]
-    if checks:
-        add("Weights", "weights", checks)
+    for probe in probes.registered():
+        view = probe.report(data, images) if probe.template else None
+        if view is not None:
+            out.append({"title": probe.title, "template": probe.template, "data": view})
     return out
 
 
@@ -106,22 +104,6 @@ def safe_section_html(fragment: str) -> str:
 
     return nh3.clean(str(fragment), tags=SECTION_TAGS, attributes=SECTION_ATTRIBUTES, url_schemes={"http", "https"},
                      link_rel="noopener noreferrer")
-
-
-def generation_view(g: dict) -> dict:
-    """Greedy generation: each implementation's tokens (first row of the batch) with the steps that differ from the
-    reference's marked, and the reference's top-2 margins; the template reads the rest from `generation`."""
-    ref = g.get("reference")
-    if ref is None:
-        return {"generation": g, "token_rows": [], "margins": []}
-    rows = [_tokens_row(ref["label"], ref["path"], ref["tokens"][0], None)]
-    rows += [_tokens_row(c["candidate"], c["path"], c["tokens"][0], ref["tokens"][0]) for c in g["candidates"]]
-    return {"generation": g, "token_rows": rows, "margins": ref["margins"][0]}
-
-
-def _tokens_row(label: str, path: str, tokens: list[int], against: list[int] | None) -> dict:
-    cells = [{"id": tok, "differs": against is not None and tok != against[t]} for t, tok in enumerate(tokens)]
-    return {"label": label, "path": path, "tokens": cells}
 
 
 def decode_view(d: dict, floor_factor: float) -> dict:

@@ -88,7 +88,9 @@ def test_every_string_a_result_carries_is_escaped_in_every_section():
     assert "<script>steal" not in page and "<b onclick" not in page
     for title in ("Greedy generation", "Sweep", "Decode consistency", "Weights"):
         assert page.count(f"<h2>{title}</h2>") == 1, title
-    assert page.index("<h2>Greedy generation</h2>") < page.index("<h2>Sweep</h2>") < page.index("<h2>Decode consistency</h2>")
+    # the experiment's own sections first, then the probes' (bughunt/probes), in their registration order
+    assert page.index("<h2>Sweep</h2>") < page.index("<h2>Decode consistency</h2>") < page.index("<h2>Greedy generation</h2>")
+    assert page.index("<h2>Greedy generation</h2>") < page.index("<h2>Weights</h2>")
     text = _text(page)
     assert f"hf{HOSTILE} decodes through its kv-cache path after a prefill of 2 tokens" in text
     assert "own full pass None, reference 3 (above 10x the logits floor)" in text
@@ -99,7 +101,9 @@ def test_every_string_a_result_carries_is_escaped_in_every_section():
 
 
 def test_generation_marks_the_steps_that_differ_from_the_reference():
-    view = report.generation_view(_generation())
+    from bughunt.probes.generate import generation_view
+
+    view = generation_view(_generation())
     assert [[c["differs"] for c in row["tokens"]] for row in view["token_rows"]] == [[False, False, False], [False, True, False]]
     page = report.render_template("sections/generation.html", data=view)
     assert page.count("background:#ffd6d2") == 1 and "<td>0.01</td>" in page and "<td>0.0123 / 0.5</td>" in page

@@ -36,6 +36,7 @@ class Probe:
     name: ClassVar[str]
     Options: ClassVar[type[ProbeOptions]]
     template: ClassVar[str | None] = None  # its report section: a template under bughunt/templates/
+    title: ClassVar[str | None] = None  # that section's heading
     result_key: ClassVar[str | None] = None  # where its data sits in result.json (read by its template)
 
     def enabled(self, options: Any) -> bool:
@@ -74,19 +75,19 @@ class Probe:
         """compare() keywords from the parsed flags."""
         return {}
 
-    def report(self, result_data: dict) -> dict | None:
-        """The context its report template is rendered with, or None when the result holds nothing of it."""
-        data = result_data.get(self.result_key) if self.result_key else None
-        return {"data": data} if data else None
+    def report(self, result_data: dict, images: dict[str, str]) -> Any:
+        """The plain data its report template reads as `data` (from the Result alone, and the plots' base64 PNGs by
+        name), or None when the result holds nothing of it."""
+        return result_data.get(self.result_key) if self.result_key else None
 
 
 # the probes, in the order they run and attach; a new probe is a module and a line here
 _MODULES = (
     "bughunt.probes.tokenizer_path",
     "bughunt.probes.inner",
-    "bughunt.probes.weights",
     "bughunt.probes.generate",
     "bughunt.probes.isolate",
+    "bughunt.probes.weights",
     "bughunt.probes.logit_lens",
 )
 

@@ -30,7 +30,12 @@ class Generate(Probe):
     name = "generate"
     Options = Options
     template = "sections/generation.html"
+    title = "Greedy generation"
     result_key = "generation"
+
+    def report(self, result_data: dict, images: dict[str, str]) -> dict | None:
+        g = result_data.get(self.result_key)
+        return generation_view(g) if g else None
 
     def enabled(self, options: Options) -> bool:
         return options.generate is not None or bool(options.decode_config)
@@ -93,6 +98,22 @@ class Generate(Probe):
         from bughunt.inputs.flags import key_values
 
         return {"generate": args.generate, "top_k": args.top_k, "decode_config": key_values(args.decode_config, "--decode-config")}
+
+
+def generation_view(g: dict) -> dict:
+    """Greedy generation: each implementation's tokens (first row of the batch) with the steps that differ from the
+    reference's marked, and the reference's top-2 margins; the template reads the rest from `generation`."""
+    ref = g.get("reference")
+    if ref is None:
+        return {"generation": g, "token_rows": [], "margins": []}
+    rows = [_tokens_row(ref["label"], ref["path"], ref["tokens"][0], None)]
+    rows += [_tokens_row(c["candidate"], c["path"], c["tokens"][0], ref["tokens"][0]) for c in g["candidates"]]
+    return {"generation": g, "token_rows": rows, "margins": ref["margins"][0]}
+
+
+def _tokens_row(label: str, path: str, tokens: list[int], against: list[int] | None) -> dict:
+    cells = [{"id": tok, "differs": against is not None and tok != against[t]} for t, tok in enumerate(tokens)]
+    return {"label": label, "path": path, "tokens": cells}
 
 
 PROBE = Generate()

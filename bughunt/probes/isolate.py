@@ -41,6 +41,13 @@ def isolated_finding(label: str, iso: dict) -> Finding:
 class Isolate(Probe):
     name = "isolate"
     Options = Options
+    template = "sections/isolated.html"
+    title = "Isolated layers"
+
+    def report(self, result_data: dict, images: dict[str, str]) -> dict | None:
+        if not images.get("isolated"):
+            return None
+        return {"comparisons": [c for c in result_data["comparisons"] if c.get("isolated")], "image": images["isolated"]}
 
     def enabled(self, options: Options) -> bool:
         return options.isolate_layers

@@ -58,6 +58,7 @@ class LogitLens(Probe):
     name = "logit_lens"
     Options = Options
     template = "sections/logit_lens.html"
+    title = "Logit lens"
     result_key = "logit_lens"
 
     def enabled(self, options: Options) -> bool:

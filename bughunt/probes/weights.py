@@ -38,6 +38,12 @@ class Weights(Probe):
     name = "weights"
     Options = Options
     template = "sections/weights.html"
+    title = "Weights"
+
+    def report(self, result_data: dict, images: dict[str, str]) -> list | None:
+        checks = [e["meta"]["weight_check"] for e in result_data.get("implementations", [])
+                  if (e.get("meta") or {}).get("weight_check")]
+        return checks or None
 
     def enabled(self, options: Options) -> bool:
         return options.weight_check
