@@ -18,6 +18,7 @@ from bughunt.assemble import save
 from bughunt.floors import noise_floor
 from bughunt.plan import DEFAULT_FLOOR_FACTOR, default_tokens
 from bughunt.errors import BughuntError
+from bughunt.findings import Finding
 from bughunt.inputs.config import validate_decode_config
 from bughunt.inputs.flags import positive
 from bughunt.inputs.tokens import check_token_range
@@ -109,9 +110,8 @@ def decode_check(checkpoint: str | Path, impl: str = "hf", **settings) -> Result
     findings = []
     if data_decode["self"]["first_departing_step"] is not None:
         t = data_decode["self"]["first_departing_step"]
-        findings.append({"severity": "warning", "kind": "decode", "implementation": cand.label, "point": "logits",
-                         "message": f"{cand.label}: incremental decoding departs from its own full forward pass at step {t} "
-                                    f"(position {t}; relative L2 {self_rel[t]:.2e})"})
+        findings.append(Finding("warning", "decode", f"{cand.label}: incremental decoding departs from its own full forward "
+                                f"pass at step {t} (position {t}; relative L2 {self_rel[t]:.2e})", cand.label, "logits").to_dict())
     if reference:
         ref = ImplChoice.parse(reference)
         _, ref_inc, ref_how = incremental(ref, checkpoint, spec, ref.dtype or cand_dtype, device, tokens, prefill, None)
@@ -119,8 +119,8 @@ def decode_check(checkpoint: str | Path, impl: str = "hf", **settings) -> Result
         data_decode["reference"] = {"label": ref.label, "path": ref_how, "rel_l2": cross, "first_departing_step": judge(cross)}
         t = data_decode["reference"]["first_departing_step"]
         if t is not None:
-            findings.append({"severity": "warning", "kind": "decode", "implementation": cand.label, "point": "logits",
-                             "message": f"{cand.label}: decoding departs from {ref.label} at step {t} (relative L2 {cross[t]:.2e})"})
+            findings.append(Finding("warning", "decode", f"{cand.label}: decoding departs from {ref.label} at step {t} "
+                                    f"(relative L2 {cross[t]:.2e})", cand.label, "logits").to_dict())
     data = {
         "schema": "bughunt.result", "schema_version": SCHEMA_VERSION, "kind": "decode",
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
