@@ -31,6 +31,7 @@ from bughunt.jobs import Load, TraceJob, runner_kwargs
 from bughunt.judging import judge, summary as _summary, unrepresentable_finding
 from bughunt.plan import DEFAULT_FLOOR_FACTOR, default_tokens, validated
 from bughunt.errors import BughuntError
+from bughunt.findings import Finding
 from bughunt.hypotheses import PREFIX, changes_for
 from bughunt.implementations import DEVICES, DTYPES, ImplChoice, runner_class
 from bughunt.metrics import compare_traces
@@ -141,7 +142,7 @@ class SweepPlan:
 
     @classmethod
     def read(cls, checkpoint: Path, impl: str, options: SweepOptions, in_process: bool) -> "SweepPlan":
-        from bughunt.envs import prepare
+        from bughunt.envs import prepare, refuse
 
         spec = load_spec(checkpoint)
         validate_weights(checkpoint, spec)
@@ -151,14 +152,14 @@ class SweepPlan:
         positive(options.floor_factor, "--floor-factor", "a finding is a point above this multiple of the noise floor")
         cand = ImplChoice.parse(impl)
         ref = ImplChoice.parse(options.reference or f"reference:{options.dtype}")
-        prepare([cand, ref], in_process=in_process)  # create missing library-version environments; refuse a missing own one
+        refuse([cand, ref], in_process=in_process)  # cheap refusals now; environments are built once the plan is accepted
         plan = cls(checkpoint, spec, options, tokens, encoded, cand, ref,
-                   cand_dtype=cand.dtype or (options.dtype if cand.name != "reference" else "fp64"),
-                   ref_dtype=ref.dtype or ("fp64" if ref.name == "reference" else options.dtype),
+                   cand_dtype=cand.dtype_at(options.dtype), ref_dtype=ref.dtype_at(options.dtype),
                    cand_fixed=parse_toggles(options.candidate_toggles, spec),
                    ref_fixed=parse_toggles(options.reference_toggles, spec),
                    items=_parse_sweep_toggles(options.toggles, spec))
         plan.check_items()
+        prepare([cand, ref], in_process=in_process)  # create missing library-version environments (minutes of pip)
         return plan
 
     def check_items(self) -> None:
@@ -477,15 +478,14 @@ def _findings(state: Sweep, baseline: dict, search_info: dict | None) -> list[di
     if baseline["first_above_floor"]:
         p = next(p for p in baseline["points"] if p["point"] == baseline["first_above_floor"])
         ratio = f"{p['ratio_to_floor']:.1f}x the {cand_dtype} noise floor" if p.get("ratio_to_floor") is not None else "NaN/Inf"
-        findings.append({"severity": "warning", "kind": "divergence", "implementation": cand_label, "point": baseline["first_above_floor"],
-                         "message": f"{cand_label} departs from {ref_label} as is at {baseline['first_above_floor']} ({ratio})"})
+        findings.append(Finding("warning", "divergence", f"{cand_label} departs from {ref_label} as is at "
+                                f"{baseline['first_above_floor']} ({ratio})", cand_label, baseline["first_above_floor"]).to_dict())
     if plan.options.side == "reference" and state.fixed_trace.meta.get("cannot_represent"):
         findings.append(unrepresentable_finding(cand_label, state.fixed_trace.meta["cannot_represent"], baseline["first_above_floor"],
                                                 baseline["points"], cand_dtype))
     if search_info:
-        findings.append({"severity": "info" if search_info["at_floor"] else "warning", "kind": "diagnosis",
-                         "implementation": cand_label, "point": search_info["residual"]["first_above_floor"],
-                         "message": search_info["diagnosis"]})
+        findings.append(Finding("info" if search_info["at_floor"] else "warning", "diagnosis", search_info["diagnosis"],
+                                cand_label, search_info["residual"]["first_above_floor"]).to_dict())
     return findings
 
 
