@@ -13,21 +13,19 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
-from bughunt.checkpoint import validate_weights
 from bughunt.assemble import save
 from bughunt.floors import noise_floor
-from bughunt.plan import DEFAULT_FLOOR_FACTOR, default_tokens
+from bughunt.plan import DEFAULT_FLOOR_FACTOR, read_inputs
 from bughunt.errors import BughuntError
 from bughunt.findings import Finding
 from bughunt.inputs.config import validate_decode_config
 from bughunt.inputs.flags import positive
-from bughunt.inputs.tokens import check_token_range
 from bughunt.implementations import ImplChoice, runner_class
 from bughunt.metrics import UNIT_ROUNDOFF
 from bughunt.output import check_output_dir
 from bughunt.result import SCHEMA_VERSION, Result, environment
-from bughunt.spec import load_config, load_spec
-from bughunt.text import attach, resolve_input
+from bughunt.spec import load_config
+from bughunt.text import attach
 
 
 def _rel_per_step(a: np.ndarray, b: np.ndarray) -> list[float]:
@@ -83,12 +81,9 @@ def decode_check(checkpoint: str | Path, impl: str = "hf", **settings) -> Result
     checkpoint = Path(checkpoint)
     if out is not None:
         check_output_dir(out, "decode", [("the checkpoint", checkpoint)])
-    spec = load_spec(checkpoint)
-    validate_weights(checkpoint, spec)
+    inputs = read_inputs(checkpoint, tokens, text, default_length=32)  # the planning stage compare and sweep share
+    spec, tokens, encoded = inputs.spec, inputs.tokens, inputs.encoded
     decode_config = validate_decode_config(decode_config or {}, load_config(checkpoint), str(checkpoint / "config.json"))
-    tokens, encoded = resolve_input(checkpoint, spec, tokens, text)
-    tokens = default_tokens(spec, 32) if tokens is None else tokens
-    check_token_range(tokens, spec.vocab_size)
     positive(floor_factor, "--floor-factor", "a finding is a point above this multiple of the noise floor")
     if tokens.shape[0] != 1:
         raise BughuntError("decode checks one sequence at a time: give a single row of tokens.")

@@ -143,17 +143,31 @@ def choices_of(implementations: Iterable[str | ImplChoice], reference: str | Imp
     return choices, match[0]
 
 
-def read_input(checkpoint: Path, spec: Spec, options: CompareOptions) -> tuple[np.ndarray, Any]:
-    """The ids every implementation is fed (and the encoded text they came from, if any), checked against the vocabulary."""
+@dataclass(frozen=True)
+class Inputs:
+    """What every experiment reads first: the spec, the weights' inventory, the ids every implementation is fed and the
+    encoded text they came from (None when the input was ids)."""
+
+    spec: Spec
+    weights: Any
+    tokens: np.ndarray
+    encoded: Any
+
+
+def read_inputs(checkpoint: Path, tokens=None, text=None, allow_pickle: bool = False,
+                default_length: int = DEFAULT_LENGTH) -> Inputs:
+    """The checkpoint's spec and weights checked, and its input: `tokens`, else `text` through the checkpoint's
+    tokenizer, else seeded ids of `default_length`; ids outside the vocabulary are refused. compare, sweep and decode
+    all start here."""
+    from bughunt.inputs.tokens import check_token_range
     from bughunt.text import resolve_input
 
-    tokens, encoded = resolve_input(checkpoint, spec, options.tokens, options.text)
-    tokens = default_tokens(spec) if tokens is None else tokens
-    if tokens.size == 0:
-        raise BughuntError("no input tokens: pass at least one token id.")
-    if tokens.min() < 0 or tokens.max() >= spec.vocab_size:
-        raise BughuntError(f"token ids must lie in [0, {spec.vocab_size}) for this checkpoint (vocab_size); got [{tokens.min()}, {tokens.max()}].")
-    return tokens, encoded
+    spec = load_spec(checkpoint)
+    weights = validate_weights(checkpoint, spec, allow_pickle)
+    ids, encoded = resolve_input(checkpoint, spec, tokens, text)
+    ids = default_tokens(spec, default_length) if ids is None else ids
+    check_token_range(ids, spec.vocab_size)
+    return Inputs(spec, weights, ids, encoded)
 
 
 def split_options(settings: dict) -> tuple[CompareOptions, list[tuple[Any, Any]]]:
@@ -189,9 +203,8 @@ def make_plan(checkpoint: str | Path, implementations: Sequence[str | ImplChoice
     options, asked = split_options(settings)
     if options.out is not None:
         check_output_dir(options.out, "compare", [("the checkpoint", checkpoint)])
-    spec = load_spec(checkpoint)
-    weights = validate_weights(checkpoint, spec, options.allow_pickle)
-    tokens, encoded = read_input(checkpoint, spec, options)
+    inputs = read_inputs(checkpoint, options.tokens, options.text, options.allow_pickle)
+    spec, weights, tokens, encoded = inputs.spec, inputs.weights, inputs.tokens, inputs.encoded
     choices, ref = choices_of(implementations, options.reference)
     if options.require_comparison and all(c.label == ref.label for c in choices):
         raise BughuntError(f"nothing to compare: only the reference {ref.label} was given. Add a candidate, e.g. --impl hf.")

@@ -21,15 +21,13 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, field_validator
 
 from bughunt import progress
-from bughunt.checkpoint import validate_weights
 from bughunt.inputs.flags import positive
-from bughunt.inputs.tokens import check_token_range
 from bughunt.assemble import save
 from bughunt.execute import run_trace
 from bughunt.floors import noise_floor
 from bughunt.jobs import Load, TraceJob, runner_kwargs
 from bughunt.judging import judge, summary as _summary, unrepresentable_finding
-from bughunt.plan import DEFAULT_FLOOR_FACTOR, default_tokens, validated
+from bughunt.plan import DEFAULT_FLOOR_FACTOR, read_inputs, validated
 from bughunt.errors import BughuntError
 from bughunt.findings import Finding
 from bughunt.hypotheses import PREFIX, changes_for
@@ -38,8 +36,8 @@ from bughunt.metrics import compare_traces
 from bughunt.result import SCHEMA_VERSION, Result, environment
 from bughunt.search import (CONFIRM_MARGIN, CONFIRM_MAX, MARGIN, MAX_EXHAUSTIVE, Judges, Question, _within, fit,  # noqa: F401
                             label as _label, score, search, search_counts)
-from bughunt.spec import Spec, load_spec
-from bughunt.text import attach, resolve_input
+from bughunt.spec import Spec
+from bughunt.text import attach
 from bughunt.toggles import changed, defaults, is_field, lookup, parse_toggles
 from bughunt.trace import Trace, is_residual_point
 
@@ -144,11 +142,8 @@ class SweepPlan:
     def read(cls, checkpoint: Path, impl: str, options: SweepOptions, in_process: bool) -> "SweepPlan":
         from bughunt.envs import prepare, refuse
 
-        spec = load_spec(checkpoint)
-        validate_weights(checkpoint, spec)
-        tokens, encoded = resolve_input(checkpoint, spec, options.tokens, options.text)
-        tokens = default_tokens(spec) if tokens is None else tokens
-        check_token_range(tokens, spec.vocab_size)
+        inputs = read_inputs(checkpoint, options.tokens, options.text)  # the planning stage compare and decode share
+        spec, tokens, encoded = inputs.spec, inputs.tokens, inputs.encoded
         positive(options.floor_factor, "--floor-factor", "a finding is a point above this multiple of the noise floor")
         cand = ImplChoice.parse(impl)
         ref = ImplChoice.parse(options.reference or f"reference:{options.dtype}")
