@@ -76,6 +76,8 @@ def sections(data: dict, images: dict[str, str]) -> list[dict]:
         add("Decode consistency", "decode", decode_view(data["decode"], data["settings"]["floor_factor"]))
     for s in stored_sections(data):
         add(s["title"], "stored_html", {"html": safe_section_html(s["html"])})
+    if data.get("ci_gate"):
+        add("CI gate", "ci_gate", data["ci_gate"])
     for probe in probes.registered():
         view = probe.report(data, images) if probe.template else None
         if view is not None:
@@ -84,8 +86,8 @@ def sections(data: dict, images: dict[str, str]) -> list[dict]:
 
 
 def stored_sections(data: dict) -> list[dict]:
-    """The HTML sections a result carries in extra_sections (ci's gate table, lint). A schema_version 1 decode result
-    also stored its decode section there as HTML; that section is now drawn from its data, so the stored copy is
+    """The HTML sections an older result carries in extra_sections (before schema_version 3: ci's gate table; before 2:
+    decode's section too). A schema_version 1 decode result's section is now drawn from its data, so the stored copy is
     dropped rather than shown twice."""
     legacy_decode = data.get("schema_version") == 1 and data.get("decode")
     return [s for s in data.get("extra_sections", []) if not (legacy_decode and s["title"] == "Decode consistency")]

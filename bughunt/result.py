@@ -14,8 +14,9 @@ from pathlib import Path
 from bughunt.errors import BughuntError
 
 # 2: decode keeps only its data ("decode"); before, it also stored its report section as HTML in extra_sections.
-# Results of version 1 still load and render (report.stored_sections).
-SCHEMA_VERSION = 2
+# 3: ci keeps its gate table as data ("ci_gate"); nothing bughunt writes stores HTML any more.
+# Results of versions 1 and 2 still load and render (report.stored_sections, through the sanitizer).
+SCHEMA_VERSION = 3
 SCHEMA_PATH = Path(__file__).parent / "schemas" / "result.schema.json"
 
 

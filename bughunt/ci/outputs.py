@@ -81,20 +81,16 @@ def markdown_summary(run: CiRun) -> str:
 
 
 def index_html(run: CiRun) -> str:
-    rows = []
-    for o in run.outcomes:
-        link = f"<a href='{html.escape(o.report)}'>report</a>" if o.report else "–"
-        rows.append(f"<tr><td>{html.escape(o.cell.id)}</td><td class='{o.status}'>{o.status}</td>"
-                    f"<td>{html.escape(o.message if o.status != 'pass' else '')}</td><td>{link}</td></tr>")
+    """The HTML index of a run (templates/ci_index.html): the verdict, the matrix and baselines, a row per cell."""
+    from bughunt.report import render_template
+
     verdict = "all cells pass" if not run.failed else f"{len(run.failed)} of {len(run.outcomes)} cells fail"
     if run.shard is not None:
         verdict = f"shard {run.shard[0]} of {run.shard[1]}, {verdict}"
-    return ("<!doctype html><meta charset='utf-8'><title>bughunt ci</title>"
-            "<style>body{font-family:sans-serif}td,th{padding:3px 8px;text-align:left}.pass{color:#2a7}.fail,.error{color:#c22;font-weight:bold}</style>"
-            f"<h1>bughunt ci: {verdict}</h1><p>Matrix {html.escape(str(run.matrix.source))}; "
-            f"{'baselines recorded now' if run.update_baseline else 'baselines ' + html.escape(str(run.baseline_dir))}.</p>"
-            "<table border=1 style='border-collapse:collapse'><tr><th>cell</th><th>status</th><th>first regression</th><th>report</th></tr>"
-            + "".join(rows) + "</table>\n")
+    rows = [{"cell": o.cell.id, "status": o.status, "message": o.message if o.status != "pass" else "", "report": o.report}
+            for o in run.outcomes]
+    baselines = "baselines recorded now" if run.update_baseline else f"baselines {run.baseline_dir}"
+    return render_template("ci_index.html", verdict=verdict, matrix=str(run.matrix.source), baselines=baselines, rows=rows)
 
 
 def write_outputs(run: CiRun, directory: Path | None = None) -> None:

@@ -5,7 +5,6 @@ baselines) are written. `assign_shards` says which groups a shard K of N runs.""
 from __future__ import annotations
 
 import fnmatch
-import html
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,10 +91,9 @@ def assign_shards(sizes: list[int], count: int) -> list[int]:
     return out
 
 
-def _ci_section(group: _Group, outcomes: list[CellOutcome]) -> dict:
-    rows = "".join(f"<tr><td class='l'>{html.escape(o.cell.id)}</td><td class='l'>{o.status}</td>"
-                   f"<td class='l'>{html.escape(o.message)}</td></tr>" for o in outcomes)
-    return {"title": "CI gate", "html": f"<table><tr><th class='l'>cell</th><th class='l'>status</th><th class='l'>verdict</th></tr>{rows}</table>"}
+def _ci_gate(outcomes: list[CellOutcome]) -> dict:
+    """The group's verdicts as result.json keeps them (templates/sections/ci_gate.html draws them)."""
+    return {"cells": [{"cell": o.cell.id, "status": o.status, "verdict": o.message} for o in outcomes]}
 
 
 def _judge_group(group: _Group, matrix: Matrix, result, report_rel: str) -> list[CellOutcome]:
@@ -142,7 +140,7 @@ def _run_group(group: _Group, matrix: Matrix, out: Path, log: Callable[[str], No
     except BughuntError as e:
         return [CellOutcome(c, "error", error=f"the compare run failed: {e}", seconds=time.perf_counter() - t0) for c in group.cells]
     outcomes = _judge_group(group, matrix, result, f"reports/{group.name}/report.html")
-    result.data["extra_sections"] = [*result.data.get("extra_sections", []), _ci_section(group, outcomes)]
+    result.data["ci_gate"] = _ci_gate(outcomes)
     report_dir = out / "reports" / group.name
     report_dir.mkdir(parents=True, exist_ok=True)
     (report_dir / "result.json").write_text(result.to_json())

@@ -10,9 +10,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictStr, TypeAdapter, ValidationError
+from pydantic import ConfigDict, create_model, Field, StrictStr, TypeAdapter, ValidationError
 
 from bughunt.errors import BughuntError
+from bughunt.metric_table import METRICS
 from bughunt.inputs.files import decode_utf8, found, location, parse_json, read_bytes, read_text, validation_message
 
 MATRIX_FIX = "Fix the file (see examples/bughunt.toml)."
@@ -36,20 +37,9 @@ def read_toml(path: Path, what: str = "matrix file") -> dict:
 Metric = Annotated[float, Field(strict=True)] | None
 
 
-class BaselinePoint(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    point: StrictStr
-    rel_l2: Metric = None
-    log10_l2: Metric = None
-    max_abs: Metric = None
-    kl: Metric = None
-    cosine: Metric = None
-    top1: Metric = None
-    delta_nll: Metric = None
-    ppl_ratio: Metric = None
-    gen_matched_steps: Metric = None
-    gen_topk_ok: Metric = None
+# one optional number per metric of the metric table (bughunt/metric_table.py): a new metric needs no line here
+BaselinePoint = create_model("BaselinePoint", __config__=ConfigDict(extra="forbid"), point=(StrictStr, ...),
+                             **{name: (Metric, None) for name in METRICS})
 
 
 _POINTS = TypeAdapter(list[BaselinePoint])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import html
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -144,30 +143,14 @@ def format_table(report: LintReport) -> str:
 
 
 def html_section(report: LintReport) -> str:
-    """An HTML fragment (findings, then every check) for the report's extra_sections."""
-    e = html.escape
-    parts = [f"<p>{e(report.family)} · <code>{e(report.checkpoint)}</code> · {report.count('error')} error(s), "
-             f"{report.count('warning')} warning(s), {report.count('info')} info</p>"]
-    if report.findings:
-        parts.append("<table><tr><th>severity</th><th>check</th><th>finding</th><th>why it matters</th><th>fix</th></tr>")
-        for f in report.findings:
-            parts.append(f"<tr class=\"{e(f.severity)}\"><td>{e(f.severity)}</td><td><code>{e(f.check)}</code></td>"
-                         f"<td>{e(f.message)}</td><td>{e(f.explanation)}</td><td>{e(f.fix)}</td></tr>")
-        parts.append("</table>")
-    else:
-        parts.append("<p>No check fired.</p>")
-    parts.append("<details><summary>all checks</summary><table><tr><th>check</th><th>severity</th><th>status</th><th>note</th></tr>")
-    for c in report.checks:
-        parts.append(f"<tr><td><code>{e(c['id'])}</code></td><td>{e(c['severity'])}</td><td>{e(c['status'])}</td>"
-                     f"<td>{e(c['reason'] or '')}</td></tr>")
-    parts.append("</table></details>")
-    if report.tokenizer_parity and report.tokenizer_parity["disagreements"]:
-        parts.append("<h3>tokenizer disagreements</h3><table><tr><th>string</th><th>text</th><th>reference ids</th><th>candidate ids</th></tr>")
-        for d in report.tokenizer_parity["disagreements"][:50]:
-            parts.append(f"<tr><td>{e(d['name'])} ({e(d['reference'])} vs {e(d['candidate'])})</td><td><code>{e(repr(d['text'])[:80])}</code></td>"
-                         f"<td><code>{e(str(d['reference_ids'])[:120])}</code></td><td><code>{e(str(d['candidate_ids'])[:120])}</code></td></tr>")
-        parts.append("</table>")
-    return "\n".join(parts)
+    """An HTML fragment (findings, then every check, then tokenizer disagreements), rendered from
+    templates/sections/lint.html, for embedding the lint results in a report."""
+    from bughunt.report import render_template
+
+    disagreements = [{**d, "text_repr": repr(d["text"])[:80]}
+                     for d in ((report.tokenizer_parity or {}).get("disagreements") or [])[:50]]
+    return render_template("sections/lint.html", data={"report": report, "disagreements": disagreements,
+                                                       "counts": {k: report.count(k) for k in ("error", "warning", "info")}})
 
 
 def extra_section(report: LintReport) -> dict:
