@@ -280,7 +280,8 @@ def _rope_legacy(cfg: dict, family: str, path: str, partial: float, notes: list[
     full = _rope_from(base, None, path, partial)
     if family != "gemma3":
         return {"full": full, "sliding": full}
-    local = cfg.get("rope_local_base_freq", 10000.0)
+    local = cfg.get("rope_local_base_freq")
+    local = 10000.0 if local is None else local  # null reads as not given: transformers' Gemma 3 default
     sliding = Rope(theta=float(local), partial_rotary_factor=partial)
     notes.append(f"Gemma 3 sliding layers use rope_local_base_freq={local}")
     return {"full": full, "sliding": sliding}

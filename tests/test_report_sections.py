@@ -96,8 +96,8 @@ def test_every_string_a_result_carries_is_escaped_in_every_section():
     for title in ("Greedy generation", "Sweep", "Decode consistency", "Weights"):
         assert page.count(f"<h2>{title}</h2>") == 1, title
     # the experiment's own sections first, then the probes' (bughunt/probes), in their registration order
-    assert page.index("<h2>Sweep</h2>") < page.index("<h2>Decode consistency</h2>") < page.index("<h2>Greedy generation</h2>")
-    assert page.index("<h2>Greedy generation</h2>") < page.index("<h2>Weights</h2>")
+    assert page.index("<h2>Sweep</h2>") < page.index("<h2>Decode consistency</h2>") < page.index("<h2>Weights</h2>")
+    assert page.index("<h2>Weights</h2>") < page.index("<h2>Greedy generation</h2>")
     text = _text(page)
     assert f"hf{HOSTILE} decodes through its kv-cache path after a prefill of 2 tokens" in text
     assert "own full pass None, reference 3 (above 10x the logits floor)" in text

@@ -35,6 +35,9 @@ def test_gemma3_per_layer_type_rope_and_legacy_local_base():
     assert new.rope["sliding"].theta == old.rope["sliding"].theta == 10000.0
     assert new.rope["full"].theta == old.rope["full"].theta == 1e6
     assert new.layer_types == old.layer_types == ("sliding", "full")
+    null = spec_from_config(base_cfg(model_type="gemma3_text", head_dim=16, sliding_window=4, sliding_window_pattern=2,
+                                     rope_theta=1e6, rope_local_base_freq=None))  # null: not given (it raised TypeError)
+    assert null.rope["sliding"].theta == 10000.0
 
 
 def test_activation_fields_hidden_act_vs_hidden_activation():

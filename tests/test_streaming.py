@@ -299,12 +299,12 @@ def test_weight_buffers_are_reused_only_once_nothing_holds_them():
 def test_large_conversions_split_across_threads_give_the_same_values(monkeypatch):
     import ml_dtypes
 
-    from reference_impls import _weights as _numerics
+    from reference_impls import _weights
 
     stored = np.random.default_rng(0).standard_normal((64, 33)).astype(ml_dtypes.bfloat16)
-    whole = _numerics.Buffers().convert(stored).copy()
-    monkeypatch.setattr(_numerics, "THREADED_ELEMENTS", 1)
-    split = _numerics.Buffers().convert(stored)
+    whole = _weights.Buffers().convert(stored).copy()
+    monkeypatch.setattr(_weights, "THREADED_ELEMENTS", 1)
+    split = _weights.Buffers().convert(stored)
     np.testing.assert_array_equal(split, whole)
     np.testing.assert_array_equal(whole, stored.astype(np.float64))
 

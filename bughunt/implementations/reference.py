@@ -49,7 +49,7 @@ class ReferenceRunner(Runner):
 
     trace_dtype = np.float64
     captures_inner = True  # reference_impls write attn.q/k/scores/probs/out and mlp.hidden when asked
-    accepts_feed = True  # reference_impls._numerics.layer_input
+    accepts_feed = True  # reference_impls._capture.layer_input
 
     def _open(self) -> None:
         self.weights = load_weights(self.checkpoint, self.config_spec, self.allow_pickle)  # memory-mapped: nothing read yet

@@ -85,9 +85,9 @@ class Probe:
 _MODULES = (
     "bughunt.probes.tokenizer_path",
     "bughunt.probes.inner",
-    "bughunt.probes.generate",
     "bughunt.probes.isolate",
     "bughunt.probes.weights",
+    "bughunt.probes.generate",
     "bughunt.probes.logit_lens",
 )
 
