@@ -52,6 +52,7 @@ def recorded(tmp_path_factory):
     return d, checkpoint, matrix
 
 
+@pytest.mark.slow
 def test_clean_matrix_passes_and_writes_every_output(recorded, tmp_path):
     d, _, matrix = recorded
     out = tmp_path / "out"
@@ -65,6 +66,7 @@ def test_clean_matrix_passes_and_writes_every_output(recorded, tmp_path):
     assert "CI gate" in (out / "reports" / "llama-cpu" / "report.html").read_text()
 
 
+@pytest.mark.slow
 def test_baselines_are_byte_identical_across_runs(recorded, tmp_path):
     d, _, matrix = recorded
     assert main(["ci", str(matrix), "--baseline", str(tmp_path / "again"), "--update-baseline", "--out", str(tmp_path / "out")]) == 0
@@ -77,6 +79,7 @@ def test_baselines_are_byte_identical_across_runs(recorded, tmp_path):
     assert '"cell": "llama/hf:fp32/cpu"' in text and "time" not in text and str(d) not in text
 
 
+@pytest.mark.slow
 def test_planted_regression_fails_naming_cell_and_capture_point(recorded, tmp_path):
     """Baselines from the clean checkpoint; then the checkpoint is regenerated with mlp_bias = true, a config
     field HF honours and the reference does not read, so the two part at layer 0's MLP. End to end, in a subprocess."""
@@ -105,6 +108,7 @@ def test_planted_regression_fails_naming_cell_and_capture_point(recorded, tmp_pa
     ('metric = "rel_l2"\ncells = "*/hf:fp32/*"\nfloor_factor = 0.1', "the fp32 noise floor"),
     ('metric = "cosine"\npoints = "final_norm"\nmin = 1.5', "final_norm cosine"),
 ])
+@pytest.mark.slow
 def test_absolute_and_floor_thresholds(recorded, tmp_path, capsys, rule, expect):
     d, checkpoint, _ = recorded
     matrix = write_matrix(tmp_path, checkpoint, extra=f"\n[[thresholds]]\n{rule}\n")
@@ -180,6 +184,7 @@ def test_diagnosis_is_read_from_the_result_when_present():
     assert diagnosis_text(keyed, "hf:fp32") == "rope_dtype=model explains 97%"
 
 
+@pytest.mark.slow
 def test_project_matrix_passes_against_committed_baselines(tmp_path):
     """The project's own gate: the tiny checkpoint of every family, hf at fp32 and bf16, against baselines/."""
     out = tmp_path / "out"

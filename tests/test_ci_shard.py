@@ -78,6 +78,7 @@ def sharded(tmp_path_factory):
     return d, matrix, baselines, codes, stderr
 
 
+@pytest.mark.slow
 def test_merged_shards_reproduce_the_unsharded_outputs(sharded):
     d, _, _, codes, _ = sharded
     assert codes["full"] == codes["merged"] == 1
@@ -93,6 +94,7 @@ def test_merged_shards_reproduce_the_unsharded_outputs(sharded):
     assert all((merged / link).is_file() for link in links)
 
 
+@pytest.mark.slow
 def test_each_shard_runs_whole_groups_and_says_which_shard_it_is(sharded):
     d, _, _, codes, stderr = sharded
     assert (codes[1], codes[2]) == (0, 1)  # only shard 2 holds the failing gemma cell
@@ -125,6 +127,7 @@ def test_shards_are_contiguous_balanced_whole_groups():
     ("two/4", r"--shard 'two/4' is not K/N"),
     ("3", r"--shard '3' is not K/N"),
 ])
+@pytest.mark.slow
 def test_bad_shard_spec_is_refused_before_anything_runs(sharded, capsys, tmp_path, shard, message):
     _, matrix, baselines, _, _ = sharded
     out = tmp_path / "out"
@@ -140,6 +143,7 @@ def edited(src: Path, dst: Path, change) -> Path:
     return dst
 
 
+@pytest.mark.slow
 def test_merge_refuses_shards_that_are_not_one_run(sharded, capsys, tmp_path):
     d, matrix, baselines, _, _ = sharded
     s1, s2 = d / "shard1", d / "shard2"
@@ -188,6 +192,7 @@ def test_merge_refuses_shards_that_are_not_one_run(sharded, capsys, tmp_path):
                    watch=[s1, s2])
 
 
+@pytest.mark.slow
 def test_a_matrix_file_named_merge_runs_as_dot_slash_merge(sharded, capsys, tmp_path, monkeypatch):
     _, matrix, baselines, _, _ = sharded
     monkeypatch.chdir(tmp_path)

@@ -33,6 +33,7 @@ def test_compare_writes_a_valid_result_plots_and_report(tmp_path, tiny, capsys):
     assert (out / "traces" / "hf.safetensors").exists() and (out / "traces" / "reference.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_reproduce_command_in_the_result_reruns_to_the_same_numbers(tmp_path, tiny):
     first = compare(tiny["llama"], ["hf", "reference"], dtype="fp32", tokens=[[2, 5, 9, 11]], out=tmp_path / "a")
     argv = __import__("shlex").split(first.data["command"])[1:] + ["--out", str(tmp_path / "b")]
@@ -109,6 +110,7 @@ def test_bad_checkpoints_exit_2_from_the_cli(mutate, message, tmp_path, tiny, ca
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_nan_in_a_trace_is_a_finding_not_a_crash(tmp_path):
     # fp16 overflows where fp32 does not: scale one layer's up projection so the MLP output exceeds 65504.
     ck = make_tiny_checkpoint("llama", tmp_path / "ck")
@@ -135,6 +137,7 @@ class _nullcontext:
         return False
 
 
+@pytest.mark.slow
 def test_demo_writes_reports_for_the_families_and_the_planted_bug(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--family", "llama", "--family", "gemma2"]) == 0

@@ -30,6 +30,7 @@ def pool():
         yield p
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", TINY_FAMILIES)
 def test_an_older_transformers_release_agrees_with_the_installed_one_at_the_fp32_floor(old_hf, pool, tiny, tokens, family):
     label = f"hf=={OLD}"

@@ -110,6 +110,7 @@ def apply_config(cfg: dict, field: str, value) -> None:
         target[key] = value
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(family=st.sampled_from(["llama", "gemma2", "qwen2"]), mutations=st.lists(config_mutation, min_size=1, max_size=3))
 def test_fuzzed_config_never_crashes(sources, capsys, family, mutations):

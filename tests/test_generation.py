@@ -89,6 +89,7 @@ def test_generation_flags_are_checked_before_anything_runs(tiny, tmp_path, capsy
 
 @pytest.mark.skipif(importlib.util.find_spec("gemma") is None or importlib.util.find_spec("keras_hub") is None,
                     reason="needs the jax and keras stacks")
+@pytest.mark.slow
 def test_deepmind_sampler_and_keras_generate_agree_with_the_reference(tiny):
     result = compare(tiny["gemma"], ["deepmind", "keras-jax", "reference"], tokens=[[2, 17, 99, 5]], render=False, generate=4)
     g = result.data["generation"]
@@ -133,6 +134,7 @@ min = 1
 """
 
 
+@pytest.mark.slow
 def test_ci_gates_on_generation(tmp_path):
     """The clean cell generates the reference's tokens; a window of 1 (each token sees only itself) does not."""
     matrix = tmp_path / "m.toml"

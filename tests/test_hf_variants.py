@@ -28,6 +28,7 @@ def test_sdpa_is_at_the_fp32_floor(tiny, tokens, family):
     assert result.first_above_floor("hf+sdpa") is None, result.comparison("hf+sdpa")["summary"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", TINY_FAMILIES)
 @pytest.mark.parametrize("impl", ["hf+flex", "hf+compile"])
 def test_flex_and_compile_are_at_the_fp32_floor_on_every_family(tiny, tokens, family, impl):
@@ -105,6 +106,7 @@ def every_installed(tiny, tokens):
     return infos, first, again
 
 
+@pytest.mark.slow
 def test_every_implementation_listed_as_installed_runs(every_installed):
     infos, first, _ = every_installed
     assert {"hf", "hf+flex", "hf+compile"} <= {i.name for i in infos}
@@ -119,6 +121,7 @@ def test_every_implementation_listed_as_installed_runs(every_installed):
             assert listed.get(library.lower().replace("_", "-"), version) == version, (info.name, library)
 
 
+@pytest.mark.slow
 def test_flex_and_compile_are_at_the_fp32_floor(every_installed):
     _, first, _ = every_installed
     assert first.first_above_floor("hf+flex") is None, first.comparison("hf+flex")["summary"]
@@ -127,6 +130,7 @@ def test_flex_and_compile_are_at_the_fp32_floor(every_installed):
     assert timings["graph_breaks"] == 0  # the capture hooks are traced into one graph
 
 
+@pytest.mark.slow
 def test_compile_is_paid_once_per_worker(every_installed):
     _, first, again = every_installed
     meta = {e["label"]: e for e in again.data["implementations"]}["hf+compile"]["meta"]
@@ -160,6 +164,7 @@ def test_compare_help_lists_every_implementation(capsys):
     assert listed == list(REGISTRY)
 
 
+@pytest.mark.slow
 def test_ci_skips_a_cell_whose_implementation_refuses_the_family(tmp_path):
     from bughunt.ci import run_ci
 

@@ -61,6 +61,7 @@ def test_deepmind_bf16_is_explained_by_norms_in_the_model_dtype(tiny):
     assert s["best"] == {"norm_dtype": "model"} and s["at_floor"]
 
 
+@pytest.mark.slow
 @needs_keras
 @pytest.mark.parametrize("impl", KERAS)
 def test_keras_gemma_is_at_the_fp32_floor_on_both_backends(impl, tiny, pool):
@@ -69,6 +70,7 @@ def test_keras_gemma_is_at_the_fp32_floor_on_both_backends(impl, tiny, pool):
     assert result.data["implementations"][0]["meta"]["versions"]["backend"] == impl.split("-")[1]
 
 
+@pytest.mark.slow
 @needs_keras
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_keras_ignores_an_explicit_head_dim_and_matches_when_it_equals_hidden_over_heads(family, tiny, tmp_path, pool):
@@ -81,6 +83,7 @@ def test_keras_ignores_an_explicit_head_dim_and_matches_when_it_equals_hidden_ov
         assert result.first_above_floor(impl) is None
 
 
+@pytest.mark.slow
 @needs_keras
 def test_keras_gemma2_ignores_query_pre_attn_scalar_and_the_search_says_so(tiny):
     result = sweep(tiny["gemma2"], impl="keras-jax", mode="search")
@@ -90,6 +93,7 @@ def test_keras_gemma2_ignores_query_pre_attn_scalar_and_the_search_says_so(tiny)
     assert {"query_scale": "rsqrt:16"} in s["equivalent"]
 
 
+@pytest.mark.slow
 @needs_keras
 def test_keras_gemma3_ignores_query_pre_attn_scalar_and_layer_types(tiny):
     s = sweep(tiny["gemma3"], impl="keras-torch", mode="search").data["sweep"]["search"]

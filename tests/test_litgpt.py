@@ -20,6 +20,7 @@ def pool():
         yield p
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", TINY_FAMILIES)
 def test_litgpt_at_fp32_is_within_the_floor_of_the_reference(pool, tiny, tokens, family):
     assert family in runner_class("litgpt").families

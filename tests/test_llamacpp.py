@@ -130,6 +130,7 @@ def llama256(tmp_path_factory):
         "hidden_size": 256, "intermediate_size": 512, "head_dim": 64, "num_hidden_layers": 2})
 
 
+@pytest.mark.slow
 def test_a_clean_q8_0_run_sits_at_the_quantization_floor_and_a_planted_bug_on_top_still_departs(llama256, tokens):
     result = compare(llama256, ["llamacpp:q8_0[kv_cache=f32]", "llamacpp:q8_0[kv_cache=f32,rope_theta=100.0]", "reference"],
                      dtype="fp32", tokens=tokens, isolate=False, render=False)
@@ -162,6 +163,7 @@ def test_k_quant_floor_weights_are_read_back_and_unpermuted_and_a_clean_run_sits
 
 
 # -- failures --------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_an_architecture_the_converter_does_not_know_is_a_failed_implementation_in_the_report(tiny, tokens, tmp_path):
     ckpt = tmp_path / "renamed"
     shutil.copytree(tiny["llama"], ckpt)

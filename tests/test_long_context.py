@@ -46,6 +46,7 @@ def test_reference_rope_scaling_matches_hf(kind, length, scaled):
     assert max(p["rel_l2"] for p in points) < 1e-5
 
 
+@pytest.mark.slow
 def test_rope_positions_in_bf16_are_found_at_position_257(tiny):
     ids = np.random.default_rng(1).integers(3, 256, size=(1, 600))
     result = compare(tiny["llama"], ["hf:bf16", "hf:bf16[rope_positions=model]", "reference"], tokens=ids)
@@ -104,6 +105,7 @@ def test_decode_cli_writes_result_and_report_and_rejects_bad_prefill(tmp_path, t
     assert not (tmp_path / "bad").exists()
 
 
+@pytest.mark.slow
 def test_report_has_the_layer_by_position_heatmap(tmp_path, tiny):
     compare(tiny["gemma"], ["hf", "reference"], out=tmp_path / "r")
     assert (tmp_path / "r" / "heatmap.png").read_bytes()[:4] == b"\x89PNG"

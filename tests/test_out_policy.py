@@ -266,6 +266,7 @@ def test_tiny_replaces_its_own_checkpoint_and_refuses_a_negative_seed(tmp_path, 
                    watch=[tmp_path])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mask", [0o022, 0o027], ids=["umask-022", "umask-027"])
 def test_outputs_follow_the_umask(mask, tmp_path, checkpoint):
     out = tmp_path / "run"
@@ -311,6 +312,7 @@ def _running(pid: int) -> bool:
     return state != "Z"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
 def test_a_signal_stops_the_workers_and_leaves_nothing_behind(signum, code, tmp_path, checkpoint):
     """A real compare in a subprocess, signalled while its hf worker is loading (a second hf job waits for the same

@@ -113,6 +113,7 @@ def test_printing_through_printer_takes_the_lines_down_and_redraws_them(monkeypa
     assert captured.err.startswith("\r") and "bughunt ci:  33%" in captured.err  # cleared, then drawn again
 
 
+@pytest.mark.slow
 def test_sweep_prints_no_progress_when_stderr_is_not_a_terminal(monkeypatch, capfd, tiny, tmp_path):
     monkeypatch.delenv("BUGHUNT_PROGRESS", raising=False)
     monkeypatch.delenv("CI", raising=False)

@@ -248,6 +248,7 @@ def test_reference_rates_are_read_from_a_real_compare_result(tokens):
     assert timings["forward_s"] + emulated_s <= timings["together_s"] * 1.0001  # each pass's own steps
 
 
+@pytest.mark.slow
 def test_bare_forward_is_measured_as_a_process_tree(tmp_path):
     info = ensure_checkpoint(micro(), tmp_path)
     args = scale.build_parser().parse_args(["--max-rss-gb", "4"])
@@ -257,6 +258,7 @@ def test_bare_forward_is_measured_as_a_process_tree(tmp_path):
     assert bare["peak_rss_bytes"] > 100e6  # torch alone is bigger than that
 
 
+@pytest.mark.slow
 def test_script_writes_then_reuses_and_records_figures(tmp_path, capsys):
     out = tmp_path / "figures.json"
     assert scale.main(["--shape", "small", "--only", "write", "--dir", str(tmp_path / "ck"), "--json", str(out)]) == 0

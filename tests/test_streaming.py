@@ -152,6 +152,7 @@ def test_max_memory_must_be_a_size(capsys, tiny, tmp_path):
                    r"--max-memory 'lots' is not a size", watch=[tmp_path])
 
 
+@pytest.mark.slow
 def test_compare_schedules_one_after_another_when_only_each_alone_fits(tiny, tokens):
     from bughunt import memory
     from bughunt.comparison import compare
@@ -206,6 +207,7 @@ def test_passes_run_side_by_side_equal_the_same_passes_run_alone(family, tiny, t
     assert not np.array_equal(together[0].arrays["logits"], together[1].arrays["logits"])  # the passes really differ
 
 
+@pytest.mark.slow
 def test_a_candidate_side_sweep_switches_live_toggles_on_the_loaded_model(tiny, tokens):
     """Module swaps (gelu, query scale, RoPE wrappers) need no reload; config values do. Either way the trace is
     exactly what a fresh load with the same toggles gives."""
@@ -247,6 +249,7 @@ def test_the_documented_api_call_survives_importing_the_experiment_modules(tiny)
     assert result.first_above_floor("reference:fp32") is None
 
 
+@pytest.mark.slow
 def test_device_map_auto_captures_every_layer_like_a_plain_load(tiny, tokens):
     from bughunt.comparison import compare
 

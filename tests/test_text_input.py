@@ -76,6 +76,7 @@ def test_no_ids_and_no_text_uses_the_shipped_default_text(tiny, tmp_path):
     assert text["kind"] == "default text" and text["rows"][0]["text"] == default_request().prompts[0]
 
 
+@pytest.mark.slow
 def test_text_in_a_ci_matrix_end_to_end(tmp_path):
     (tmp_path / "p.txt").write_text("He carried a pack on his back.\n")
     matrix = tmp_path / "m.toml"

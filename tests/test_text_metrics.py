@@ -93,6 +93,7 @@ min = 0.67
 """
 
 
+@pytest.mark.slow
 def test_ci_judges_the_loss_on_text_against_its_floor(tmp_path):
     """A text prompt through the tiny checkpoint's tokenizer; the clean cell is at the loss floor, the planted GELU not."""
     matrix = tmp_path / "m.toml"

@@ -150,6 +150,7 @@ PLANTED = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family, dtype, planted", PLANTED, ids=[f"{f}-{d}-{'-'.join(p)}" for f, d, p in PLANTED])
 def test_search_names_exactly_the_planted_toggles_and_the_residual_falls_to_the_floor(family, dtype, planted, tiny):
     result = sweep(tiny[family], impl="hf", dtype=dtype, mode="search", candidate_toggles=planted)
@@ -163,6 +164,7 @@ def test_search_names_exactly_the_planted_toggles_and_the_residual_falls_to_the_
     assert "behaves like the reference with" in s["diagnosis"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 @pytest.mark.parametrize("family", TINY_FAMILIES)
 def test_search_reports_nothing_when_nothing_is_planted(family, dtype, tiny):
@@ -171,6 +173,7 @@ def test_search_reports_nothing_when_nothing_is_planted(family, dtype, tiny):
     assert "agrees with the reference as it is" in s["diagnosis"]
 
 
+@pytest.mark.slow
 def test_search_on_the_candidate_side_names_the_fix(tiny):
     # The candidate runs with the planted bug; the reference carries the same "bug" fixed. Sweeping the candidate
     # side asks which fix makes HF match: the reference-side sliding window of 3 is matched by setting HF's to 3.
@@ -181,6 +184,7 @@ def test_search_on_the_candidate_side_names_the_fix(tiny):
     assert "matches the reference once {sliding_window=3}" in s["diagnosis"]
 
 
+@pytest.mark.slow
 def test_sweep_cli_writes_every_configuration_and_the_diagnosis(tmp_path, tiny, capsys):
     out = tmp_path / "sweep"
     code = main(["sweep", str(tiny["gemma2"]), "--impl", "hf", "--candidate-toggle", "gelu=exact", "--mode", "search",
@@ -197,6 +201,7 @@ def test_sweep_cli_writes_every_configuration_and_the_diagnosis(tmp_path, tiny, 
     assert "behaves like the reference with {gelu=exact}" in html and "every configuration" in html
 
 
+@pytest.mark.slow
 def test_cumulative_mode_draws_one_line_per_prefix(tmp_path, tiny, capsys):
     out = tmp_path / "cum"
     code = main(["sweep", str(tiny["gemma"]), "--impl", "hf", "--reference", "reference", "--dtype", "bf16", "--mode", "cumulative",
@@ -223,6 +228,7 @@ def test_bad_sweeps_exit_2(argv, message, tmp_path, tiny, capsys):
 SCREENED = [PLANTED[i] for i in (1, 3, 7, 9, 12)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family, dtype, planted", SCREENED, ids=[f"{f}-{d}-{'-'.join(p)}" for f, d, p in SCREENED])
 def test_screening_finds_what_the_full_search_finds_with_fewer_full_passes(family, dtype, planted, tiny, monkeypatch):
     """The search screens settings on the layers up to the first departure and runs only its shortlist in full; with

@@ -90,6 +90,7 @@ def test_corpus_covers_the_tricky_cases():
     assert "\u200d" in names["emoji_zwj_family"] and "\u0301" in names["accents_combining"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["gemma", "llama", "qwen2"])
 def test_clean_tiny_tokenizers_agree_and_skips_are_recorded(family, tok_dirs):
     report = tokenizer_parity(tok_dirs(family))
@@ -163,6 +164,7 @@ def test_parity_with_fewer_than_two_implementations(tmp_path):
     assert "nothing to compare" in format_parity(report)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not available("llamacpp"), reason="llama-cpp-python is not installed")
 def test_parity_includes_llamacpp_and_records_its_aborts(tiny):
     """On a checkpoint llama.cpp's converter writes a vocabulary for (the tiny llama: typed SentencePiece although it

@@ -26,6 +26,7 @@ def test_a_difference_is_described_in_one_sentence(fed, path, expect):
     assert got == expect if expect is None else got.startswith(expect), got
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not available("keras-jax"), reason="keras-hub and JAX are not installed")
 def test_planted_double_bos_in_one_path_is_reported_before_any_numerics(tiny, tmp_path, capsys):
     """The plant: a chat template that writes BOS itself. hf's apply_chat_template tokenizes the rendered text

@@ -140,6 +140,7 @@ def test_weights_command_exits_1_on_parameters_the_checkpoint_lacks(tiny, tmp_pa
     assert "not_in_checkpoint: 12" in out and "model.layers.0.mlp.up_proj.bias" in out
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HAVE_KERAS, reason="keras-hub stack not installed")
 def test_keras_layouts_are_undone_and_compare_reports_the_fp16_cast(tiny, tmp_path, pool):
     from bughunt.comparison import compare

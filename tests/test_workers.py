@@ -28,6 +28,7 @@ def test_implementations_run_in_worker_processes_and_agree_with_in_process_runs(
     assert [p["rel_l2"] for p in isolated.comparison("hf")["points"]] == [p["rel_l2"] for p in inproc.comparison("hf")["points"]]
 
 
+@pytest.mark.slow
 def test_same_implementation_across_two_interpreters(tmp_path, tiny):
     # The cross-version question (transformers X vs Y): here the second interpreter is this one, named explicitly.
     out = tmp_path / "xver"
@@ -41,6 +42,7 @@ def test_same_implementation_across_two_interpreters(tmp_path, tiny):
     assert all(p["rel_l2"] == 0.0 for p in points)  # same library, same inputs: bit-identical
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["crash", "hang", "missing-library"])
 def test_a_failing_worker_is_a_failed_implementation_and_the_others_are_intact(kind, tmp_path, tiny):
     if kind == "crash":
