@@ -9,6 +9,7 @@ from pathlib import Path
 
 from bughunt.result import Result
 from bughunt.trace import is_residual_point, point_order
+from bughunt import points as P
 
 _BAND_COLORS = {"fp32": "#9ecae1", "bf16": "#fdae6b", "fp16": "#a1d99b", "fp64": "#bdbdbd"}
 _COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#7f7f7f", "#bcbd22"]
@@ -75,7 +76,7 @@ def position_figure(result: Result):
     plt = _plt()
     fig, ax = plt.subplots(figsize=(9, 3.2), dpi=110)
     for i, c in enumerate(result.comparisons):
-        layers = [p for p in c["points"] if is_residual_point(p["point"]) and p["point"].startswith("layer.") and "per_position" in p]
+        layers = [p for p in c["points"] if P.is_layer_output(p["point"]) and "per_position" in p]
         if not layers:
             continue
         last = max(layers, key=lambda p: point_order(p["point"]))

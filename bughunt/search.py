@@ -14,6 +14,7 @@ import numpy as np
 
 from bughunt import progress
 from bughunt.toggles import available, describe_setting, is_field, lookup
+from bughunt import points as P
 
 MAX_EXHAUSTIVE = 300
 MARGIN = 0.05  # decades of mean improvement a change must bring to count (guards against fitting rounding noise)
@@ -85,11 +86,9 @@ def _same(a: dict, b: dict) -> bool:
 
 def _layer_of(point: str | None) -> int | None:
     """The decoder layer a capture point belongs to (the embedding counts as layer 0's), None after the last layer."""
-    if point == "embed":
+    if point == P.EMBED:
         return 0
-    if point is not None and point.startswith("layer."):
-        return int(point.split(".")[1])
-    return None
+    return P.layer_of(point) if point is not None else None
 
 
 def _within(point: str, layers: int) -> bool:
