@@ -1,4 +1,5 @@
-"""`bughunt compare` end to end, and bad input giving exit code 2 with a message and no output left behind."""
+"""`bughunt compare` end to end, from the command line and from Python (`bughunt.compare`), bad input giving exit code
+2 with a message and no output left behind, and `bughunt demo`."""
 
 import json
 import shutil
@@ -135,6 +136,14 @@ class _nullcontext:
 
     def __exit__(self, *a):
         return False
+
+
+def test_the_documented_api_call_survives_importing_the_experiment_modules(tiny):
+    import bughunt
+    import bughunt.comparison  # noqa: F401 - the module has its own name; bughunt.compare stays the function
+
+    result = bughunt.compare(tiny["llama"], ["reference:fp32", "reference"], tokens=[[2, 5, 7]], render=False)
+    assert result.first_above_floor("reference:fp32") is None
 
 
 @pytest.mark.slow
