@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 import ml_dtypes
 import numpy as np
-from scipy.special import erf as _erf
 
 DTYPES = {"fp64": None, "fp32": np.float32, "bf16": ml_dtypes.bfloat16, "fp16": np.float16}
 
@@ -136,7 +135,9 @@ class Numerics:
     def activation(self, x: np.ndarray, kind: str) -> np.ndarray:
         """GELU (Hendrycks & Gimpel 2016), exact erf form or its tanh approximation; SiLU (x * sigmoid(x))."""
         if kind == "gelu_exact":
-            y = 0.5 * x * (1.0 + _erf(x / math.sqrt(2.0)))
+            from scipy.special import erf  # here, not at import: the policy table is read where scipy is absent (workers)
+
+            y = 0.5 * x * (1.0 + erf(x / math.sqrt(2.0)))
         elif kind == "gelu_tanh":
             y = 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
         elif kind == "silu":
