@@ -15,7 +15,7 @@ from bughunt import envs
 from bughunt.checkpoint import validate_weights
 from bughunt.errors import BughuntError
 from bughunt.implementations import DEVICES, DTYPES, ImplChoice
-from bughunt.inputs.flags import positive
+from bughunt.inputs.flags import one_of, positive
 from bughunt.memory import Schedule
 from bughunt.spec import Spec, load_spec
 
@@ -48,16 +48,12 @@ class CompareOptions(BaseModel):
     @field_validator("dtype")
     @classmethod
     def _dtype(cls, v: str) -> str:
-        if v not in DTYPES:
-            raise ValueError(f"unknown dtype '{v}'. Use one of: {', '.join(DTYPES)}.")
-        return v
+        return one_of(v, DTYPES, "dtype")
 
     @field_validator("device")
     @classmethod
     def _device(cls, v: str) -> str:
-        if v not in DEVICES:
-            raise ValueError(f"unknown device '{v}'. Use one of: {', '.join(DEVICES)}.")
-        return v
+        return one_of(v, DEVICES, "device")
 
     @field_validator("floor_factor")
     @classmethod

@@ -21,7 +21,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, field_validator
 
 from bughunt import progress
-from bughunt.inputs.flags import positive
+from bughunt.inputs.flags import one_of, positive
 from bughunt.assemble import save
 from bughunt.execute import run_trace
 from bughunt.floors import noise_floor
@@ -75,30 +75,22 @@ class SweepOptions(BaseModel):
     @field_validator("mode")
     @classmethod
     def _mode(cls, v: str) -> str:
-        if v not in MODES:
-            raise ValueError(f"unknown --mode '{v}'. Use one of: {', '.join(MODES)}.")
-        return v
+        return one_of(v, MODES, "--mode")
 
     @field_validator("side")
     @classmethod
     def _side(cls, v: str) -> str:
-        if v not in SIDES:
-            raise ValueError(f"unknown --side '{v}'. Use one of: {', '.join(SIDES)}.")
-        return v
+        return one_of(v, SIDES, "--side")
 
     @field_validator("dtype")
     @classmethod
     def _dtype(cls, v: str) -> str:
-        if v not in DTYPES:
-            raise ValueError(f"dtype must be one of {DTYPES} and device one of {DEVICES}.")
-        return v
+        return one_of(v, DTYPES, "dtype")
 
     @field_validator("device")
     @classmethod
     def _device(cls, v: str) -> str:
-        if v not in DEVICES:
-            raise ValueError(f"dtype must be one of {DTYPES} and device one of {DEVICES}.")
-        return v
+        return one_of(v, DEVICES, "device")
 
 
 def sweep(checkpoint: str | Path, impl: str = "hf", pool=None, **settings) -> Result:

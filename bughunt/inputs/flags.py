@@ -29,3 +29,11 @@ def key_values(items: list[str] | None, flag: str) -> dict:
         else:
             config[key] = value
     return config
+
+
+def one_of(value, allowed, name: str):
+    """`value` when it is one of `allowed`; else a ValueError naming the setting and the allowed values (the options
+    models' validators raise it, and `plan.validated` turns it into the BughuntError a user reads)."""
+    if value not in allowed:
+        raise ValueError(f"unknown {name} '{value}'. Use one of: {', '.join(allowed)}.")
+    return value
