@@ -30,12 +30,10 @@ def format_summary(result) -> str:
         fmt = lambda v, f: "–" if v is None else format(v, f)  # noqa: E731
         lines.append(f"  {e['label']:<28} {c['dtype']:<5} {c['first_above_floor'] or 'none':<18} {fmt(s['max_rel_l2'], '.2e'):>11} "
                      f"{s['max_rel_l2_point'] or '–':<12} {fmt(s['logits_kl'], '.2e'):>10} {fmt(s['logits_top1'], '.3f'):>6}")
-    gen = d.get("generation")
-    if gen and gen.get("reference"):
-        for c in gen["candidates"]:
-            what = (f"identical to {gen['reference']['label']} for all {gen['steps']} steps" if c["first_diff"] is None else
-                    f"first differs at step {c['first_diff']}, top-{gen['top_k']} check {'passes' if c['topk_ok'] == 1 else 'FAILS'}")
-            lines.append(f"  generation {c['candidate']}: {what}")
+    from bughunt import probes
+
+    for probe in probes.registered():  # each probe's own lines (generation, logit lens, ...)
+        lines += [f"  {line}" for line in probe.summary(d)]
     for f in d["findings"]:
         if f["severity"] != "info" and f["kind"] not in ("input", "tokenizer"):  # those came first, above the numerics
             lines.append(f"  {f['severity'].upper()}: {f['message']}")

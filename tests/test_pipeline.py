@@ -75,6 +75,11 @@ def test_logit_lens_agrees_for_an_emulation_and_names_the_layer_a_bug_flips_toke
     ref_vs_final = result.data["logit_lens"]["reference_vs_final"]
     assert ref_vs_final[-1] == 1.0  # the last layer's lens is the model's own prediction
     assert "--logit-lens" in result.data["command"]
+    from bughunt.summary import format_summary
+
+    printed = format_summary(result)
+    assert "logit lens reference:fp32: top-1 agrees with reference at every layer" in printed
+    assert f"logit lens reference:fp32[rope_theta=10.0]: top-1 first disagrees at {first}" in printed
 
 
 def test_logit_lens_is_in_the_report(tiny, tmp_path):

@@ -31,7 +31,8 @@ class Probe:
     """The hooks a probe may implement; every one has a do-nothing default. Hooks run in this order: `check` while the
     plan is built (refusals), `trace_job` for each implementation's trace job, `before` and `after` around each
     implementation's trace (in its worker group), `after_all` once every implementation ran, `attach` when the Result
-    is assembled (its data and findings), `command` when the command line is rebuilt."""
+    is assembled (its data and findings), `command` when the command line is rebuilt; `summary` and `report` read the
+    Result alone (terminal lines, report section)."""
 
     name: ClassVar[str]
     Options: ClassVar[type[ProbeOptions]]
@@ -74,6 +75,10 @@ class Probe:
     def from_args(self, args: argparse.Namespace) -> dict:
         """compare() keywords from the parsed flags."""
         return {}
+
+    def summary(self, result_data: dict) -> list[str]:
+        """Its lines in the terminal summary `bughunt compare` prints (bughunt/summary.py)."""
+        return []
 
     def report(self, result_data: dict, images: dict[str, str]) -> Any:
         """The plain data its report template reads as `data` (from the Result alone, and the plots' base64 PNGs by

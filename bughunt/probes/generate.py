@@ -37,6 +37,17 @@ class Generate(Probe):
         g = result_data.get(self.result_key)
         return generation_view(g) if g else None
 
+    def summary(self, result_data: dict) -> list[str]:
+        gen = result_data.get(self.result_key)
+        if not gen or not gen.get("reference"):
+            return []
+        lines = []
+        for c in gen["candidates"]:
+            what = (f"identical to {gen['reference']['label']} for all {gen['steps']} steps" if c["first_diff"] is None else
+                    f"first differs at step {c['first_diff']}, top-{gen['top_k']} check {'passes' if c['topk_ok'] == 1 else 'FAILS'}")
+            lines.append(f"generation {c['candidate']}: {what}")
+        return lines
+
     def enabled(self, options: Options) -> bool:
         return options.generate is not None or bool(options.decode_config)
 

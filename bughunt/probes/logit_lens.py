@@ -87,6 +87,19 @@ class LogitLens(Probe):
     def command(self, options: Options) -> list[str]:
         return ["--logit-lens"]
 
+    def summary(self, result_data: dict) -> list[str]:
+        lens = result_data.get(self.result_key)
+        if not lens:
+            return []
+        lines = []
+        for c in lens["candidates"]:
+            known = [a for a in c["top1_agreement"] if a is not None]
+            first = c["first_layer_below_full"]
+            what = (f"top-1 agrees with {lens['reference']} at every layer" if first is None else
+                    f"top-1 first disagrees at {first}; {min(known):.0%} of positions agree at worst")
+            lines.append(f"logit lens {c['candidate']}: {what}")
+        return lines
+
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--logit-lens", action="store_true", help="also apply the reference's final norm and unembedding "
                             "to every layer's residual stream (the logit lens) and report, per layer, how often each candidate's "
