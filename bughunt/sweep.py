@@ -177,7 +177,7 @@ class SweepPlan:
     def together(self) -> bool:
         """Whether the varied side is the in-process reference, which evaluates a batch of settings in one read of
         the model (reference_impls.forward_many)."""
-        return self.varied[0].name == "reference" and self.varied[0].python is None
+        return self.varied[0].in_main_process
 
     def label(self, which: str) -> str:
         """'candidate' or 'reference' with its fixed toggles."""
@@ -477,7 +477,7 @@ def _findings(state: Sweep, baseline: dict, search_info: dict | None) -> list[di
 
 
 def _isolation(choice: ImplChoice, pool) -> str:
-    return "in-process" if pool is None or (choice.name == "reference" and choice.python is None) else "worker"
+    return "in-process" if pool is None or choice.in_main_process else "worker"
 
 
 def _batch_size(spec, tokens: np.ndarray) -> int:
