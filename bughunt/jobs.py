@@ -7,12 +7,15 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
 from bughunt.implementations import ImplChoice, runner_class
 from bughunt.spec import Spec
+
+if TYPE_CHECKING:
+    from bughunt.trace import Trace
 
 
 @dataclass(frozen=True)
@@ -74,13 +77,13 @@ def runner_kwargs(choice: ImplChoice, device_map: str | None = None, **extra) ->
 @dataclass(frozen=True)
 class TraceJob:
     """A forward pass whose trace streams to `<stem>.safetensors`: with `inner`, the points inside each layer; with
-    `feed` (a trace's stem), each decoder layer fed that trace's input to it (--isolate)."""
+    `feed` (a trace's stem; in this process also a Trace), each decoder layer fed that trace's input to it (--isolate)."""
 
     kind = "trace"
     tokens: np.ndarray
     stem: Path
     inner: bool = False
-    feed: Path | None = None
+    feed: Path | Trace | None = None
     check_weights: bool = False
 
     def to_wire(self) -> dict:
@@ -92,12 +95,12 @@ class TraceJob:
         return cls(np.asarray(d["tokens"]), Path(d["stem"]), d["inner"], Path(d["feed"]) if d["feed"] else None,
                    d["check_weights"])
 
-    def answer(self, runner, worker: dict | None = None) -> dict:
-        """Run it on an open runner; the trace is on disk at `stem` when this returns (`worker`: the worker's record
-        for the trace's metadata)."""
+    def run(self, runner, worker: dict | None = None):
+        """Run it on an open runner and return the trace (on disk at `stem` when there is one): the weight check's
+        record and `worker` (the worker's record) go into its metadata."""
         from bughunt.trace import Trace
 
-        feed = Trace.load(self.feed) if self.feed is not None else None
+        feed = Trace.load(self.feed) if isinstance(self.feed, Path) else self.feed  # in this process, a Trace itself
         trace = runner.run(self.tokens, self.stem, inner=self.inner, feed=feed)
         if worker is not None:
             trace.meta["worker"] = worker
@@ -105,26 +108,23 @@ class TraceJob:
             from bughunt.weightcheck import check_for_trace
 
             trace.meta["weight_check"] = check_for_trace(runner)
-        trace.save_meta()
+        if trace.stem is not None and (worker is not None or "weight_check" in trace.meta):
+            trace.save_meta()
+        return trace
+
+    def answer(self, runner, worker: dict | None = None) -> dict:
+        """The worker's answer: the trace is on disk at `stem`."""
+        self.run(runner, worker)
         return {"trace": str(self.stem)}
 
 
 def run_in_process(load: Load, job: TraceJob):
     """Open, run and close one implementation in this process (the trace streams to `job.stem` unless it is None)."""
     from bughunt.envs import refuse_in_process
-    from bughunt.trace import Trace
 
     refuse_in_process(load.choice, "--in-process runs every implementation in this interpreter; drop --in-process")
-    feed = Trace.load(job.feed) if isinstance(job.feed, Path) else job.feed
     with load.open() as runner:
-        trace = runner.run(job.tokens, job.stem, inner=job.inner, feed=feed)
-        if job.check_weights and runner.exposes_weights:
-            from bughunt.weightcheck import check_for_trace
-
-            trace.meta["weight_check"] = check_for_trace(runner)
-            if trace.stem is not None:
-                trace.save_meta()
-        return trace
+        return job.run(runner)
 
 
 @dataclass(frozen=True)
