@@ -44,10 +44,7 @@ def run_implementation(choice: ImplChoice, checkpoint: Path, spec: Spec, dtype: 
 def trace_job(ctx: RunContext, index: int, **fields) -> TraceJob:
     """The trace job of implementation `index` in this run, with what the probes set on it (inner points, the weight
     check), then `fields` (e.g. another stem and a feed)."""
-    extra = {}
-    for probe, options in ctx.plan.probes:
-        extra.update(probe.trace_job(options))
-    merged = {"stem": ctx.scratch / f"trace{index}", **extra, **fields}
+    merged = {"stem": ctx.scratch / f"trace{index}", **ctx.plan.trace_fields, **fields}
     return TraceJob(ctx.plan.tokens, **merged)
 
 

@@ -58,9 +58,8 @@ def run_reference_with_floors(ctx, bar) -> Trace:
 
     plan = ctx.plan
     bar.update(stage="float64 + noise-floor passes", total=steps(plan.spec), done=0)
-    inner = any(probe.trace_job(o).get("inner") for probe, o in plan.probes)
     trace, floors = reference_with_floors(ctx.load(plan.reference), plan.tokens, [plan.dtype_of(c) for c in plan.candidates],
-                                          ctx.scratch, bar.advance, inner)
+                                          ctx.scratch, bar.advance, plan.trace_fields.get("inner", False))
     ctx.floor_traces.update(floors)
     return trace
 
@@ -115,7 +114,7 @@ def floors_for(ctx) -> dict[str, dict]:
     plan = ctx.plan
     ref_trace = ctx.traces[plan.reference.label]
     fp64 = ref_trace if (plan.reference.name == "reference" and ref_trace.meta.get("dtype") == "fp64") else None
-    inner = any(probe.trace_job(o).get("inner") for probe, o in plan.probes)
+    inner = plan.trace_fields.get("inner", False)
     floors = {}
     for entry in ctx.entries.values():
         if entry.label == plan.reference.label or entry.status != "ok" or entry.dtype in floors:

@@ -111,6 +111,14 @@ class Plan:
     def candidates(self) -> list[ImplChoice]:
         return [c for c in self.choices if c is not self.reference]
 
+    @property
+    def trace_fields(self) -> dict:
+        """What the run's probes set on every trace job (the points inside the layers, the weight check)."""
+        fields = {}
+        for probe, options in self.probes:
+            fields.update(probe.trace_job(options))
+        return fields
+
     def probe_options(self, name: str) -> Any:
         """The options of probe `name` when the run asked for it, else None."""
         return next((o for p, o in self.probes if p.name == name), None)
