@@ -15,12 +15,16 @@ from bughunt import envs
 from bughunt.checkpoint import validate_weights
 from bughunt.errors import BughuntError
 from bughunt.implementations import DEVICES, DTYPES, ImplChoice
-from bughunt.inputs.flags import one_of, positive
+from bughunt.inputs.flags import choice_of, positive
 from bughunt.memory import Schedule
 from bughunt.spec import Spec, load_spec
 
 DEFAULT_FLOOR_FACTOR = 10.0
 DEFAULT_LENGTH = 16
+
+
+Dtype = choice_of(DTYPES, "dtype")  # the run's dtype, in every experiment's options
+Device = choice_of(DEVICES, "device")
 
 
 class CompareOptions(BaseModel):
@@ -30,8 +34,8 @@ class CompareOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
 
     reference: str | ImplChoice = "reference"
-    dtype: str = "fp32"
-    device: str = "cpu"
+    dtype: Dtype = "fp32"
+    device: Device = "cpu"
     tokens: Any = None  # ids: a sequence, or [batch, seq]; None: the text, else seeded ids
     text: Any = None  # a bughunt.text.TextRequest or EncodedText
     out: Path | None = None
@@ -44,16 +48,6 @@ class CompareOptions(BaseModel):
     max_memory: int | None = None
     device_map: str | None = None
     require_comparison: bool = False  # the CLI: refuse a run with nothing to compare
-
-    @field_validator("dtype")
-    @classmethod
-    def _dtype(cls, v: str) -> str:
-        return one_of(v, DTYPES, "dtype")
-
-    @field_validator("device")
-    @classmethod
-    def _device(cls, v: str) -> str:
-        return one_of(v, DEVICES, "device")
 
     @field_validator("floor_factor")
     @classmethod

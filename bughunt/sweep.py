@@ -18,20 +18,20 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict
 
 from bughunt import progress
-from bughunt.inputs.flags import one_of, positive
+from bughunt.inputs.flags import choice_of, positive
 from bughunt.assemble import save
 from bughunt.execute import run_trace
 from bughunt.floors import noise_floor
 from bughunt.jobs import Load, TraceJob, runner_kwargs
 from bughunt.judging import judge, summary as _summary, unrepresentable_finding
-from bughunt.plan import DEFAULT_FLOOR_FACTOR, read_inputs, validated
+from bughunt.plan import DEFAULT_FLOOR_FACTOR, Device, Dtype, read_inputs, validated
 from bughunt.errors import BughuntError
 from bughunt.findings import Finding
 from bughunt.hypotheses import PREFIX, changes_for
-from bughunt.implementations import DEVICES, DTYPES, ImplChoice, runner_class
+from bughunt.implementations import ImplChoice, runner_class
 from bughunt.metrics import compare_traces
 from bughunt.result import SCHEMA_VERSION, Result, environment
 from bughunt.search import (CONFIRM_MARGIN, CONFIRM_MAX, MARGIN, MAX_EXHAUSTIVE, Judges, Question, _within, fit,  # noqa: F401
@@ -43,6 +43,7 @@ from bughunt.trace import Trace, is_residual_point
 
 MODES = ("one-at-a-time", "cumulative", "search")
 SIDES = ("reference", "candidate")
+Mode, Side = choice_of(MODES, "--mode"), choice_of(SIDES, "--side")
 
 
 class SweepOptions(BaseModel):
@@ -53,11 +54,11 @@ class SweepOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
 
-    mode: str = "one-at-a-time"
-    side: str = "reference"
+    mode: Mode = "one-at-a-time"
+    side: Side = "reference"
     reference: str | None = None
-    dtype: str = "fp32"
-    device: str = "cpu"
+    dtype: Dtype = "fp32"
+    device: Device = "cpu"
     toggles: Any = ()  # 'NAME=VALUE' or a bare 'NAME' (search: every suggested value)
     candidate_toggles: Any = None  # a dict or 'NAME=VALUE' strings, fixed on the candidate
     reference_toggles: Any = None  # the same, fixed on the reference
@@ -71,26 +72,6 @@ class SweepOptions(BaseModel):
     timeout: float | None = None
     candidate_trace: Any = None
     reference_traces: Any = None  # kept by identity: the caller's dict is filled in
-
-    @field_validator("mode")
-    @classmethod
-    def _mode(cls, v: str) -> str:
-        return one_of(v, MODES, "--mode")
-
-    @field_validator("side")
-    @classmethod
-    def _side(cls, v: str) -> str:
-        return one_of(v, SIDES, "--side")
-
-    @field_validator("dtype")
-    @classmethod
-    def _dtype(cls, v: str) -> str:
-        return one_of(v, DTYPES, "dtype")
-
-    @field_validator("device")
-    @classmethod
-    def _device(cls, v: str) -> str:
-        return one_of(v, DEVICES, "device")
 
 
 def sweep(checkpoint: str | Path, impl: str = "hf", pool=None, **settings) -> Result:

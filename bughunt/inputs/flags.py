@@ -31,6 +31,15 @@ def key_values(items: list[str] | None, flag: str) -> dict:
     return config
 
 
+def choice_of(allowed, name: str):
+    """A string type for an options model (pydantic) that takes one of `allowed`, refused as `one_of` words it."""
+    from typing import Annotated
+
+    from pydantic import AfterValidator
+
+    return Annotated[str, AfterValidator(lambda v: one_of(v, allowed, name))]
+
+
 def one_of(value, allowed, name: str):
     """`value` when it is one of `allowed`; else a ValueError naming the setting and the allowed values (the options
     models' validators raise it, and `plan.validated` turns it into the BughuntError a user reads)."""
