@@ -86,6 +86,31 @@ class Probe:
         return result_data.get(self.result_key) if self.result_key else None
 
 
+class FlagProbe(Probe):
+    """A probe asked for by one on/off flag (`--inner`, `--isolate`, ...): its `Options` hold one bool, the compare()
+    keyword, and `enabled`, `command`, `add_arguments` and `from_args` follow from it, `flag` and `help`."""
+
+    flag: ClassVar[str]
+    help: ClassVar[str]
+
+    @property
+    def option(self) -> str:
+        (name,) = self.Options.model_fields
+        return name
+
+    def enabled(self, options: Any) -> bool:
+        return getattr(options, self.option)
+
+    def command(self, options: Any) -> list[str]:
+        return [self.flag]
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument(self.flag, action="store_true", help=self.help)
+
+    def from_args(self, args: argparse.Namespace) -> dict:
+        return {self.option: getattr(args, self.flag.lstrip("-").replace("-", "_"))}
+
+
 # the probes, in the order they run and attach; a new probe is a module and a line here
 _MODULES = (
     "bughunt.probes.tokenizer_path",

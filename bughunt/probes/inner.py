@@ -4,35 +4,24 @@ that departs first. It only changes the trace job; the runners with `captures_in
 
 from __future__ import annotations
 
-import argparse
 
-from bughunt.probes import Probe, ProbeOptions
+from bughunt.probes import FlagProbe, ProbeOptions
 
 
 class Options(ProbeOptions):
     inner: bool = False
 
 
-class Inner(Probe):
+class Inner(FlagProbe):
     name = "inner"
     Options = Options
-
-    def enabled(self, options: Options) -> bool:
-        return options.inner
+    flag = "--inner"
+    help = ("also capture the points inside each layer where an implementation can (hf, reference): "
+            "layer.{i}.attn.q, .k (after RoPE), .scores (after scale and soft-cap), .probs, .out (before the output "
+            "projection), layer.{i}.mlp.hidden; scores and probs take tokens^2 per head and layer")
 
     def trace_job(self, options: Options) -> dict:
         return {"inner": True}
-
-    def command(self, options: Options) -> list[str]:
-        return ["--inner"]
-
-    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--inner", action="store_true", help="also capture the points inside each layer where an implementation "
-                            "can (hf, reference): layer.{i}.attn.q, .k (after RoPE), .scores (after scale and soft-cap), .probs, .out "
-                            "(before the output projection), layer.{i}.mlp.hidden; scores and probs take tokens^2 per head and layer")
-
-    def from_args(self, args: argparse.Namespace) -> dict:
-        return {"inner": args.inner}
 
 
 PROBE = Inner()

@@ -4,12 +4,11 @@ Suite's shadow comparison). Runners with `accepts_feed` take the feed."""
 
 from __future__ import annotations
 
-import argparse
 
 from bughunt import metrics, points as P, progress
 from bughunt.findings import Finding
 from bughunt.implementations import runner_class
-from bughunt.probes import Probe, ProbeOptions
+from bughunt.probes import FlagProbe, ProbeOptions
 
 
 class Options(ProbeOptions):
@@ -38,9 +37,13 @@ def isolated_finding(label: str, iso: dict) -> Finding:
                    + ".", label, layers[0] if layers else None)
 
 
-class Isolate(Probe):
+class Isolate(FlagProbe):
     name = "isolate"
     Options = Options
+    flag = "--isolate"
+    help = ("also run each candidate that can (hf, reference) with every decoder layer fed the reference's input to "
+            "that layer, so each layer's own error shows without the error it inherits; the report draws "
+            "accumulated and isolated error side by side")
     template = "sections/isolated.html"
     title = "Isolated layers"
 
@@ -48,9 +51,6 @@ class Isolate(Probe):
         if not images.get("isolated"):
             return None
         return {"comparisons": [c for c in result_data["comparisons"] if c.get("isolated")], "image": images["isolated"]}
-
-    def enabled(self, options: Options) -> bool:
-        return options.isolate_layers
 
     def after_all(self, ctx, traces) -> None:
         """Each candidate that ran, again with every layer fed the reference's input; entries say whether (or why not)."""
@@ -92,17 +92,6 @@ class Isolate(Probe):
                 c["isolated"] = isolated_comparison(isolated[c["candidate"]], reference, floor, ctx.plan.options.floor_factor)
                 out.append(isolated_finding(c["candidate"], c["isolated"]))
         return out
-
-    def command(self, options: Options) -> list[str]:
-        return ["--isolate"]
-
-    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--isolate", action="store_true", help="also run each candidate that can (hf, reference) with every "
-                            "decoder layer fed the reference's input to that layer, so each layer's own error shows without the "
-                            "error it inherits; the report draws accumulated and isolated error side by side")
-
-    def from_args(self, args: argparse.Namespace) -> dict:
-        return {"isolate_layers": args.isolate}
 
 
 PROBE = Isolate()

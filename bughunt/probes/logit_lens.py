@@ -6,13 +6,12 @@ it reads the traces and the checkpoint's weights, in float64."""
 
 from __future__ import annotations
 
-import argparse
 
 import numpy as np
 
 from bughunt import points as P
 from bughunt.findings import Finding
-from bughunt.probes import Probe, ProbeOptions
+from bughunt.probes import FlagProbe, ProbeOptions
 
 ROWS_PER_CHUNK = 8192  # vocabulary rows of the output embedding converted to float64 at a time
 
@@ -54,15 +53,15 @@ def agreement(a: np.ndarray | None, b: np.ndarray | None) -> float | None:
     return None if a is None or b is None or a.shape != b.shape else float(np.mean(a == b))
 
 
-class LogitLens(Probe):
+class LogitLens(FlagProbe):
     name = "logit_lens"
     Options = Options
+    flag = "--logit-lens"
+    help = ("also apply the reference's final norm and unembedding to every layer's residual stream (the logit "
+            "lens) and report, per layer, how often each candidate's top-1 token agrees with the reference's")
     template = "sections/logit_lens.html"
     title = "Logit lens"
     result_key = "logit_lens"
-
-    def enabled(self, options: Options) -> bool:
-        return options.logit_lens
 
     def attach(self, data: dict, ctx) -> list[Finding]:
         from bughunt.checkpoint import load_weights
@@ -84,9 +83,6 @@ class LogitLens(Probe):
         data[self.result_key] = section
         return findings
 
-    def command(self, options: Options) -> list[str]:
-        return ["--logit-lens"]
-
     def summary(self, result_data: dict) -> list[str]:
         lens = result_data.get(self.result_key)
         if not lens:
@@ -99,14 +95,6 @@ class LogitLens(Probe):
                     f"top-1 first disagrees at {first}; {min(known):.0%} of positions agree at worst")
             lines.append(f"logit lens {c['candidate']}: {what}")
         return lines
-
-    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--logit-lens", action="store_true", help="also apply the reference's final norm and unembedding "
-                            "to every layer's residual stream (the logit lens) and report, per layer, how often each candidate's "
-                            "top-1 token agrees with the reference's")
-
-    def from_args(self, args: argparse.Namespace) -> dict:
-        return {"logit_lens": args.logit_lens}
 
 
 def _finding(label: str, ref: str, top1: list, first: int | None) -> Finding:

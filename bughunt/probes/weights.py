@@ -4,7 +4,6 @@ against the checkpoint's tensors after its trace (bughunt/weightcheck.py), in it
 
 from __future__ import annotations
 
-import argparse
 
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +12,7 @@ from bughunt import envs, jobs
 from bughunt.errors import BughuntError
 from bughunt import weightcheck
 from bughunt.findings import Finding
-from bughunt.probes import Probe, ProbeOptions
+from bughunt.probes import FlagProbe, ProbeOptions
 
 
 class Options(ProbeOptions):
@@ -34,9 +33,12 @@ def weight_findings(entries: list[dict]) -> list[Finding]:
     return out
 
 
-class Weights(Probe):
+class Weights(FlagProbe):
     name = "weights"
     Options = Options
+    flag = "--weight-check"
+    help = ("also check each implementation's loaded parameters against the checkpoint (where the implementation "
+            "exposes them); a finding per tensor that departs")
     template = "sections/weights.html"
     title = "Weights"
 
@@ -45,24 +47,11 @@ class Weights(Probe):
                   if (e.get("meta") or {}).get("weight_check")]
         return checks or None
 
-    def enabled(self, options: Options) -> bool:
-        return options.weight_check
-
     def trace_job(self, options: Options) -> dict:
         return {"check_weights": True}
 
     def attach(self, data: dict, ctx) -> list[Finding]:
         return weight_findings(data["implementations"])
-
-    def command(self, options: Options) -> list[str]:
-        return ["--weight-check"]
-
-    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--weight-check", action="store_true", help="also check each implementation's loaded parameters against "
-                            "the checkpoint (where the implementation exposes them); a finding per tensor that departs")
-
-    def from_args(self, args: argparse.Namespace) -> dict:
-        return {"weight_check": args.weight_check}
 
 
 PROBE = Weights()
