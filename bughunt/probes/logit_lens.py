@@ -20,33 +20,33 @@ class Options(ProbeOptions):
     logit_lens: bool = False
 
 
-def _norm_scale(spec, w: np.ndarray) -> np.ndarray:
-    # Gemma's RMSNorm scales by (1 + w) (Gemma report; HF GemmaRMSNorm); the other families by w
-    return 1.0 + w if spec.family.startswith("gemma") else w
-
-
-def lens_top1(residual: np.ndarray, norm_w: np.ndarray, head, spec) -> np.ndarray:
-    """argmax over the vocabulary of final_norm(residual) @ head^T, [batch, seq]. The final soft-cap (tanh) is monotone,
-    so it cannot change the argmax and is left out."""
+def _final_norm(residual: np.ndarray, scale: np.ndarray, eps: float) -> np.ndarray:
+    """The reference's final RMSNorm in float64: x / sqrt(mean(x^2) + eps) * scale."""
     x = np.asarray(residual, dtype=np.float64)
-    x = x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + spec.rms_eps) * _norm_scale(spec, norm_w)
-    best = np.full(x.shape[:-1], -np.inf)
-    arg = np.zeros(x.shape[:-1], dtype=np.int64)
-    for v0 in range(0, head.shape[0], ROWS_PER_CHUNK):
-        logits = x @ np.asarray(head[v0:v0 + ROWS_PER_CHUNK], dtype=np.float64).T
-        i = logits.argmax(-1)
-        v = np.take_along_axis(logits, i[..., None], -1)[..., 0]
-        better = v > best
-        best, arg = np.where(better, v, best), np.where(better, i + v0, arg)
-    return arg
+    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * scale
 
 
-def lens(trace, weights, spec) -> list[np.ndarray]:
-    """The lens's top-1 ids at every decoder layer of a trace (layers it lacks give None)."""
-    norm_w = np.asarray(weights["model.norm.weight"], dtype=np.float64)
+def lens(traces: dict, weights, spec) -> dict[str, list[np.ndarray | None]]:
+    """label -> the lens's top-1 ids [batch, seq] at every decoder layer of that trace (None where it lacks the layer):
+    argmax over the vocabulary of final_norm(residual) @ head^T. The final soft-cap (tanh) is monotone, so it cannot
+    change the argmax and is left out. Each chunk of the output embedding is converted to float64 once, for every
+    trace and layer."""
+    scale = np.asarray(weights["model.norm.weight"], dtype=np.float64)
+    scale = 1.0 + scale if spec.norm_form == "one_plus_w" else scale  # Gemma's RMSNorm scales by (1 + w)
     head = weights["lm_head.weight"]
     names = [P.layer(i) for i in range(spec.num_layers)]
-    return [lens_top1(trace.arrays[n], norm_w, head, spec) if n in trace.arrays else None for n in names]
+    slots = [(label, i) for label, trace in traces.items() for i, name in enumerate(names) if name in trace.arrays]
+    best, arg = {}, {}
+    for v0 in range(0, head.shape[0], ROWS_PER_CHUNK):
+        w = np.asarray(head[v0:v0 + ROWS_PER_CHUNK], dtype=np.float64)
+        for key in slots:
+            logits = _final_norm(traces[key[0]].arrays[names[key[1]]], scale, spec.rms_eps) @ w.T
+            top = logits.argmax(-1)
+            value = np.take_along_axis(logits, top[..., None], -1)[..., 0]
+            better = value > best.get(key, -np.inf)
+            best[key] = np.where(better, value, best.get(key, -np.inf))
+            arg[key] = np.where(better, top + v0, arg.get(key, 0))
+    return {label: [arg.get((label, i)) for i in range(len(names))] for label in traces}
 
 
 def agreement(a: np.ndarray | None, b: np.ndarray | None) -> float | None:
@@ -69,13 +69,15 @@ class LogitLens(FlagProbe):
         plan = ctx.plan
         ref_label = plan.reference.label
         weights = load_weights(plan.checkpoint, plan.spec, plan.options.allow_pickle)
-        ref = lens(ctx.traces[ref_label], weights, plan.spec)
+        labels = [ref_label] + [c["candidate"] for c in data["comparisons"]]
+        tops = lens({label: ctx.traces[label] for label in labels}, weights, plan.spec)
+        ref = tops[ref_label]
         final = np.asarray(ctx.traces[ref_label].arrays[P.LOGITS]).argmax(-1)
         section = {"reference": ref_label, "layers": [P.layer(i) for i in range(plan.spec.num_layers)],
                    "reference_vs_final": [agreement(r, final) for r in ref], "candidates": []}
         findings = []
         for c in data["comparisons"]:
-            top1 = [agreement(x, r) for x, r in zip(lens(ctx.traces[c["candidate"]], weights, plan.spec), ref)]
+            top1 = [agreement(x, r) for x, r in zip(tops[c["candidate"]], ref)]
             first = next((i for i, a in enumerate(top1) if a is not None and a < 1.0), None)
             section["candidates"].append({"candidate": c["candidate"], "top1_agreement": top1,
                                           "first_layer_below_full": P.layer(first) if first is not None else None})
