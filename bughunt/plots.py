@@ -64,9 +64,14 @@ def layer_figure(result: Result, title: str | None = None):
     ax.set_xlabel("capture point (residual stream)")
     ax.set_ylabel(f"log10 L2 of difference to {result.data['settings']['reference']}")
     ax.set_title(title or f"{result.data['checkpoint']['spec']['family']}: per-layer divergence")
+    return _finish(fig, ax)
+
+
+def _finish(fig, ax):
+    """The common end of a one-panel figure: a light grid, a legend when something is labelled, a tight layout."""
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8, loc="best")
+        ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
 
@@ -85,11 +90,7 @@ def position_figure(result: Result):
     ax.set_xlabel("position")
     ax.set_ylabel("log10 L2")
     ax.set_title("divergence by position at the last layer")
-    ax.grid(alpha=0.3)
-    if result.comparisons:
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
+    return _finish(fig, ax)
 
 
 def heatmap_figure(result: Result, max_panels: int = 4):
@@ -173,11 +174,7 @@ def loss_figure(result: Result):
     ax.set_xlabel("position of the predicted token")
     ax.set_ylabel("delta NLL (nats)")
     ax.set_title(f"loss on the input: candidate minus {result.data['settings']['reference']} (band: {factor:g}x the loss floor)")
-    ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
+    return _finish(fig, ax)
 
 
 def encode(fig, svg: bool = False) -> tuple[bytes, str | None]:
@@ -210,11 +207,7 @@ def decode_figure(result: Result):
     ax.set_xlabel("decoding step (position)")
     ax.set_ylabel("relative L2 of logits")
     ax.set_title(f"{d['candidate']}: {d['path']} decoding after a prefill of {d['prefill']}")
-    ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
+    return _finish(fig, ax)
 
 
 def write_plots(result: Result, out: Path) -> tuple[dict[str, bytes], dict[str, Path]]:
