@@ -4,6 +4,7 @@ here, before anything costly: environments are built only after the plan is acce
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -173,8 +174,11 @@ def split_options(settings: dict) -> tuple[CompareOptions, list[tuple[Any, Any]]
     from bughunt import probes
 
     owners = probes.option_names()
-    core = {k: v for k, v in settings.items() if k not in owners}
-    options = validated(CompareOptions, core)
+    unknown = sorted(set(settings) - set(owners) - set(CompareOptions.model_fields))
+    if unknown:
+        known = sorted({*owners, *CompareOptions.model_fields})
+        raise BughuntError(f"unknown option '{unknown[0]}'. Known: {', '.join(known)}.")
+    options = validated(CompareOptions, {k: v for k, v in settings.items() if k not in owners})
     asked = []
     for probe in probes.registered():
         mine = {k: v for k, v in settings.items() if owners.get(k) is probe}
@@ -207,7 +211,6 @@ def make_plan(checkpoint: str | Path, implementations: Sequence[str | ImplChoice
     if options.require_comparison and all(c.label == ref.label for c in choices):
         raise BughuntError(f"nothing to compare: only the reference {ref.label} was given. Add a candidate, e.g. --impl hf.")
     plan = Plan(checkpoint, spec, weights, tokens, encoded, tuple(choices), ref, options, ())
-    checked = tuple((p, p.check(plan, o)) for p, o in asked)
+    plan = dataclasses.replace(plan, probes=tuple((p, p.check(plan, o)) for p, o in asked))
     envs.refuse(choices, in_process=not options.isolate)  # cheap refusals; building environments waits for the context
-    plan = Plan(checkpoint, spec, weights, tokens, encoded, tuple(choices), ref, options, checked)
-    return Plan(**{**plan.__dict__, "schedule": _schedule(plan)})
+    return dataclasses.replace(plan, schedule=_schedule(plan))
