@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from bughunt import metrics
 from bughunt.findings import Finding
+from bughunt.numbers import multiple
 
 
 def judge(points: list[dict], floor: dict, factor: float) -> tuple[list[dict], str | None]:
@@ -52,7 +53,7 @@ def failure(label: str, error: str) -> Finding:
 def divergence(label: str, reference: str, first: str, points: list[dict], dtype: str) -> Finding:
     p = next(p for p in points if p["point"] == first)
     return Finding("warning", "divergence", f"{label} departs from {reference} at {first}: relative L2 {p['rel_l2']:.2e} "
-                                            f"is {p['ratio_to_floor']:.1f}x the {dtype} noise floor ({p['floor_rel_l2']:.1e})",
+                                            f"is {multiple(p['ratio_to_floor'])} the {dtype} noise floor ({p['floor_rel_l2']:.1e})",
                    label, first)
 
 
@@ -70,7 +71,7 @@ def loss(label: str, reference: str, p: dict, dtype: str) -> Finding:
     return Finding("warning", "loss",
                    f"{label} changes the loss on the input: mean NLL {p['nll']:.4f} vs {p['nll_reference']:.4f} nats/token under "
                    f"{reference} (delta {p['delta_nll']:+.2e}, perplexity x{_ratio_text(p.get('ppl_ratio'))}), "
-                   f"{p['delta_nll_ratio_to_floor']:.1f}x the {dtype} floor ({p['floor_delta_nll']:.1e})"
+                   f"{multiple(p['delta_nll_ratio_to_floor'])} the {dtype} floor ({p['floor_delta_nll']:.1e})"
                    + (f"; first above it predicting position {at + 1}" if at is not None else ""), label, "logits")
 
 
@@ -80,11 +81,11 @@ def unrepresentable(label: str, causes: list[str], first: str | None, points: li
     if first is None:
         worst = max((p for p in points if p.get("rel_l2") is not None), key=lambda p: p.get("ratio_to_floor") or 0.0, default=None)
         measured = "stays within the noise floor on this input" + (
-            f" (at most {worst['ratio_to_floor']:.1f}x the {dtype} floor, at {worst['point']})" if worst and worst.get("ratio_to_floor") else "")
+            f" (at most {multiple(worst['ratio_to_floor'])} the {dtype} floor, at {worst['point']})" if worst and worst.get("ratio_to_floor") else "")
     else:
         p = next(p for p in points if p["point"] == first)
         last = points[-1]
-        measured = (f"departs at {first} by {p['rel_l2']:.2e} relative L2 ({p['ratio_to_floor']:.1f}x the {dtype} floor)"
+        measured = (f"departs at {first} by {p['rel_l2']:.2e} relative L2 ({multiple(p['ratio_to_floor'])} the {dtype} floor)"
                     + (f", {last['rel_l2']:.2e} at {last['point']}" if last.get("rel_l2") is not None and last is not p else ""))
     return Finding("warning" if first else "info", "unrepresentable",
                    f"{label} cannot represent this checkpoint and ran with the library's own values: {'; '.join(causes)}; {measured}",

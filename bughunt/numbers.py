@@ -1,0 +1,37 @@
+"""How a multiple (a divergence over its noise floor, a value over its baseline) is written for people: `6.7e6x`,
+`11x`, `3.2x`, `0.4x`. One function, used by the terminal summary, the findings' messages and the HTML report;
+result.json keeps the raw floats."""
+
+from __future__ import annotations
+
+import math
+
+
+def multiple(r: float | None) -> str:
+    """`r` as a multiple, two significant digits: `0x` only for an exact zero; `3.1e-4x` below 1e-3; `0.043x`, `0.4x`,
+    `3.2x` below 10; whole numbers (`11x`, `4567x`) below 1e4; `6.7e6x` from 1e4 up. `–` for None, `∞x` for infinity,
+    `NaN` for NaN."""
+    if r is None:
+        return "–"
+    r = float(r)
+    if math.isnan(r):
+        return "NaN"
+    if math.isinf(r):
+        return ("-" if r < 0 else "") + "∞x"
+    size = abs(r)
+    if size == 0:
+        return "0x"
+    shown = float(format(size, ".2g"))  # the thresholds apply to what is printed: 9.96e-4 reads 0.001x, not 1e-3x
+    if shown < 1e-3:
+        return _scientific(r) + "x"
+    if shown < 10:
+        return format(r, ".2g") + "x"  # 9.96 reads 10x: two significant digits
+    if round(size) < 1e4:
+        return f"{round(r)}x"
+    return _scientific(r) + "x"
+
+
+def _scientific(r: float) -> str:
+    """`6.7e6`, `6e6`, `3.1e-4`: two significant digits, no plus sign, no padded exponent, no trailing `.0`."""
+    mantissa, exponent = f"{r:.1e}".split("e")
+    return f"{mantissa.removesuffix('.0')}e{int(exponent)}"
