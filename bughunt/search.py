@@ -13,6 +13,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from bughunt import progress
+from bughunt.numbers import multiple
 from bughunt.toggles import available, describe_setting, is_field, lookup
 from bughunt import points as P
 
@@ -272,12 +273,12 @@ def _diagnosis(question: Question, best: dict, baseline: dict, parts: list[dict]
         return f"implementation {who} agrees with the reference as it is: nothing above the noise floor, and no toggle setting does better"
     if not best["toggles"]:
         return (f"implementation {who}: no tried toggle setting explains the divergence; it first rises above the floor at "
-                f"{baseline['first_above_floor']} (up to {baseline['max_ratio_to_floor']:.1f}x the floor)")
+                f"{baseline['first_above_floor']} (up to {multiple(baseline['max_ratio_to_floor'])} the floor)")
     sentence = (f"implementation {who} behaves like the reference with {settings}" if question.side == "reference" else
                 f"implementation {who} matches the reference once {settings} is applied to it")
     sentence += ("; with these settings every capture point is within the noise floor" if at_floor else
                  f", but a residual remains: first above the floor at {best['first_above_floor']} "
-                 f"(up to {best['max_ratio_to_floor']:.1f}x the floor)")
+                 f"(up to {multiple(best['max_ratio_to_floor'])} the floor)")
     return sentence + "".join(_explain(question.spec, p) for p in parts)
 
 

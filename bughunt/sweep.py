@@ -33,6 +33,7 @@ from bughunt.findings import Finding
 from bughunt.hypotheses import PREFIX, changes_for
 from bughunt.implementations import ImplChoice, runner_class
 from bughunt.metrics import compare_traces
+from bughunt.numbers import multiple
 from bughunt.result import SCHEMA_VERSION, Result, environment
 from bughunt.search import (CONFIRM_MARGIN, CONFIRM_MAX, MARGIN, MAX_EXHAUSTIVE, Judges, Question, _within, fit,  # noqa: F401
                             label as _label, score, search, search_counts)
@@ -445,7 +446,7 @@ def _findings(state: Sweep, baseline: dict, search_info: dict | None) -> list[di
     findings = []
     if baseline["first_above_floor"]:
         p = next(p for p in baseline["points"] if p["point"] == baseline["first_above_floor"])
-        ratio = f"{p['ratio_to_floor']:.1f}x the {cand_dtype} noise floor" if p.get("ratio_to_floor") is not None else "NaN/Inf"
+        ratio = f"{multiple(p['ratio_to_floor'])} the {cand_dtype} noise floor" if p.get("ratio_to_floor") is not None else "NaN/Inf"
         findings.append(Finding("warning", "divergence", f"{cand_label} departs from {ref_label} as is at "
                                 f"{baseline['first_above_floor']} ({ratio})", cand_label, baseline["first_above_floor"]).to_dict())
     if plan.options.side == "reference" and state.fixed_trace.meta.get("cannot_represent"):

@@ -13,6 +13,7 @@ import numpy as np
 from bughunt.ci.baseline import Cell
 from bughunt.ci.matrix import Threshold
 from bughunt.metric_table import METRICS
+from bughunt.numbers import multiple
 
 
 @dataclass
@@ -34,11 +35,8 @@ def _value(point: dict, metric: str) -> float | None:
 
 
 def _times(r: float) -> str:
-    if math.isinf(r):
-        return "from exact agreement"
-    if r >= 1e5:
-        return f"{r:.1e}x".replace("e+0", "e").replace("e+", "e")  # 2.5e6x
-    return f"{r:.0f}x" if r >= 10 else f"{r:.1f}x"
+    """A multiple of the baseline or the floor; an infinite one is a departure from a baseline of exactly zero."""
+    return "from exact agreement" if math.isinf(r) else multiple(r)
 
 
 def _baseline_check(rule: Threshold, v: float | None, b: float | None) -> str | None:
