@@ -7,6 +7,7 @@ import base64
 from functools import lru_cache
 from pathlib import Path
 
+from bughunt.numbers import multiple
 from bughunt.plots import short_point, write_plots
 from bughunt.result import Result
 
@@ -36,7 +37,7 @@ def _environment():
     import jinja2
 
     env = jinja2.Environment(loader=jinja2.PackageLoader("bughunt", "templates"), autoescape=jinja2.select_autoescape(["html"]))
-    env.filters.update(fmt=_fmt, number=_number, short=short_point)
+    env.filters.update(fmt=_fmt, number=_number, multiple=multiple, short=short_point)
     return env
 
 
