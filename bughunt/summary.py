@@ -3,6 +3,8 @@ findings and the memory plan. Printed by `bughunt compare` and `bughunt demo`.""
 
 from __future__ import annotations
 
+from bughunt.numbers import multiple
+
 
 def format_summary(result) -> str:
     """The short terminal table: one row per candidate, naming the first capture point above the floor."""
@@ -17,8 +19,8 @@ def format_summary(result) -> str:
             state = p["skipped"][:100] if "skipped" in p else "same ids" if p.get("agrees") else "DIFFERENT ids"
             lines.append(f"  tokenizer path {path}: {state}")
     lines += [f"  {f['severity'].upper()}: {f['message']}" for f in d["findings"] if f["kind"] in ("input", "tokenizer")]
-    header = f"  {'implementation':<28} {'dtype':<5} {'first above floor':<18} {'max rel L2':>11} {'at':<12} {'logits KL':>10} {'top-1':>6}"
-    lines.append(header)
+    lines.append(f"  {'implementation':<28} {'dtype':<5} {'first above floor':<18} {'max vs floor':>12} {'max rel L2':>11} "
+                 f"{'at':<12} {'logits KL':>10} {'top-1':>6}")
     for e in d["implementations"]:
         if e["label"] == d["settings"]["reference"]:
             continue
@@ -28,7 +30,9 @@ def format_summary(result) -> str:
         c = result.comparison(e["label"])
         s = c["summary"]
         fmt = lambda v, f: "–" if v is None else format(v, f)  # noqa: E731
-        lines.append(f"  {e['label']:<28} {c['dtype']:<5} {c['first_above_floor'] or 'none':<18} {fmt(s['max_rel_l2'], '.2e'):>11} "
+        ratios = [p["ratio_to_floor"] for p in c["points"] if p.get("ratio_to_floor") is not None]
+        lines.append(f"  {e['label']:<28} {c['dtype']:<5} {c['first_above_floor'] or 'none':<18} "
+                     f"{multiple(max(ratios, default=None)):>12} {fmt(s['max_rel_l2'], '.2e'):>11} "
                      f"{s['max_rel_l2_point'] or '–':<12} {fmt(s['logits_kl'], '.2e'):>10} {fmt(s['logits_top1'], '.3f'):>6}")
     from bughunt import probes
 
