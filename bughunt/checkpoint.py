@@ -10,7 +10,8 @@ import numpy as np
 
 from bughunt.errors import BughuntError
 from bughunt.inputs.files import check_regular_file
-from bughunt.inputs.weights import Inventory, inventory, read_shard_index, size_mismatch
+from bughunt.inputs.weights import (Inventory, check_held_once, check_index_agrees, inventory, read_shard_index, read_weight_map,
+                                    size_mismatch)
 from bughunt.safetensors_io import map_safetensors, read_header, release
 from bughunt.spec import Spec, load_spec
 
@@ -68,16 +69,23 @@ def _read_pickle(path: Path) -> dict[str, np.ndarray]:
 
 
 def stored_shapes(checkpoint: Path, allow_pickle: bool = False) -> dict[str, tuple[tuple[int, ...], str]]:
-    """name -> (shape, stored dtype) for every tensor, read from headers only."""
-    out = {}
+    """name -> (shape, stored dtype) for every tensor, read from headers only. A tensor stored in two files, or a
+    shard index that disagrees with what the shards hold, is refused."""
+    checkpoint = Path(checkpoint)
+    out: dict[str, tuple[tuple[int, ...], str]] = {}
+    held: dict[str, list[str]] = {}
     for f in weight_files(checkpoint, allow_pickle):
         if f.suffix == ".safetensors":
-            for name, info in read_header(f).items():
-                if name != "__metadata__":
-                    out[name] = (tuple(info["shape"]), info["dtype"])
+            shapes = {name: (tuple(info["shape"]), info["dtype"]) for name, info in read_header(f).items() if name != "__metadata__"}
         else:
-            for name, arr in _read_pickle(f).items():
-                out[name] = (tuple(arr.shape), str(arr.dtype))
+            shapes = {name: (tuple(arr.shape), str(arr.dtype)) for name, arr in _read_pickle(f).items()}
+        for name in shapes:
+            held.setdefault(name, []).append(f.relative_to(checkpoint).as_posix())
+        out.update(shapes)
+    check_held_once(held, checkpoint)
+    index = checkpoint / "model.safetensors.index.json"
+    if os.path.lexists(index):
+        check_index_agrees(index, read_weight_map(index, checkpoint), held)
     return out
 
 

@@ -94,7 +94,10 @@ def _marker_text(kind: str, files: list[str]) -> str:
 
 def _check_protected(flag: str, given: Path, real: Path, protect: Iterable[Protected]) -> None:
     for what, path in protect:
-        p = Path(path).resolve()
+        try:
+            p = Path(path).resolve()
+        except RuntimeError:  # Python 3.11's resolve() on a symlink loop
+            raise BughuntError(f"{what} {path} is a symbolic link loop. Replace the link with the real directory.") from None
         if real == p:
             raise BughuntError(f"{flag} {given} is {what} ({p}); writing there would replace it. Choose a path outside {what}.")
         if p in real.parents:

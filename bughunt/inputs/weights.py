@@ -29,9 +29,9 @@ class ShardIndex(BaseModel):
     weight_map: Annotated[dict[StrictStr, StrictStr], Field(min_length=1)]
 
 
-def read_shard_index(index: Path, checkpoint: Path) -> list[str]:
-    """The shard file names of model.safetensors.index.json, in sorted order, each checked to be a plain
-    safetensors file name inside the checkpoint (no absolute path, no '..')."""
+def read_weight_map(index: Path, checkpoint: Path) -> dict[str, str]:
+    """The weight_map of model.safetensors.index.json (tensor name -> shard file name), each shard name checked to be
+    a plain safetensors file name inside the checkpoint (no absolute path, no '..')."""
     doc = read_json(index, "shard index", INDEX_FIX)
     if not isinstance(doc, dict):
         raise BughuntError(f"shard index {index} must hold a JSON object with a 'weight_map' object, found {type(doc).__name__}. {INDEX_FIX}")
@@ -39,14 +39,48 @@ def read_shard_index(index: Path, checkpoint: Path) -> list[str]:
         weight_map = ShardIndex.model_validate(doc).weight_map
     except ValidationError as e:
         raise BughuntError(validation_message(e, f"shard index {index}", INDEX_FIX)) from None
-    files = sorted(set(weight_map.values()))
-    for name in files:
+    for name in sorted(set(weight_map.values())):
         parts = PurePosixPath(name).parts
-        if not name or PurePosixPath(name).is_absolute() or ".." in parts or "\\" in name or not name.endswith(".safetensors"):
+        if not name or PurePosixPath(name).is_absolute() or ".." in parts or "\\" in name or "\0" in name or not name.endswith(".safetensors"):
             tensor = next(t for t, f in weight_map.items() if f == name)
             raise BughuntError(f"shard index {index}: weight_map[{tensor!r}] is {name!r}; expected the name of a .safetensors "
                                f"file inside {checkpoint} (no absolute path, no '..'). {INDEX_FIX}")
-    return files
+    return weight_map
+
+
+def read_shard_index(index: Path, checkpoint: Path) -> list[str]:
+    """The shard file names of model.safetensors.index.json, in sorted order (see `read_weight_map`)."""
+    return sorted(set(read_weight_map(index, checkpoint).values()))
+
+
+def _listed(items: list[str], limit: int = 4) -> str:
+    return "; ".join(items[:limit]) + (f"; and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def check_held_once(held: dict[str, list[str]], checkpoint: Path) -> None:
+    """`held`: tensor name -> the weight files (names relative to the checkpoint) that store it. A tensor stored in
+    two files is refused: which copy an implementation reads would depend on its loading order."""
+    twice = [f"{name} (in {' and '.join(files)})" for name, files in held.items() if len(files) > 1]
+    if twice:
+        raise BughuntError(f"weights in {checkpoint}: {len(twice)} tensor(s) are stored in more than one file: {_listed(twice)}. "
+                           "Each tensor must be stored once; remove the stale file or re-save the checkpoint with save_pretrained().")
+
+
+def check_index_agrees(index: Path, weight_map: dict[str, str], held: dict[str, list[str]]) -> None:
+    """The shard index against what the shards hold: every tensor it lists is in the shard it names, and every
+    tensor the shards hold is listed. `held` maps tensor name -> files holding it (already checked: one each)."""
+    problems = []
+    for name, shard in weight_map.items():
+        files = held.get(name, [])
+        if PurePosixPath(shard).as_posix() in files:
+            continue
+        where = f"it is in {files[0]}" if files else "no shard holds it"
+        problems.append(f"the index places {name} in {shard}, which does not hold it ({where})")
+    unlisted = [f"{files[0]} holds {name}, which the index does not list" for name, files in held.items() if name not in weight_map]
+    problems += unlisted
+    if problems:
+        raise BughuntError(f"shard index {index} disagrees with the shards ({len(problems)} problem(s)): {_listed(problems)}. "
+                           f"{INDEX_FIX}")
 
 
 # ---- config.json against the weights ----------------------------------------------------------------------
