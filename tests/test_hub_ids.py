@@ -1,0 +1,309 @@
+"""Hub ids as checkpoints (bughunt/hub.py): `org/name[@revision]` resolves through huggingface_hub's real
+snapshot_download to a snapshot directory of a hub cache laid out exactly as huggingface_hub lays it out
+(`$HF_HOME/hub/models--org--name/{blobs,refs,snapshots}`), built here from the tiny llama checkpoint. No test reaches
+the network: offline tests set HF_HUB_OFFLINE=1; online ones point HF_ENDPOINT at a closed port or at a local HTTP
+server answering as the hub answers a missing or gated repository."""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from bughunt.errors import BughuntError
+from bughunt.hub import ALLOW_PATTERNS, hub_cache_dir, hub_offline, looks_like_hub_id, resolve_hub_id, split_hub_id
+
+SHA_OLD = "1" * 40
+SHA_NEW = "2" * 40
+REPO = Path(__file__).resolve().parents[1]
+HUB_VARS = ("HF_HOME", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "XDG_CACHE_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
+            "HF_ENDPOINT", "HF_TOKEN")
+
+
+def _blob_name(data: bytes, lfs: bool) -> str:
+    """The etag huggingface_hub names a blob by: sha256 for LFS files (weights), the git blob sha1 otherwise."""
+    if lfs:
+        return hashlib.sha256(data).hexdigest()
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def add_snapshot(cache: Path, repo_id: str, sha: str, source: Path, refs: tuple[str, ...] = ("main",),
+                 extra: dict[str, bytes] | None = None) -> Path:
+    """Put `source`'s files (and `extra` name -> bytes) into the cache as commit `sha` of `repo_id`: each file a blob
+    under blobs/, linked from snapshots/<sha>/ by a relative symlink, each ref a file under refs/ holding the sha."""
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    files = {p.name: p.read_bytes() for p in sorted(source.iterdir()) if p.is_file()} | (extra or {})
+    snapshot = repo / "snapshots" / sha
+    snapshot.mkdir(parents=True)
+    (repo / "blobs").mkdir(exist_ok=True)
+    for name, data in files.items():
+        blob = _blob_name(data, lfs=name.endswith((".safetensors", ".bin")))
+        (repo / "blobs" / blob).write_bytes(data)
+        (snapshot / name).symlink_to(Path("..", "..", "blobs", blob))
+    for ref in refs:
+        (repo / "refs" / ref).parent.mkdir(parents=True, exist_ok=True)
+        (repo / "refs" / ref).write_text(sha)  # huggingface_hub writes the sha without a newline
+    return snapshot
+
+
+@pytest.fixture
+def hub(tmp_path, tiny, monkeypatch):
+    """An offline hub cache under $HF_HOME holding tiny/llama at two commits: v1 (tag) and main."""
+    for var in HUB_VARS:
+        monkeypatch.delenv(var, raising=False)
+    home = tmp_path / "hf-home"
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    add_snapshot(home / "hub", "tiny-org/tiny-llama", SHA_OLD, tiny["llama"], refs=("v1",))
+    add_snapshot(home / "hub", "tiny-org/tiny-llama", SHA_NEW, tiny["llama"], refs=("main", "refs/pr/3"),
+                 extra={"pytorch_model.bin": b"not for bughunt", "README.md": b"# tiny"})
+    return home
+
+
+def _run_python(code: str, env_changes: dict[str, str | None], cwd: Path) -> subprocess.CompletedProcess:
+    """`code` in a fresh interpreter (huggingface_hub reads HF_ENDPOINT and friends when imported) with the
+    environment changed as given (None removes a variable)."""
+    env = {k: v for k, v in os.environ.items() if k not in HUB_VARS}
+    env.update({k: v for k, v in env_changes.items() if v is not None})
+    env["PYTHONPATH"] = str(REPO)
+    return subprocess.run([sys.executable, "-c", code], env=env, cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+RESOLVE = """
+import json, sys
+from bughunt.errors import BughuntError
+from bughunt.hub import resolve_hub_id
+try:
+    path, info = resolve_hub_id(sys.argv[1] if len(sys.argv) > 1 else {text!r})
+except BughuntError as e:
+    print(e, file=sys.stderr)
+    sys.exit(2)
+print(json.dumps(info))
+"""
+
+
+# --- what counts as a hub id ---
+
+@pytest.mark.parametrize("text, parts", [
+    ("google/gemma-2-2b", ("google/gemma-2-2b", None)),
+    ("Qwen/Qwen2.5-0.5B@main", ("Qwen/Qwen2.5-0.5B", "main")),
+    ("org/name@v1.0", ("org/name", "v1.0")),
+    ("org/name@refs/pr/12", ("org/name", "refs/pr/12")),
+    (f"org/name@{SHA_NEW}", ("org/name", SHA_NEW)),
+    ("org_1/na_me.x-y", ("org_1/na_me.x-y", None)),
+    ("a" * 96 + "/b", ("a" * 96 + "/b", None)),
+])
+def test_hub_id_forms_are_recognised(text, parts, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert split_hub_id(text) == parts
+    assert looks_like_hub_id(text)
+
+
+@pytest.mark.parametrize("text", [
+    "gpt2",  # no namespace: a mistyped local directory, not a hub id
+    "a/b/c", "org/", "/name", "org/na me", "org/na--me", "org/na..me", "org/.name", "org/name-", "org/name.git",
+    "org/café", "a" * 97 + "/b", "org/name@", "org/name@a..b", "org/name@/main", "org/name@a b",
+    "models/smol.gguf", "runs/config.json",  # mistyped files, not repositories
+    "/abs/org/name", "./org/name", "../org/name", "~/org/name", "~org/name",
+])
+def test_non_hub_ids_are_refused(text, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert not looks_like_hub_id(text)
+
+
+@pytest.mark.parametrize("repo_id", ["org/name", "a/b", "org/na--me", "org/na..me", "org/.name", "org/name-", "org/name.git",
+                                     "org/café", "a" * 96 + "/b", "a" * 97 + "/b", "o-/n", "_o/n_", "org/na me", "a/b/c"])
+def test_repo_id_rules_are_huggingface_hubs(repo_id):
+    """split_hub_id accepts a namespaced repo id exactly when huggingface_hub's own validator does."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+        valid = True
+    except HFValidationError:
+        valid = False
+    assert (split_hub_id(repo_id) is not None) == valid
+
+
+def test_a_local_directory_of_the_same_name_wins(hub, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert looks_like_hub_id("tiny-org/tiny-llama")
+    (tmp_path / "tiny-org" / "tiny-llama").mkdir(parents=True)
+    assert not looks_like_hub_id("tiny-org/tiny-llama")
+    assert looks_like_hub_id("tiny-org/other")
+
+
+# --- resolution through the hub cache, offline ---
+
+def test_main_resolves_to_the_snapshot_and_its_sha(hub):
+    path, info = resolve_hub_id("tiny-org/tiny-llama")
+    snapshot = hub / "hub" / "models--tiny-org--tiny-llama" / "snapshots" / SHA_NEW
+    assert path == snapshot
+    assert info["hub_id"] == "tiny-org/tiny-llama" and info["revision_requested"] == "main"
+    assert info["revision"] == SHA_NEW and info["path"] == str(snapshot)
+    import huggingface_hub
+
+    assert info["huggingface_hub"] == huggingface_hub.__version__
+    assert "config.json" in info["files"] and any(f.endswith(".safetensors") for f in info["files"])
+    assert "pytorch_model.bin" not in info["files"] and "README.md" not in info["files"]  # never pickles, only what was asked
+    from bughunt.spec import load_spec
+
+    assert load_spec(path).family == "llama"  # the snapshot reads as a checkpoint directory, through its symlinks
+
+
+@pytest.mark.parametrize("revision, sha", [(SHA_OLD, SHA_OLD), (SHA_NEW, SHA_NEW), ("v1", SHA_OLD), ("main", SHA_NEW),
+                                           ("refs/pr/3", SHA_NEW)])
+def test_revision_by_sha_and_by_ref_name(hub, revision, sha):
+    path, info = resolve_hub_id(f"tiny-org/tiny-llama@{revision}")
+    assert path.name == sha and info["revision"] == sha and info["revision_requested"] == revision
+
+
+def test_hf_home_is_read_when_resolving(hub, tmp_path, monkeypatch):
+    """HF_HOME changed after huggingface_hub was imported still decides which cache is read; HF_HUB_CACHE wins."""
+    other = tmp_path / "other-home"
+    monkeypatch.setenv("HF_HOME", str(other))
+    with pytest.raises(BughuntError, match="not in the hub cache"):
+        resolve_hub_id("tiny-org/tiny-llama")
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub / "hub"))
+    assert resolve_hub_id("tiny-org/tiny-llama")[1]["revision"] == SHA_NEW
+
+
+def test_offline_and_not_cached_names_the_id_revision_and_variables(hub):
+    with pytest.raises(BughuntError) as e:
+        resolve_hub_id("tiny-org/missing@v2")
+    message = str(e.value)
+    for needle in ("tiny-org/missing", "v2", "HF_HUB_OFFLINE", "HF_HOME", str(hub / "hub"),
+                   "hf download tiny-org/missing --revision v2"):
+        assert needle in message, (needle, message)
+    with pytest.raises(BughuntError, match=r"tiny-org/tiny-llama \(revision v9\).*HF_HUB_OFFLINE"):
+        resolve_hub_id("tiny-org/tiny-llama@v9")  # the repository is cached, that revision is not
+
+
+def test_a_snapshot_without_safetensors_is_refused(hub, tmp_path):
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (pickled / "pytorch_model.bin").write_bytes(b"pickle")
+    add_snapshot(hub / "hub", "tiny-org/pickled", "3" * 40, pickled)
+    with pytest.raises(BughuntError, match=r"no \*\.safetensors weights.*never pickled"):
+        resolve_hub_id("tiny-org/pickled")
+
+
+def test_not_a_hub_id_is_refused(hub):
+    with pytest.raises(BughuntError, match="is not a hub id"):
+        resolve_hub_id("org/na--me")
+
+
+# --- the environment, as huggingface_hub reads it ---
+
+@pytest.mark.parametrize("env", [
+    {},
+    {"HF_HOME": "/tmp/h1"},
+    {"XDG_CACHE_HOME": "/tmp/xdg"},
+    {"HF_HOME": "~/h2", "HUGGINGFACE_HUB_CACHE": "/tmp/legacy"},
+    {"HF_HOME": "/tmp/h3", "HUGGINGFACE_HUB_CACHE": "/tmp/legacy", "HF_HUB_CACHE": "/tmp/new"},
+    {"HF_HUB_OFFLINE": "1"}, {"HF_HUB_OFFLINE": "true"}, {"HF_HUB_OFFLINE": "0"}, {"TRANSFORMERS_OFFLINE": "yes"},
+])
+def test_cache_and_offline_are_read_as_huggingface_hub_reads_them(env, tmp_path):
+    out = _run_python("from huggingface_hub import constants\nfrom bughunt.hub import hub_cache_dir, hub_offline\n"
+                      "print(constants.HF_HUB_CACHE == str(hub_cache_dir()), constants.HF_HUB_OFFLINE == hub_offline())",
+                      env, tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True", "True"]
+
+
+def test_bughunt_leaves_the_hub_variables_alone(monkeypatch):
+    for var in HUB_VARS:
+        monkeypatch.delenv(var, raising=False)
+    assert not hub_offline()
+    assert hub_cache_dir() == Path(os.path.expanduser("~/.cache/huggingface/hub"))
+
+
+def test_allow_patterns_never_match_pickles():
+    import fnmatch
+
+    for name in ("pytorch_model.bin", "model.pt", "weights.pth", "model.ckpt", "flax_model.msgpack", "tf_model.h5"):
+        assert not any(fnmatch.fnmatch(name, pattern) for pattern in ALLOW_PATTERNS), name
+
+
+# --- online failures: the hub's own words, never a traceback ---
+
+class _HubAnswers(http.server.BaseHTTPRequestHandler):
+    """Answers every request as the hub answers a missing repository (404 RepoNotFound) or a gated one (403
+    GatedRepo), by the repository name in the URL."""
+
+    def _answer(self):
+        gated = "gated" in self.path
+        self.send_response(403 if gated else 404)
+        self.send_header("X-Error-Code", "GatedRepo" if gated else "RepoNotFound")
+        self.send_header("X-Error-Message", "Access to model tiny-org/gated is restricted and you are not in the "
+                         "authorized list." if gated else "Repository not found")
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(b"{}")
+
+    do_GET = do_HEAD = _answer
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def fake_hub():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _HubAnswers)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize("repo_id, expected", [
+    ("tiny-org/missing", r"hub id tiny-org/missing \(revision main\) was not found on the hub: 404 .*Repository Not Found.*\. Check the id.*HF_TOKEN"),
+    ("tiny-org/gated", r"hub id tiny-org/gated \(revision main\) is gated: .*not in the authorized list.*HF_TOKEN"),
+])
+def test_missing_and_gated_repositories_carry_the_hubs_message(fake_hub, tmp_path, repo_id, expected):
+    import re
+
+    out = _run_python(RESOLVE.format(text=repo_id), {"HF_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "0",
+                                                     "HF_ENDPOINT": fake_hub}, tmp_path)
+    assert out.returncode == 2, (out.stdout, out.stderr)
+    assert "Traceback" not in out.stderr
+    assert re.search(expected, out.stderr, re.DOTALL), out.stderr
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_network_down_names_the_variables(tmp_path):
+    out = _run_python(RESOLVE.format(text="tiny-org/tiny-llama"), {
+        "HF_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": f"http://127.0.0.1:{_closed_port()}"}, tmp_path)
+    assert out.returncode == 2, (out.stdout, out.stderr)
+    assert "Traceback" not in out.stderr
+    for needle in ("tiny-org/tiny-llama", "HF_HUB_OFFLINE", "HF_TOKEN", "hf download tiny-org/tiny-llama"):
+        assert needle in out.stderr, (needle, out.stderr)
+
+
+def test_network_down_but_cached_resolves_from_the_cache(tiny, tmp_path):
+    """As huggingface_hub does: a hub that cannot be reached falls back to a cached snapshot of the revision."""
+    add_snapshot(tmp_path / "home" / "hub", "tiny-org/tiny-llama", SHA_NEW, tiny["llama"])
+    out = _run_python(RESOLVE.format(text="tiny-org/tiny-llama"), {
+        "HF_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": f"http://127.0.0.1:{_closed_port()}"}, tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["revision"] == SHA_NEW
+
