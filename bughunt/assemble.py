@@ -7,6 +7,7 @@ import datetime as _dt
 import shlex
 from pathlib import Path
 
+from bughunt import sources
 from bughunt.errors import BughuntError
 from bughunt.findings import Finding
 from bughunt.plan import DEFAULT_FLOOR_FACTOR, Plan
@@ -17,7 +18,7 @@ from bughunt.trace import Trace
 def command_line(plan: Plan) -> str:
     """The command that reruns this compare (ids in place of text), with each probe's flags."""
     o = plan.options
-    parts = ["bughunt", "compare", str(plan.checkpoint)]
+    parts = ["bughunt", "compare", sources.given_name(plan.checkpoint)]
     for c in plan.choices:
         parts += ["--impl", c.label]
     parts += ["--reference", plan.reference.label, "--dtype", o.dtype, "--device", o.device]
@@ -41,7 +42,7 @@ def document(ctx, floors: dict, comparisons: list[dict], findings: list[Finding]
         "kind": "compare",
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "command": command_line(plan),
-        "checkpoint": {"path": str(plan.checkpoint), "spec": plan.spec.to_dict()},
+        "checkpoint": {"path": str(plan.checkpoint), "spec": plan.spec.to_dict(), "source": sources.describe(plan.checkpoint)},
         "inputs": {"tokens": plan.tokens.tolist()},
         "settings": settings,
         "schedule": {**plan.schedule.as_dict(), "order": list(ctx.order)},

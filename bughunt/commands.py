@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from bughunt.sources import short_name
 from bughunt.errors import BughuntError
 from bughunt.summary import format_summary
 
@@ -56,7 +57,7 @@ def cmd_compare(args) -> int:
     from bughunt.output import describe_written
 
     _require_device(args.device)
-    out = Path(args.out) if args.out else Path("reports") / f"{Path(args.checkpoint).resolve().name}-{args.dtype}"
+    out = Path(args.out) if args.out else Path("reports") / f"{short_name(args.checkpoint)}-{args.dtype}"
     from bughunt import probes
 
     probe_options = {k: v for probe in probes.registered() for k, v in probe.from_args(args).items()}
@@ -75,7 +76,7 @@ def cmd_sweep(args) -> int:
     from bughunt.sweep import sweep
 
     _require_device(args.device)
-    out = Path(args.out) if args.out else Path("reports") / f"{Path(args.checkpoint).resolve().name}-sweep-{args.mode}"
+    out = Path(args.out) if args.out else Path("reports") / f"{short_name(args.checkpoint)}-sweep-{args.mode}"
     result = sweep(args.checkpoint, impl=args.impl, reference=args.reference, dtype=args.dtype, device=args.device,
                    toggles=args.toggle or [], mode=args.mode, side=args.side, candidate_toggles=args.candidate_toggle or [],
                    reference_toggles=args.reference_toggle or [], tokens=_tokens(args), out=out, floor_factor=args.floor_factor,
@@ -125,7 +126,7 @@ def cmd_decode(args) -> int:
 
     config = key_values(args.decode_config, "--decode-config")
     tokens = _tokens(args)
-    out = Path(args.out) if args.out else Path("reports") / f"{Path(args.checkpoint).resolve().name}-decode"
+    out = Path(args.out) if args.out else Path("reports") / f"{short_name(args.checkpoint)}-decode"
     result = decode_check(args.checkpoint, impl=args.impl, reference=args.reference, dtype=args.dtype, device=args.device,
                           tokens=tokens, prefill=args.prefill, decode_config=config, floor_factor=args.floor_factor, out=out,
                           text=_text(args))

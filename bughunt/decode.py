@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
+from bughunt import sources
 from bughunt.assemble import save
 from bughunt.floors import noise_floor
 from bughunt.plan import DEFAULT_FLOOR_FACTOR, read_inputs
@@ -81,6 +82,7 @@ def decode_check(checkpoint: str | Path, impl: str = "hf", **settings) -> Result
     checkpoint = Path(checkpoint)
     if out is not None:
         check_output_dir(out, "decode", [("the checkpoint", checkpoint)])
+    checkpoint = sources.resolve(checkpoint)  # a GGUF file's view, a hub id's snapshot, or the directory itself
     inputs = read_inputs(checkpoint, tokens, text, default_length=32)  # the planning stage compare and sweep share
     spec, tokens, encoded = inputs.spec, inputs.tokens, inputs.encoded
     decode_config = validate_decode_config(decode_config or {}, load_config(checkpoint), str(checkpoint / "config.json"))
@@ -119,11 +121,11 @@ def decode_check(checkpoint: str | Path, impl: str = "hf", **settings) -> Result
     data = {
         "schema": "bughunt.result", "schema_version": SCHEMA_VERSION, "kind": "decode",
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": shlex.join(["bughunt", "decode", str(checkpoint), "--impl", cand.label, "--dtype", dtype, "--prefill", str(prefill)]
+        "command": shlex.join(["bughunt", "decode", sources.given_name(checkpoint), "--impl", cand.label, "--dtype", dtype, "--prefill", str(prefill)]
                               + (["--reference", reference] if reference else [])
                               + [a for k, v in (decode_config or {}).items() for a in ("--decode-config", f"{k}={v}")]
                               + ["--tokens", ",".join(str(int(t)) for t in tokens[0])]),
-        "checkpoint": {"path": str(checkpoint), "spec": spec.to_dict()},
+        "checkpoint": {"path": str(checkpoint), "spec": spec.to_dict(), "source": sources.describe(checkpoint)},
         "inputs": {"tokens": tokens.tolist()},
         "settings": {"dtype": dtype, "device": device, "reference": reference or cand.label, "floor_factor": floor_factor},
         "environment": environment(),

@@ -13,6 +13,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from bughunt import envs
+from bughunt import sources
 from bughunt.checkpoint import validate_weights
 from bughunt.errors import BughuntError
 from bughunt.implementations import DEVICES, DTYPES, ImplChoice
@@ -142,6 +143,18 @@ def choices_of(implementations: Iterable[str | ImplChoice], reference: str | Imp
     return choices, match[0]
 
 
+def native_dtypes(choices: list[ImplChoice], ref: ImplChoice, checkpoint: Path) -> tuple[list[ImplChoice], ImplChoice]:
+    """Choices named without a dtype run at the one the checkpoint decides for their runner, where it does (llamacpp
+    on a GGUF file: the file's own type)."""
+    from bughunt.implementations import runner_class_unchecked
+
+    out = []
+    for c in choices:
+        native = None if c.dtype else runner_class_unchecked(c.name).native_dtype(checkpoint)
+        out.append(dataclasses.replace(c, dtype=native) if native else c)
+    return out, out[choices.index(ref)]
+
+
 @dataclass(frozen=True)
 class Inputs:
     """What every experiment reads first: the spec, the weights' inventory, the ids every implementation is fed and the
@@ -205,9 +218,11 @@ def make_plan(checkpoint: str | Path, implementations: Sequence[str | ImplChoice
     options, asked = split_options(settings)
     if options.out is not None:
         check_output_dir(options.out, "compare", [("the checkpoint", checkpoint)])
+    checkpoint = sources.resolve(checkpoint)  # a GGUF file's view, a hub id's snapshot, or the directory itself
     inputs = read_inputs(checkpoint, options.tokens, options.text, options.allow_pickle)
     spec, weights, tokens, encoded = inputs.spec, inputs.weights, inputs.tokens, inputs.encoded
     choices, ref = choices_of(implementations, options.reference)
+    choices, ref = native_dtypes(choices, ref, checkpoint)
     if options.require_comparison and all(c.label == ref.label for c in choices):
         raise BughuntError(f"nothing to compare: only the reference {ref.label} was given. Add a candidate, e.g. --impl hf.")
     plan = Plan(checkpoint, spec, weights, tokens, encoded, tuple(choices), ref, options, ())

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
-from bughunt import progress
+from bughunt import progress, sources
 from bughunt.inputs.flags import choice_of, positive
 from bughunt.assemble import save
 from bughunt.execute import run_trace
@@ -89,7 +89,7 @@ def sweep(checkpoint: str | Path, impl: str = "hf", pool=None, **settings) -> Re
         pool = pool if pool is not None else stack.enter_context(WorkerPool())
         scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bughunt-sweep-")))
         bar = stack.enter_context(progress.task(f"sweep {impl}", unit="setting"))
-        plan = SweepPlan.read(Path(checkpoint), impl, options, in_process=not options.isolate)
+        plan = SweepPlan.read(sources.resolve(checkpoint), impl, options, in_process=not options.isolate)
         state = Sweep(plan, pool if options.isolate else None, scratch, bar)
         configs, search_info = state.configurations()
         return _result(state, configs, search_info)
@@ -386,7 +386,7 @@ def _result(state: Sweep, configs: list[dict], search_info: dict | None) -> Resu
         "schema": "bughunt.result", "schema_version": SCHEMA_VERSION, "kind": "sweep",
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "command": _command(plan),
-        "checkpoint": {"path": str(plan.checkpoint), "spec": plan.spec.to_dict()},
+        "checkpoint": {"path": str(plan.checkpoint), "spec": plan.spec.to_dict(), "source": sources.describe(plan.checkpoint)},
         "inputs": {"tokens": plan.tokens.tolist()},
         "settings": {"dtype": options.dtype, "device": options.device, "reference": plan.label("reference"),
                      "floor_factor": options.floor_factor, "branches": True},
@@ -502,7 +502,7 @@ def _discard(trace: Trace) -> None:
 def _command(plan: SweepPlan) -> str:
     """The command line that repeats this sweep."""
     o = plan.options
-    parts = ["bughunt", "sweep", str(plan.checkpoint), "--impl", plan.candidate.label, "--reference", plan.reference.label,
+    parts = ["bughunt", "sweep", sources.given_name(plan.checkpoint), "--impl", plan.candidate.label, "--reference", plan.reference.label,
              "--dtype", o.dtype, "--device", o.device, "--mode", o.mode, "--side", o.side]
     for t in o.toggles:
         parts += ["--toggle", t]

@@ -253,7 +253,9 @@ def compare_tokenizers(impls: list[TokenizerImpl], strings: list[tuple[str, str]
 
 def tokenizer_parity(checkpoint: Path, strings: list[tuple[str, str]] | None = None) -> ParityReport:
     """Run every available tokenizer implementation of a checkpoint over the tricky-strings corpus."""
-    checkpoint = Path(checkpoint)
+    from bughunt import sources
+
+    checkpoint = sources.resolve(checkpoint)
     if not checkpoint.is_dir():
         raise BughuntError(f"{checkpoint} is not a checkpoint directory. Pass the directory holding config.json and the tokenizer files.")
     with contextlib.ExitStack() as stack:

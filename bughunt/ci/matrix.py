@@ -89,7 +89,9 @@ class CheckpointEntry:
 
             return tiny_checkpoint(self.tiny, self.seed, trained=self.trained)
         assert self.path is not None
-        return self.path
+        from bughunt import sources
+
+        return sources.resolve(self.path)  # a directory, a GGUF file's view or a hub id's snapshot
 
 
 @dataclass(frozen=True)
@@ -497,7 +499,7 @@ def _entry(file: MatrixFile, index: int, tokens: Tokens, source: Path) -> Checkp
     path = None
     if table.path is not None:
         path = Path(os.path.expanduser(table.path))
-        path = path if path.is_absolute() else source.parent / path
+        path = path if path.is_absolute() or not (source.parent / path).exists() and _hub_id(table.path) else source.parent / path
     own_tokens = table.tokens is not None
     return CheckpointEntry(
         name=table.cell_name, path=path, tiny=table.tiny, seed=table.seed or 0, reference=file.setting(table, "reference"),
@@ -530,3 +532,10 @@ def load_matrix(path: str | Path) -> Matrix:
     if not path.exists() and not path.is_symlink():
         raise BughuntError(f"matrix file {path} does not exist. Write one (see examples/bughunt.toml) or fix the path.")
     return parse_matrix(read_toml(path), path)
+
+
+def _hub_id(text: str) -> bool:
+    """Whether a matrix's path = "..." is a hub id (org/name[@rev]) rather than a path relative to the matrix file."""
+    from bughunt.hub import looks_like_hub_id
+
+    return looks_like_hub_id(text)

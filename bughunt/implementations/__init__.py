@@ -11,8 +11,12 @@ from dataclasses import dataclass, field
 from bughunt.errors import BughuntError
 
 DTYPES = ("fp64", "fp32", "bf16", "fp16")
-# weight types an implementation makes with its own quantizer (the reference's: its quantization noise floor)
-QUANTIZED = {"llamacpp": ("q8_0", "q4_k_m"), "reference": ("q8_0", "q4_k_m")}
+# llama.cpp's quantized file types (llama_ftype in llama.h): what `llamacpp:TYPE` runs (a checkpoint quantized by
+# llama.cpp's own quantizer, or a GGUF checkpoint's own file at its type) and what the reference's quantization noise
+# floor emulates
+QUANT_FTYPES = {"q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q5_1": 9, "q2_k": 10, "q3_k_s": 11, "q3_k_m": 12,
+                "q3_k_l": 13, "q4_k_s": 14, "q4_k_m": 15, "q5_k_s": 16, "q5_k_m": 17, "q6_k": 18}
+QUANTIZED = {"llamacpp": tuple(QUANT_FTYPES), "reference": tuple(QUANT_FTYPES)}
 DEVICES = ("cpu", "cuda")
 # implementations that run in the main process (no worker) unless given another interpreter: the float64 reference, whose
 # numpy forward steps side by side with its noise-floor passes; and which compute at float64 unless a dtype is given

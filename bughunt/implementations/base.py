@@ -51,6 +51,11 @@ class Runner:
     streams_layers = False
     converts_from_fp32 = False
 
+    @classmethod
+    def native_dtype(cls, checkpoint) -> str | None:
+        """The dtype it runs at when none is named, where the checkpoint itself decides (a GGUF file's type), else None."""
+        return None
+
     # how to install its stack; None: `pip install` of the modules it misses (bughunt implementations prints it)
     install_hint: str | None = None
 

@@ -17,8 +17,8 @@ import numpy as np
 from bughunt.errors import BughuntError
 from bughunt.implementations.base import Runner
 
-# bughunt dtype name -> llama_ftype for llama.cpp's quantizer (llama.h)
-QUANT_TYPES = {"q8_0": 7, "q4_k_m": 15}
+from bughunt.implementations import QUANT_FTYPES as QUANT_TYPES  # bughunt dtype name -> llama_ftype (llama.h)
+
 KV_CACHE_TYPES = {"f16": 1, "f32": 0, "bf16": 30, "q8_0": 8}  # ggml_type of the K and V cache
 FLASH_ATTN = {"auto": -1, "off": 0, "on": 1}  # llama_flash_attn_type
 # HF config architectures whose GGUF llama.cpp builds a graph for, by bughunt family (mistral converts to `llama`)
@@ -53,8 +53,12 @@ def gguf_file(checkpoint: Path, dtype: str, vocab: str = "auto") -> tuple[Path, 
     """The cached GGUF llama.cpp runs for `dtype`: the converter's output for fp32/fp16/bf16; for a quantized type,
     llama.cpp's own quantizer (`llama_model_quantize`) applied to the converter's f32 output (tensors whose rows do
     not fit the type's block fall back as llama.cpp decides; the GGUF records the type each tensor got)."""
+    from bughunt import sources
     from bughunt.implementations import gguf_convert
 
+    native = sources.native_gguf(checkpoint)
+    if native is not None and native[1] == dtype:  # a GGUF checkpoint at its own type: llama.cpp runs the file itself
+        return native[0], _native_record(native[0], dtype)
     path, record = gguf_convert.convert(checkpoint, "fp32" if dtype in QUANT_TYPES else dtype, vocab)
     record = dict(record)
     if dtype not in QUANT_TYPES:
@@ -78,6 +82,16 @@ def gguf_file(checkpoint: Path, dtype: str, vocab: str = "auto") -> tuple[Path, 
                 tmp.unlink()
     record["quantized"] = {"type": dtype, "by": "llama_model_quantize", "from": "f32"}
     return out, record
+
+
+def _native_record(path: Path, dtype: str) -> dict:
+    """The conversion record of a GGUF checkpoint run as it is (nothing converted or quantized by bughunt)."""
+    from bughunt.implementations.quantized_weights import import_gguf
+
+    reader = import_gguf().GGUFReader(str(path))
+    arch = str(bytes(reader.fields["general.architecture"].parts[-1]), "utf-8")
+    return {"gguf_arch": arch, "source": "the GGUF checkpoint's own file, run as it is", "file": str(path),
+            "type": dtype, "vocabulary": "real" if "tokenizer.ggml.tokens" in reader.fields else "none"}
 
 
 class LlamaCppRunner(Runner):
@@ -142,6 +156,14 @@ class LlamaCppRunner(Runner):
                       "rope_theta": None, "rope_theta_source": None}  # llama_context_params.rope_freq_base
     # context settings: every run makes a new context anyway
     live_toggles = frozenset({"bos", "kv_cache", "flash_attn", "rope_theta", "rope_theta_source"})
+
+    @classmethod
+    def native_dtype(cls, checkpoint: Path) -> str | None:
+        """A GGUF checkpoint's own type: without a dtype, llamacpp runs the file itself."""
+        from bughunt import sources
+
+        native = sources.native_gguf(checkpoint)
+        return native[1] if native else None
 
     def __init__(self, *args, vocab: str = "auto", **kwargs):
         super().__init__(*args, **kwargs)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bughunt.implementations import QUANT_FTYPES
 from bughunt.checkpoint import load_weights
 from bughunt.errors import BughuntError
 from bughunt.implementations.base import Runner
@@ -21,7 +22,7 @@ class ReferenceRunner(Runner):
     install_hint = "pip install -e .   (bughunt's core)"  # how to install its stack (bughunt implementations prints it)
     library_gb, streams_layers = 0.25, True  # numpy; one layer's weights in float64 at a time (bughunt/memory.py)
     families = ("gemma", "gemma2", "gemma3", "llama", "mistral", "phi3", "qwen2", "qwen3")
-    dtypes = ("fp64", "fp32", "bf16", "fp16", "q8_0", "q4_k_m")  # quantized: float64 on llama.cpp's quantized weights
+    dtypes = ("fp64", "fp32", "bf16", "fp16", *QUANT_FTYPES)  # quantized: float64 on llama.cpp's quantized weights
     devices = ("cpu", "cuda")  # numpy runs on the host whatever the device asked; the trace says so
     # every toggle but a library's runtime settings: the Policy's numerics choices, the Spec's values, bos
     toggle_support = {name: None for name, toggle in TOGGLES.items() if not toggle.setting}

@@ -12,8 +12,9 @@ import numpy as np
 from bughunt.lint.catalog import CHECKS, LINT_SCHEMA, SCHEMA_VERSION, SEVERITIES, _Context, Finding, _finding, _Skip
 from bughunt.lint.config_checks import (check_activation, check_max_position, check_pad_equals_eos, check_rope,
                                         check_sliding_window)
-from bughunt.lint.tokenizer_checks import (check_add_bos_flag, check_chat_template, check_special_tokens, check_tokenizer_bos,
-                                           check_tokenizer_loads, check_tokenizer_size, check_transformers_config)
+from bughunt.lint.tokenizer_checks import (check_add_bos_flag, check_bos_measured, check_bos_unmeasured, check_chat_template,
+                                           check_special_tokens, check_tokenizer_loads, check_tokenizer_size,
+                                           check_transformers_config)
 from bughunt.lint.weight_checks import (check_dtype, check_nonfinite_weights, check_tied_embeddings, check_untrained_rows,
                                         check_weights_against_config)
 
@@ -31,7 +32,8 @@ RULES: list[tuple[Callable[[_Context], list[Finding]], tuple[str, ...]]] = [
                              "untied-but-lm-head-equals-embed")),
     (check_transformers_config, ("transformers-rejects-config",)),
     (check_tokenizer_loads, ("tokenizer-unloadable",)),
-    (check_tokenizer_bos, ("tokenizer-no-bos",)),
+    (check_bos_measured, ("tokenizer-no-bos", "tokenizer-bos-unwanted")),
+    (check_bos_unmeasured, ("tokenizer-bos-unmeasured",)),
     (check_add_bos_flag, ("add-bos-token-disagrees",)),
     (check_chat_template, ("chat-template-double-bos", "chat-template-bos-retokenized", "chat-template-missing-bos")),
     (check_special_tokens, ("special-token-missing", "special-token-mismatch")),
@@ -90,7 +92,9 @@ def lint(checkpoint: Path, tokenizers: bool = False) -> LintReport:
 
     import bughunt
 
-    ctx = _Context(Path(checkpoint))
+    from bughunt import sources
+
+    ctx = _Context(sources.resolve(checkpoint))
     findings: list[Finding] = []
     checks: list[dict] = []
     for rule, ids in RULES:
@@ -104,7 +108,8 @@ def lint(checkpoint: Path, tokenizers: bool = False) -> LintReport:
         for cid in ids:
             c = CHECKS[cid]
             status = "skipped" if reason else ("fired" if cid in fired else "passed")
-            checks.append({"id": cid, "severity": c.severity, "title": c.title, "status": status, "reason": reason})
+            note = reason or (None if cid in fired else ctx.notes.get(cid))  # a passed check's note: what it measured or assumed
+            checks.append({"id": cid, "severity": c.severity, "title": c.title, "status": status, "reason": note})
     parity = None
     if tokenizers:
         from bughunt.tokenizer_parity import tokenizer_parity

@@ -65,7 +65,9 @@ def check(checkpoint: str | Path, impl: str, dtype: str = "fp32", device: str = 
     from bughunt.implementations import ImplChoice, runner_class
     from bughunt.spec import load_spec
 
-    checkpoint = Path(checkpoint)
+    from bughunt import sources
+
+    checkpoint = sources.resolve(checkpoint)
     spec = load_spec(checkpoint)
     validate_weights(checkpoint, spec)
     choice = ImplChoice.parse(impl) if isinstance(impl, str) else impl
