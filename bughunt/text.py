@@ -139,13 +139,10 @@ def load_tokenizer(checkpoint: Path, why: str):
     if not has_tokenizer(checkpoint):
         raise BughuntError(f"{checkpoint} has no tokenizer files ({', '.join(TOKENIZER_FILES)}), so {why} cannot be turned "
                            "into token ids. Add the checkpoint's tokenizer files, or give the ids with --tokens / --tokens-file.")
-    import os
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import transformers
 
-    try:
-        return transformers.AutoTokenizer.from_pretrained(str(checkpoint))
+    try:  # a local directory: local_files_only, without setting HF_HUB_OFFLINE for the rest of the process (hub ids)
+        return transformers.AutoTokenizer.from_pretrained(str(checkpoint), local_files_only=True)
     except Exception as e:  # a broken tokenizer is the user's file, not a crash of bughunt
         raise BughuntError(f"{checkpoint}: transformers' AutoTokenizer cannot load the tokenizer files "
                            f"({type(e).__name__}: {str(e)[:300]}). Fix the tokenizer files, or give ids with --tokens.") from None

@@ -307,3 +307,16 @@ def test_network_down_but_cached_resolves_from_the_cache(tiny, tmp_path):
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["revision"] == SHA_NEW
 
+
+
+def test_the_cli_and_the_tokenizer_leave_hf_hub_offline_unset(tiny, monkeypatch):
+    """A user who has not set HF_HUB_OFFLINE gets huggingface_hub's default (online): bughunt does not set it, not at
+    start-up and not when it loads a checkpoint's tokenizer, so a hub id named later still downloads."""
+    from bughunt.cli import quiet_libraries
+    from bughunt.text import load_tokenizer
+
+    for var in HUB_VARS:
+        monkeypatch.delenv(var, raising=False)
+    quiet_libraries()
+    load_tokenizer(tiny["llama"], "the text")
+    assert [var for var in HUB_VARS if var in os.environ] == []
