@@ -12,18 +12,25 @@ from bughunt.numbers import multiple
 
 
 @pytest.mark.parametrize("value, text", [
-    (6696787.9, "6.7e6x"), (6e6, "6e6x"), (12345.0, "1.2e4x"), (9999.6, "1e4x"), (1e300, "1e300x"),
+    (6696787.9, "6.7e6x"), (12345.0, "1.2e4x"), (9999.6, "1.0e4x"), (1e300, "1e300x"),
     (9999.4, "9999x"), (123.4, "123x"), (11.4, "11x"), (10.0, "10x"), (9.96, "10x"),
-    (3.2, "3.2x"), (3.25, "3.2x"), (1.0, "1x"), (0.4, "0.4x"), (0.0431, "0.043x"), (0.001, "0.001x"), (9.96e-4, "0.001x"),
+    (3.2, "3.2x"), (3.25, "3.2x"), (0.4, "0.4x"), (0.0431, "0.043x"), (0.001, "0.001x"), (9.96e-4, "0.0010x"),
     (3.14e-4, "3.1e-4x"), (1e-9, "1e-9x"), (-3.2, "-3.2x"),
 ])
 def test_a_multiple_has_two_significant_digits_and_scientific_notation_from_1e4(value, text):
     assert multiple(value) == text
 
 
-def test_only_an_exact_zero_reads_as_zero_and_the_unusual_values_read_plainly():
-    assert multiple(0) == "0x" and multiple(0.0) == "0x" and multiple(-0.0) == "0x"
-    assert multiple(1e-300) == "1e-300x"  # tiny but not zero: never 0x or 0.0x
+@pytest.mark.parametrize("value, text", [
+    (0.0, "0x"), (-0.0, "0x"), (1e-300, "1e-300x"), (1.0, "1x"), (1.0496, "1.0x"), (0.999, "1.0x"), (0.403, "0.40x"),
+    (6e6, "6e6x"), (6.02e6, "6.0e6x"), (1.02e-9, "1.0e-9x"),
+])
+def test_only_an_exact_value_looks_exact(value, text):
+    """A zero rounding leaves stays (1.0x is 1.0496); an exact one goes (1x is one); nothing but zero reads 0x."""
+    assert multiple(value) == text
+
+
+def test_none_infinity_and_nan_read_plainly():
     assert multiple(None) == "–" and multiple(float("inf")) == "∞x" and multiple(float("nan")) == "NaN"
 
 
