@@ -23,8 +23,8 @@ $(VENV)/.core: $(VENV)/bin/python pyproject.toml
 	$(PIP) install -q -e .
 	touch $@
 
-$(VENV)/.stacks: $(VENV)/.core requirements/keras.txt requirements/jax.txt requirements/mlx.txt
-	$(PIP) install -q --no-deps -r requirements/keras.txt -r requirements/jax.txt -r requirements/mlx.txt
+$(VENV)/.stacks: $(VENV)/.core requirements/keras.txt requirements/jax.txt requirements/mlx.txt requirements/real.txt
+	$(PIP) install -q --no-deps -r requirements/keras.txt -r requirements/jax.txt -r requirements/mlx.txt -r requirements/real.txt
 	touch $@
 
 $(VENV)/.test: $(VENV)/.stacks

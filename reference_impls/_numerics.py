@@ -22,6 +22,10 @@ ROPE_DTYPE = ("fp32", "model")
 ROPE_PAIRING = ("half", "interleaved")
 NORM_DTYPE = ("fp32", "mixed", "model")
 EMBED_SCALE_DTYPE = ("fp32", "model")
+# How the products of a matrix multiply are summed. Not a toggle (no implementation chooses it on purpose): the noise
+# floor's passes use the fp32 orders, since a correct fp32, bf16 or fp16 GEMM sums in fp32 in whatever order its
+# kernel blocks the reduction, and two correct kernels differ by that order's rounding, not by one final rounding.
+ACCUMULATE = ("exact", "fp32", "fp32-reversed")
 
 
 # Every numerics choice of the Policy below and the values it takes: bughunt's toggles of the same names are read off
@@ -54,10 +58,15 @@ class Policy:
     attn_dtype: str = "mixed"  # "mixed": scores in the model dtype, softmax in fp32 (HF eager); "fp32": both in fp32; "model": both in the model dtype
     logits_dtype: str = "model"  # "fp32": the output embedding's product (and soft-cap) kept in fp32
     matmul_inputs: str = "model"  # "tf32"/"bf16"/"fp16": both operands of each linear layer rounded to that first
+    # "exact": products summed in float64, the result rounded once (an ideal fused GEMM); "fp32": summed in fp32 by
+    # numpy's BLAS (sgemm) in its own blocking order; "fp32-reversed": the same with the reduction's order reversed
+    accumulate: str = "exact"
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"Policy.dtype={self.dtype!r}; allowed: {tuple(DTYPES)}")
+        if self.accumulate not in ACCUMULATE:
+            raise ValueError(f"Policy.accumulate={self.accumulate!r}; allowed: {ACCUMULATE}")
         for name, allowed in POLICY_CHOICES.items():
             allowed = allowed + ((None,) if name in ("gelu", "norm_dtype") else ())  # None: the spec's or family's own
             if getattr(self, name) not in allowed:
@@ -71,6 +80,16 @@ CHUNK_BYTES = 64 << 20
 # they stay in the CPU cache and come from malloc's heap, not from fresh pages. Larger blocks were measured 3-5x
 # slower at 512 tokens (a fresh 64 MB temporary spends most of its time in page faults), for the same arithmetic.
 ATTN_BLOCK_BYTES = 4 << 20
+
+
+def quantized_operand(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """x as a product with weight w sees it: quantized to w's activation type where w carries one (llama.cpp)."""
+    kind = getattr(w, "activations", None)
+    if kind is None:
+        return x
+    from reference_impls._activations import quantize_activations
+
+    return quantize_activations(x, kind)
 
 
 class Numerics:
@@ -110,12 +129,25 @@ class Numerics:
             return x.astype(DTYPES[dtype]).astype(np.float64)
 
     # -- building blocks --------------------------------------------------------------------
+    def matmul(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """a @ b, its products summed as Policy.accumulate says: in float64 ("exact"), or in fp32 by BLAS, in its order
+        or with the reduction reversed (operands already rounded to fp32 or lower are exact in fp32)."""
+        if self.policy.accumulate == "exact":
+            return a @ b
+        if self.policy.accumulate == "fp32-reversed":
+            a, b = a[..., ::-1], b[..., ::-1, :]
+        with np.errstate(invalid="ignore", over="ignore"):
+            return np.matmul(a.astype(np.float32), b.astype(np.float32)).astype(np.float64)
+
     def linear(self, x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None) -> np.ndarray:
-        """y = x W^T (+ b): products accumulate at high precision, the output is rounded once (as a fused GEMM does)."""
+        """y = x W^T (+ b), the output rounded once (as a fused GEMM does); the products are summed as
+        Policy.accumulate says."""
         if self.policy.matmul_inputs != "model":  # TF32 or autocast: the product sees rounded operands
             x, w = self.r_to(x, self.policy.matmul_inputs), self.r_to(w, self.policy.matmul_inputs)
+        x, w = quantized_operand(x, w), np.asarray(w)  # llama.cpp's quantized weights: activations quantized too
         with np.errstate(invalid="ignore", over="ignore"):  # inf from an emulated overflow propagates as it would
-            return self.r(x @ w.T if b is None else x @ w.T + b)
+            y = self.matmul(x, w.T)
+            return self.r(y if b is None else y + b)
 
     def rms_norm(self, x: np.ndarray, w: np.ndarray, eps: float, form: str, norm_dtype: str) -> np.ndarray:
         """RMSNorm (Zhang & Sennrich 2019): x / sqrt(mean(x^2) + eps) * scale, scale = w or (1 + w) (Gemma)."""
@@ -282,7 +314,7 @@ class Numerics:
             # Only the keys some query of the block may see: causal, so none after q1; a window, none before q0-window+1.
             # The keys left out would get probability 0 and add nothing.
             k0 = 0 if window is None else max(0, q0 - window + 1)
-            scores = rs(rs(qg[..., q0:q1, :] @ kt[..., k0:q1]) * scale)
+            scores = rs(rs(self.matmul(qg[..., q0:q1, :], kt[..., k0:q1])) * scale)
             if softcap is not None:  # Gemma 2: cap * tanh(scores / cap)
                 scores = rs(rs(np.tanh(rs(scores / softcap))) * softcap)
             qi, ki = np.arange(q0, q1)[:, None], np.arange(k0, q1)[None, :]
@@ -301,7 +333,7 @@ class Numerics:
                 p = self.r(self.r32(p / p.sum(axis=-1, keepdims=True)))  # softmax in fp32, then back to the model dtype
             if inner:
                 probs_out[:, q0:q1] = self._all_keys(p, k0, s).reshape(b, h, q1 - q0, s).transpose(0, 2, 1, 3)
-            merged[..., q0:q1, :] = self.r(p @ vg[..., k0:q1, :])
+            merged[..., q0:q1, :] = self.r(self.matmul(p, vg[..., k0:q1, :]))
         merged = merged.reshape(b, h, s, v.shape[-1])
         if inner:
             out[f"{inner}.scores"], out[f"{inner}.probs"] = scores_out, probs_out
@@ -324,7 +356,7 @@ class Numerics:
         for v0 in range(0, vocab, step):
             w = weights.rows(name, slice(v0, v0 + step))
             if self.policy.logits_dtype == "fp32":  # the product and its soft-cap kept in fp32
-                y = self.r32(x @ w.T)
+                y = self.r32(self.matmul(quantized_operand(x, w), np.asarray(w).T))
                 out[..., v0:v0 + step] = y if cap is None else self.r32(self.r32(np.tanh(self.r32(y / cap))) * cap)
             else:
                 out[..., v0:v0 + step] = self.softcap(self.linear(x, w), cap)

@@ -47,14 +47,34 @@ class Weights:
         return a64
 
     def __getitem__(self, name: str) -> np.ndarray:
-        return self._convert((name,), lambda: self.stored[name])
+        return self._marked(name, self._convert((name,), lambda: self.stored[name]))
 
     def rows(self, name: str, index) -> np.ndarray:
         key = (name, (index.start, index.stop) if isinstance(index, slice) else np.asarray(index).tobytes())
-        return self._convert(key, lambda: self.stored[name][index])
+        a = self._convert(key, lambda: self.stored[name][index])
+        return self._marked(name, a) if isinstance(index, slice) else a  # ids' rows are a lookup, not a product
+
+    def _marked(self, name: str, a: np.ndarray) -> np.ndarray:
+        """A weight llama.cpp multiplies by quantized activations (the stored mapping says which: the quantization
+        noise floor's weights) comes back as a view that carries the activation type (reference_impls/_activations.py)."""
+        kind = getattr(self.stored, "activation_type", lambda name: None)(name)
+        if kind is None:
+            return a
+        marked = a.view(QuantizedOperand)
+        marked.activations = kind
+        return marked
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.stored[name].shape)
+
+
+class QuantizedOperand(np.ndarray):
+    """A weight whose products see the other operand quantized to `activations` (Q8_0, Q8_1, Q8_K) first."""
+
+    activations: str | None = None
+
+    def __array_finalize__(self, obj) -> None:
+        self.activations = getattr(obj, "activations", None)
 
 
 # Conversions of at least this many elements are split across threads (numpy's casts release the GIL).

@@ -38,3 +38,20 @@ def tiny():
 @pytest.fixture(scope="session")
 def tokens():
     return TOKENS.copy()
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf():
+    """The real trained model bughunt ships for its tests (requirements/real.txt): SmolLM2-135M-Instruct, Q4_1 GGUF."""
+    from bughunt.sources import real_model
+
+    return real_model()
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_gguf):
+    """The real model's checkpoint view: a Hugging Face-format directory of its dequantized float32 weights, derived
+    from the GGUF once per cache (bughunt/gguf_view.py)."""
+    from bughunt.sources import resolve
+
+    return resolve(smollm2_gguf)

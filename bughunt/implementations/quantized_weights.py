@@ -85,5 +85,15 @@ class QuantizedWeights(MappedWeights):
         self._done[name] = out
         return out
 
+    def activation_type(self, name: str) -> str | None:
+        """The type llama.cpp's CPU dot product quantizes the activations to for this weight (None: not quantized)."""
+        from reference_impls._activations import VEC_DOT_TYPE
+
+        gname = self.gguf_name(name)
+        tensor = self.stored.get(gname) if gname else None
+        if tensor is None or len(tensor.shape) < 2 or name == "model.embed_tokens.weight" and not self.spec.tie_word_embeddings:
+            return None  # the input embedding is a row lookup, not a product
+        return VEC_DOT_TYPE.get(tensor.tensor_type.name)
+
     def get(self, name, default=None):
         return self[name] if name in self else default
