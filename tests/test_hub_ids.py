@@ -320,3 +320,54 @@ def test_the_cli_and_the_tokenizer_leave_hf_hub_offline_unset(tiny, monkeypatch)
     quiet_libraries()
     load_tokenizer(tiny["llama"], "the text")
     assert [var for var in HUB_VARS if var in os.environ] == []
+
+
+# --- through the CLI (bughunt/sources.py resolves every checkpoint argument), each in a fresh interpreter ---
+
+def _bughunt(args: list[str], env_changes: dict[str, str | None], cwd: Path) -> subprocess.CompletedProcess:
+    return _run_python(f"import sys\nfrom bughunt.cli import main\nsys.exit(main({args!r}))", env_changes, cwd)
+
+
+def test_cli_lint_a_cached_hub_id(hub, tmp_path):
+    out = _bughunt(["lint", "tiny-org/tiny-llama@v1"], {"HF_HOME": str(hub), "HF_HUB_OFFLINE": "1"}, tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert str(hub / "hub" / "models--tiny-org--tiny-llama" / "snapshots" / SHA_OLD) in out.stdout
+
+
+def test_cli_a_missing_hub_id_exits_2_with_its_message(hub, tmp_path):
+    out = _bughunt(["lint", "org/missing"], {"HF_HOME": str(hub), "HF_HUB_OFFLINE": "1"}, tmp_path)
+    assert out.returncode == 2, (out.stdout, out.stderr)
+    assert "Traceback" not in out.stderr + out.stdout
+    assert out.stderr.startswith("bughunt: error: hub id org/missing (revision main) is not in the hub cache"), out.stderr
+    for needle in ("HF_HUB_OFFLINE", "HF_HOME", "`hf download org/missing`"):
+        assert needle in out.stderr, (needle, out.stderr)
+
+
+def test_cli_goes_online_unless_hf_hub_offline_is_set(fake_hub, tmp_path):
+    """HF_HUB_OFFLINE unset: the CLI asks the hub (here a local server that knows no repository) and says what it said."""
+    out = _bughunt(["lint", "tiny-org/missing"], {"HF_HOME": str(tmp_path / "home"), "HF_ENDPOINT": fake_hub}, tmp_path)
+    assert out.returncode == 2, (out.stdout, out.stderr)
+    assert "Traceback" not in out.stderr
+    assert "was not found on the hub: 404" in out.stderr, out.stderr
+
+
+def test_cli_a_local_directory_named_like_the_id_wins(hub, tiny, tmp_path):
+    """A directory org/name in the working directory is read, not the hub cache's snapshot of org/name."""
+    local = tmp_path / "work" / "tiny-org" / "tiny-llama"
+    local.parent.mkdir(parents=True)
+    local.symlink_to(tiny["llama"], target_is_directory=True)
+    out = _bughunt(["lint", "tiny-org/tiny-llama"], {"HF_HOME": str(hub), "HF_HUB_OFFLINE": "1"}, tmp_path / "work")
+    assert out.returncode == 0, out.stderr
+    assert "snapshots" not in out.stdout and " tiny-org/tiny-llama " in out.stdout, out.stdout
+
+
+def test_cli_compare_records_the_resolved_commit(hub, tmp_path):
+    """result.json says which hub id and commit were compared, and its command line pins the commit."""
+    out_dir = tmp_path / "out"
+    out = _bughunt(["compare", "tiny-org/tiny-llama", "--impl", "reference:fp32", "--impl", "reference", "--in-process",
+                    "--tokens", "2,17,99,5", "--out", str(out_dir)], {"HF_HOME": str(hub), "HF_HUB_OFFLINE": "1"}, tmp_path)
+    assert out.returncode == 0, out.stderr
+    result = json.loads((out_dir / "result.json").read_text())
+    assert result["checkpoint"]["source"]["hub_id"] == "tiny-org/tiny-llama"
+    assert result["checkpoint"]["source"]["revision"] == SHA_NEW
+    assert f"tiny-org/tiny-llama@{SHA_NEW}" in result["command"]
