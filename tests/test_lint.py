@@ -118,7 +118,9 @@ PLANTED = {
                                                        "original_max_position_embeddings": 4096})),
     "transformers-rejects-config": ("llama", rope({"rope_type": "linear", "rope_theta": 10000.0})),
     "tokenizer-unloadable": ("gemma", lambda d: (d / "tokenizer.json").write_text("{ this is not json")),
-    "tokenizer-no-bos": ("llama", no_bos),
+    # Seeded (untrained) weights cannot show a BOS convention, so dropping BOS there is the family-assumption warning;
+    # the measured errors (tokenizer-no-bos, tokenizer-bos-unwanted) need trained weights: PLANTED_TRAINED below.
+    "tokenizer-bos-unmeasured": ("llama", no_bos),
     "add-bos-token-disagrees": ("llama", tok_config(add_bos_token=False)),
     "chat-template-double-bos": ("gemma", tok_config(chat_template="{{ bos_token }}" + GEMMA_CHAT_TEMPLATE)),
     "chat-template-bos-retokenized": ("llama", tok_config(chat_template="{{ bos_token }}{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}")),
@@ -135,9 +137,63 @@ PLANTED = {
 }
 
 
+# Checks that need weights trained with a known BOS convention: check id -> (trained checkpoint, plant). The clean
+# case is the trained checkpoint as built (its tokenizer follows the convention the weights were trained with).
+PLANTED_TRAINED = {"tokenizer-no-bos": ("bos-first", no_bos)}
+# No small trained checkpoint loses clearly by an added BOS (measured, nats/token: the tiny llama of tiny_train 0.009;
+# with its BOS row scaled 30x 0.045; one trained without BOS 0.003; SmolLM2-135M 0.040 with <|im_start|>, 0.047 with
+# <|im_end|>). So this check's decision is tested on a stated measurement, through the check itself.
+PLANTED_MEASUREMENT = {"tokenizer-bos-unwanted": dict(tokenizer_adds_bos=True, loss_with_bos=3.5, loss_without_bos=3.2)}
+
+
+def train_bos_first(out: Path, steps: int = 120) -> Path:
+    """A tiny llama trained (deterministically, ~10 s on 2 cores) on windows of the shipped text that each start with
+    BOS, as real models trained with BOS are: unlike bughunt.tiny_train's windows cut anywhere from the text, these
+    teach the weights to expect BOS first (measured: 0.24 nats/token worse without it)."""
+    import torch
+    import transformers
+
+    from bughunt.tiny_tokenizer import CORPUS
+    from bughunt.tiny_train import BATCH, LEARNING_RATE, LENGTH, deterministic_torch
+
+    make_tiny_checkpoint("llama", out, seed=0)
+    tok = transformers.AutoTokenizer.from_pretrained(str(out))
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
+    text = [p for p in CORPUS.read_text(encoding="utf-8").split("\n") if p.strip()]
+    ids = np.asarray([i for p in text for i in tok(p, add_special_tokens=False)["input_ids"]])
+    rng = np.random.default_rng(0)
+    with deterministic_torch():
+        torch.manual_seed(0)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=0.0)
+        model.train()
+        for _ in range(steps):
+            starts = rng.integers(0, len(ids) - LENGTH, size=BATCH)
+            batch = torch.from_numpy(np.stack([np.concatenate([[tok.bos_token_id], ids[a:a + LENGTH - 1]]) for a in starts]))
+            loss = model(input_ids=batch, labels=batch).loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+    model.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def trained_dirs(tmp_path_factory):
+    made: dict[str, Path] = {}
+
+    def get(kind: str) -> Path:
+        if kind not in made:
+            made[kind] = train_bos_first(tmp_path_factory.mktemp(kind) / "llama")
+        return made[kind]
+
+    return get
+
+
 def test_every_check_has_a_planted_case():
     ruled = {cid for _, ids in RULES for cid in ids} | {"tokenizer-parity"}
-    assert ruled == set(CHECKS) == set(PLANTED)
+    assert ruled == set(CHECKS) == set(PLANTED) | set(PLANTED_TRAINED) | set(PLANTED_MEASUREMENT)
+    assert not set(PLANTED) & set(PLANTED_TRAINED) and not set(PLANTED) & set(PLANTED_MEASUREMENT)
     for c in CHECKS.values():
         assert c.severity in ("error", "warning", "info") and c.explanation and c.fix
 
@@ -159,6 +215,79 @@ def test_check_fires_on_planted_defect_and_not_on_clean(check_id, clean_dirs, cl
     assert report.exit_code == (1 if any(x.severity == "error" for x in report.findings) else 0)
     if CHECKS[check_id].severity == "error":
         assert report.exit_code == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("check_id", sorted(PLANTED_TRAINED))
+def test_bos_error_fires_only_with_a_measured_margin(check_id, trained_dirs, tmp_path):
+    """On trained weights the tokenizer's BOS convention is judged by the loss it costs: the clean checkpoint passes
+    (its tokenizer's convention measured as no worse), the planted one is an error whose finding states both losses,
+    the token count and the margin."""
+    from bughunt.lint.bos_measure import CLEAR_MARGIN
+
+    kind, plant = PLANTED_TRAINED[check_id]
+    clean = lint(trained_dirs(kind))
+    assert clean.exit_code == 0 and not {"tokenizer-no-bos", "tokenizer-bos-unwanted", "tokenizer-bos-unmeasured"} & clean.fired(), \
+        format_table(clean)
+    note = next(c for c in clean.checks if c["id"] == check_id)
+    assert note["status"] == "passed" and "nats/token" in note["reason"], note
+
+    planted = tmp_path / "planted"
+    shutil.copytree(trained_dirs(kind), planted)
+    plant(planted)
+    report = lint(planted)
+    f = next(f for f in report.findings if f.check == check_id)
+    assert f.severity == "error" and report.exit_code == 1
+    d = f.details
+    assert d["margin"] >= CLEAR_MARGIN and d["margin"] == pytest.approx(
+        (d["loss_without_bos"] - d["loss_with_bos"]) * (-1 if d["tokenizer_adds_bos"] else 1))
+    assert d["tokens"] >= 64 and not d["tokenizer_adds_bos"]
+    for figure in (f"{d['loss_with_bos']:.3f}", f"{d['loss_without_bos']:.3f}", f"{d['margin']:.3f}", f"over {d['tokens']} tokens"):
+        assert figure in f.message, f.message
+    assert "tokenizer-bos-unmeasured" not in report.fired()
+
+
+@pytest.mark.parametrize("check_id", sorted(PLANTED_MEASUREMENT))
+@pytest.mark.parametrize("margin", [0.3, 0.05, -0.3])
+def test_bos_decision_on_a_stated_measurement(check_id, margin, clean_dirs):
+    """The measured checks fire exactly when the tokenizer's convention loses by CLEAR_MARGIN or more."""
+    from bughunt.lint.bos_measure import CLEAR_MARGIN, BosMeasurement
+    from bughunt.lint.catalog import _Context
+    from bughunt.lint.tokenizer_checks import check_bos_measured
+
+    given = PLANTED_MEASUREMENT[check_id]
+    losses = {"loss_with_bos": 3.2 + margin, "loss_without_bos": 3.2} if given["tokenizer_adds_bos"] else \
+        {"loss_with_bos": 3.2, "loss_without_bos": 3.2 + margin}
+    ctx = _Context(clean_dirs("llama"))
+    ctx.__dict__["bos_evidence"] = BosMeasurement(2, "<s>", given["tokenizer_adds_bos"], tokens=200, standard_error=0.01,
+                                                  uniform_loss=5.5, seconds=1.0, **losses)
+    found = check_bos_measured(ctx)
+    assert [f.check for f in found] == ([check_id] if margin >= CLEAR_MARGIN else [])
+    if found:
+        assert found[0].severity == "error" and f"worse by {margin:.3f} nats/token" in found[0].message
+    else:
+        assert "nats/token" in ctx.notes[check_id]
+
+
+def test_untrained_weights_fall_back_to_the_family_convention_as_a_warning(clean_dirs, tmp_path):
+    """Seeded weights predict text no better than chance: no measured error, a warning that names what it assumes."""
+    d = tmp_path / "llama"
+    shutil.copytree(clean_dirs("llama"), d)
+    no_bos(d)
+    report = lint(d)
+    assert report.exit_code == 0 and "tokenizer-no-bos" not in report.fired()
+    f = next(f for f in report.findings if f.check == "tokenizer-bos-unmeasured")
+    assert f.severity == "warning" and "assumes the llama convention of BOS first" in f.message and "untrained" in f.message
+    skipped = {c["id"]: c["reason"] for c in report.checks if c["status"] == "skipped"}
+    assert "look untrained" in skipped["tokenizer-no-bos"]
+
+
+def test_pad_equals_eos_is_info_and_says_when_it_bites(clean_dirs, tmp_path):
+    d = tmp_path / "gemma"
+    shutil.copytree(clean_dirs("gemma"), d)
+    config(pad_token_id=1)(d)
+    f = next(f for f in lint(d).findings if f.check == "pad-equals-eos")
+    assert f.severity == "info" and "harmless for a single unpadded sequence" in f.message and "fine-tuning" in f.message
 
 
 def test_untrained_rows_are_listed_with_token_ids(clean_dirs, tmp_path):

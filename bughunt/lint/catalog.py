@@ -15,7 +15,8 @@ from bughunt.spec import Spec, load_config, spec_from_config
 SCHEMA_VERSION = 1
 LINT_SCHEMA = "bughunt.lint"
 SEVERITIES = ("error", "warning", "info")
-# Families whose released tokenizers put BOS first and whose models were trained that way.
+# Families whose released tokenizers usually put BOS first. Only an assumption, used where the convention cannot be
+# measured (bos_measure.py): a checkpoint of these families may well be trained without BOS (SmolLM2 is a llama).
 EXPECTS_BOS = ("gemma", "gemma2", "gemma3", "llama", "mistral")
 # A row whose L2 norm is below this fraction of the median row norm was almost certainly never trained.
 UNTRAINED_ROW_RATIO = 1e-2
@@ -52,12 +53,13 @@ def _c(id: str, severity: str, title: str, explanation: str, fix: str) -> Check:
 
 
 CHECKS: dict[str, Check] = {c.id: c for c in (
-    _c("pad-equals-eos", "warning", "padding token is the end-of-sequence token",
-       "When pad and EOS share an id, masks built as `ids != pad_token_id` also hide real EOS tokens: a fine-tuned "
-       "model never sees EOS in its loss and does not learn to stop, and batched generation cannot tell padding "
-       "from end of text.",
-       "Give padding its own token (a <pad> or an unused reserved token) and set pad_token_id in config.json and "
-       "pad_token in tokenizer_config.json to it."),
+    _c("pad-equals-eos", "info", "padding token is the end-of-sequence token",
+       "Harmless for what bughunt runs (one unpadded sequence per row: no implementation masks by pad id) and for "
+       "unbatched generation. It bites in two places: fine-tuning, where labels masked as `ids == pad_token_id` also "
+       "hide every real EOS, so the model does not learn to stop; and batched generation or padded batches, where a "
+       "mask built from ids cannot tell padding from end of text.",
+       "Before fine-tuning or padded batching, give padding its own token (a <pad> or an unused reserved token) and "
+       "set pad_token_id in config.json and pad_token in tokenizer_config.json to it."),
     _c("sliding-window-off-by-one", "warning", "sliding window one less than a round number",
        "Implementations disagree on whether the window counts the query itself (q - k < w or q - k <= w). A "
        "window of 2^n - 1 (or 999, 3999) usually means a value written for one convention and read by the other, "
@@ -142,11 +144,24 @@ CHECKS: dict[str, Check] = {c.id: c for c in (
        "AutoTokenizer fails on the tokenizer files, so every text-based pipeline fails or falls back to something "
        "else.",
        "Re-save the tokenizer with save_pretrained from a working copy; check tokenizer_class in tokenizer_config.json."),
-    _c("tokenizer-no-bos", "error", "tokenizer does not add BOS though the model expects it",
-       "This family was trained with BOS first in every sequence. Without it the first positions see an input "
-       "unlike training and outputs drift (the Gemma 'missing BOS' bug).",
+    _c("tokenizer-no-bos", "error", "tokenizer adds no BOS though the weights measurably need it",
+       "Measured with the float64 reference (no library under test): the shipped text costs clearly more nats per "
+       "token without BOS than with it, so the weights were trained with BOS first. Every text-based pipeline that "
+       "follows this tokenizer feeds inputs unlike training and its outputs drift (the Gemma 'missing BOS' bug).",
        "Give tokenizer.json a post_processor that puts BOS first (transformers 5 follows it, not add_bos_token) "
        "and set add_bos_token: true in tokenizer_config.json for the sentencepiece paths."),
+    _c("tokenizer-bos-unwanted", "error", "tokenizer adds BOS though the weights measurably do better without it",
+       "Measured with the float64 reference (no library under test): the shipped text costs clearly more nats per "
+       "token with the BOS the tokenizer prepends than without it, so the weights were trained without BOS (or with "
+       "another first token). Every text-based pipeline that follows this tokenizer feeds an input unlike training.",
+       "Remove BOS from tokenizer.json's post_processor and set add_bos_token: false in tokenizer_config.json, or "
+       "set bos_token_id to the token the model was trained to see first."),
+    _c("tokenizer-bos-unmeasured", "warning", "tokenizer adds no BOS; not measured, the family's usual convention assumed",
+       "Whether the weights want BOS could not be measured (the reason is in the finding), and this family's "
+       "released tokenizers usually put BOS first. If this checkpoint was trained that way, inputs without BOS "
+       "drift; if it was trained without BOS (as SmolLM2 was), nothing is wrong.",
+       "Check the model card or the training code for the BOS convention; if it is BOS first, make the tokenizer "
+       "add it (tokenizer.json post_processor and add_bos_token)."),
     _c("add-bos-token-disagrees", "warning", "add_bos_token disagrees with tokenizer.json's post-processor",
        "tokenizer_config.json's add_bos_token says one thing and tokenizer.json's post_processor does the other. "
        "transformers 5 follows the post_processor when tokenizer.json exists; sentencepiece-based paths (slow "
@@ -160,9 +175,10 @@ CHECKS: dict[str, Check] = {c.id: c for c in (
        "The template writes BOS and the tokenizer also adds BOS by default, so the common pattern "
        "`tokenizer(tokenizer.apply_chat_template(..., tokenize=False))` starts with two BOS tokens.",
        "Tokenize rendered chat text with add_special_tokens=False, or use apply_chat_template(tokenize=True)."),
-    _c("chat-template-missing-bos", "warning", "the chat template path gives no BOS though the model expects it",
+    _c("chat-template-missing-bos", "warning", "the chat template path gives no BOS though the model wants it",
        "apply_chat_template(tokenize=True) encodes without special tokens, so unless the template writes "
-       "{{ bos_token }} chat prompts reach the model without BOS.",
+       "{{ bos_token }} chat prompts reach the model without BOS. Fires when the measured loss says the weights want "
+       "BOS first, or, where that cannot be measured, on the family's usual convention (the finding says which).",
        "Start the chat template with {{ bos_token }}."),
     _c("special-token-missing", "error", "a special-token id from config.json is not in the tokenizer vocabulary",
        "config.json names a bos/eos/pad id the tokenizer does not have, so generation stops on, or pads with, "
@@ -222,6 +238,7 @@ class _Context:
         self.checkpoint = Path(checkpoint)
         self.cfg = load_config(self.checkpoint)
         self.spec: Spec = spec_from_config(self.cfg, str(self.checkpoint / "config.json"))
+        self.notes: dict[str, str] = {}  # check id -> what a check that passed measured or assumed (the table's note)
 
     @cached_property
     def stored(self) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -266,6 +283,33 @@ class _Context:
             return transformers.AutoTokenizer.from_pretrained(str(self.checkpoint))
         except Exception as e:
             raise _Skip(f"AutoTokenizer cannot load the tokenizer ({type(e).__name__}: {e})") from None
+
+    def bos_id(self) -> int | None:
+        """config.json's bos_token_id, else the tokenizer's."""
+        if self.spec.bos_token_id is not None:
+            return self.spec.bos_token_id
+        return self.tokenizer.bos_token_id
+
+    @cached_property
+    def bos_evidence(self):
+        """The measured BOS convention (a bos_measure.BosMeasurement on weights that predict the text better than
+        chance), or a sentence saying why it could not be measured. Raises _Skip when there is no tokenizer."""
+        from bughunt.lint.bos_measure import measure_bos
+
+        tok = self.tokenizer
+        bos = self.bos_id()
+        if bos is None:
+            return "neither config.json nor the tokenizer names a BOS token"
+        if not 0 <= bos < self.spec.vocab_size:
+            return f"the BOS id {bos} is outside the embedding's {self.spec.vocab_size} rows"
+        with np.errstate(all="ignore"):
+            got = measure_bos(self.checkpoint, self.spec, tok, bos)
+        if not isinstance(got, str) and not np.isfinite([got.loss_with_bos, got.loss_without_bos]).all():
+            return "the forward pass gives non-finite losses (see weights-nonfinite)"
+        if not isinstance(got, str) and not got.trained:
+            return (f"the weights predict the shipped text no better than chance ({min(got.loss_with_bos, got.loss_without_bos):.2f} "
+                    f"nats/token against {got.uniform_loss:.2f} for a uniform guess): they look untrained")
+        return got
 
     def eos_ids(self) -> list[int]:
         eos = self.spec.eos_token_id

@@ -8,11 +8,15 @@ from bughunt.lint.catalog import KNOWN_ROPE_TYPES, ROPE_EXTENDS_CONTEXT, ROPE_RE
 from bughunt.spec import _ACTIVATIONS
 
 
+_PAD_HARM = ("harmless for a single unpadded sequence (every bughunt run); it bites when fine-tuning masks labels by pad "
+             "id (EOS is never learned) and in padded batches")
+
+
 def check_pad_equals_eos(ctx: _Context) -> list[Finding]:
     out = []
     pad, eos = ctx.spec.pad_token_id, ctx.eos_ids()
     if pad is not None and pad in eos:
-        out.append(_finding("pad-equals-eos", f"config.json: pad_token_id={pad} is also an eos_token_id ({eos})",
+        out.append(_finding("pad-equals-eos", f"config.json: pad_token_id={pad} is also an eos_token_id ({eos}); {_PAD_HARM}",
                             source="config.json", pad_token_id=pad, eos_token_id=eos))
     if any(n in ctx.tokenizer_files for n in ("tokenizer.json", "tokenizer.model")):
         try:
@@ -20,7 +24,7 @@ def check_pad_equals_eos(ctx: _Context) -> list[Finding]:
         except _Skip:
             return out
         if tok.pad_token_id is not None and tok.pad_token_id == tok.eos_token_id and not out:
-            out.append(_finding("pad-equals-eos", f"tokenizer: pad_token {tok.pad_token!r} is the eos_token (id {tok.pad_token_id})",
+            out.append(_finding("pad-equals-eos", f"tokenizer: pad_token {tok.pad_token!r} is the eos_token (id {tok.pad_token_id}); {_PAD_HARM}",
                                 source="tokenizer", pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id))
     return out
 

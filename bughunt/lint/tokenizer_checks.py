@@ -30,16 +30,44 @@ def _bos_id(ctx: _Context, tok) -> int | None:
     return ctx.spec.bos_token_id if ctx.spec.bos_token_id is not None else tok.bos_token_id
 
 
-def check_tokenizer_bos(ctx: _Context) -> list[Finding]:
+def _tokenizer_adds_bos(ctx: _Context) -> tuple[bool, list[int], int | None]:
     tok = ctx.tokenizer
-    if ctx.spec.family not in EXPECTS_BOS:
-        raise _Skip(f"{ctx.spec.family} models do not expect BOS")
     bos = _bos_id(ctx, tok)
-    ids = list(tok("Hello world")["input_ids"])
-    if bos is None or not ids or ids[0] != bos:
-        return [_finding("tokenizer-no-bos", f"tokenizer('Hello world') gives {ids[:6]}, which does not start with BOS "
-                                             f"(id {bos}); {ctx.spec.family} models expect it", ids=ids, bos_token_id=bos)]
+    ids = [int(i) for i in tok("Hello world")["input_ids"]]
+    return bos is not None and bool(ids) and ids[0] == bos, ids, bos
+
+
+def check_bos_measured(ctx: _Context) -> list[Finding]:
+    """The tokenizer's BOS convention against the one the weights were measured to prefer (bos_measure.py): an error
+    only when the tokenizer's convention loses by a clear margin."""
+    m = ctx.bos_evidence
+    if isinstance(m, str):
+        raise _Skip(f"BOS convention not measured: {m}")
+    note = m.summary()
+    ctx.notes.update({"tokenizer-no-bos": note, "tokenizer-bos-unwanted": note})
+    if m.prefers == "with" and not m.tokenizer_adds_bos:
+        return [_finding("tokenizer-no-bos", f"the tokenizer adds no BOS, but the weights need it: {note}", **m.as_dict())]
+    if m.prefers == "without" and m.tokenizer_adds_bos:
+        return [_finding("tokenizer-bos-unwanted", f"the tokenizer adds BOS, but the weights do better without it: {note}",
+                         **m.as_dict())]
     return []
+
+
+def check_bos_unmeasured(ctx: _Context) -> list[Finding]:
+    """Where the convention cannot be measured: a warning, on the family's usual convention, that says so."""
+    m = ctx.bos_evidence
+    if not isinstance(m, str):
+        raise _Skip(f"the BOS convention was measured ({'BOS first' if m.prefers == 'with' else 'no BOS' if m.prefers else 'no clear preference'})")
+    adds, ids, bos = _tokenizer_adds_bos(ctx)
+    if adds:
+        ctx.notes["tokenizer-bos-unmeasured"] = f"the tokenizer adds BOS (id {bos}); not measured: {m}"
+        return []
+    if ctx.spec.family not in EXPECTS_BOS:
+        ctx.notes["tokenizer-bos-unmeasured"] = f"no BOS, and {ctx.spec.family} tokenizers usually add none; not measured: {m}"
+        return []
+    return [_finding("tokenizer-bos-unmeasured", f"tokenizer('Hello world') gives {ids[:6]}, without BOS (id {bos}); not "
+                                                 f"measured ({m}), so this assumes the {ctx.spec.family} convention of BOS first",
+                     ids=ids, bos_token_id=bos, not_measured=m, assumed=f"{ctx.spec.family}: BOS first")]
 
 
 def check_add_bos_flag(ctx: _Context) -> list[Finding]:
@@ -86,9 +114,9 @@ def check_chat_template(ctx: _Context) -> list[Finding]:
     if lead >= 2:
         out.append(_finding("chat-template-double-bos", f"apply_chat_template(tokenize=True) starts with {lead} BOS tokens: {ids[:6]}",
                             ids=ids[:32], bos_token_id=bos))
-    elif lead == 0 and ctx.spec.family in EXPECTS_BOS:
-        out.append(_finding("chat-template-missing-bos", f"apply_chat_template(tokenize=True) gives {ids[:6]}, without BOS (id {bos})",
-                            ids=ids[:32], bos_token_id=bos))
+    elif lead == 0 and (basis := _wants_bos(ctx)) is not None:
+        out.append(_finding("chat-template-missing-bos", f"apply_chat_template(tokenize=True) gives {ids[:6]}, without BOS (id {bos}); {basis}",
+                            ids=ids[:32], bos_token_id=bos, basis=basis))
     if lead >= 1:
         retok = list(tok(text)["input_ids"])
         if len(retok) >= 2 and retok[0] == bos and retok[1] == bos:
@@ -96,6 +124,21 @@ def check_chat_template(ctx: _Context) -> list[Finding]:
                                 f"the rendered template starts with {tok.bos_token!r} and tokenizer(text) adds another: {retok[:6]}",
                                 ids=retok[:32], bos_token_id=bos))
     return out
+
+
+def _wants_bos(ctx: _Context) -> str | None:
+    """Why the model wants BOS first (the measurement, else the family's usual convention), or None when it does not
+    (the reason is left as the chat check's note)."""
+    m = ctx.bos_evidence
+    if not isinstance(m, str):
+        if m.prefers == "with":
+            return m.summary()
+        ctx.notes["chat-template-missing-bos"] = f"the chat path gives no BOS and the weights do not need it: {m.summary()}"
+        return None
+    if ctx.spec.family in EXPECTS_BOS:
+        return f"not measured ({m}), so this assumes the {ctx.spec.family} convention of BOS first"
+    ctx.notes["chat-template-missing-bos"] = f"the chat path gives no BOS; not measured ({m}), and {ctx.spec.family} tokenizers usually add none"
+    return None
 
 
 def check_special_tokens(ctx: _Context) -> list[Finding]:
@@ -138,4 +181,3 @@ def check_tokenizer_size(ctx: _Context) -> list[Finding]:
     return []
 
 
-# (function, ids it can fire): the order of the table.
