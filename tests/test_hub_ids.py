@@ -10,6 +10,7 @@ import hashlib
 import http.server
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -27,26 +28,38 @@ HUB_VARS = ("HF_HOME", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "XDG_CACHE_HOME"
             "HF_ENDPOINT", "HF_TOKEN")
 
 
-def _blob_name(data: bytes, lfs: bool) -> str:
+def _blob_name(path: Path, lfs: bool) -> str:
     """The etag huggingface_hub names a blob by: sha256 for LFS files (weights), the git blob sha1 otherwise."""
-    if lfs:
-        return hashlib.sha256(data).hexdigest()
-    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+    digest = hashlib.sha256() if lfs else hashlib.sha1(b"blob %d\0" % path.stat().st_size)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def add_snapshot(cache: Path, repo_id: str, sha: str, source: Path, refs: tuple[str, ...] = ("main",),
-                 extra: dict[str, bytes] | None = None) -> Path:
+                 extra: dict[str, bytes] | None = None, link: bool = False) -> Path:
     """Put `source`'s files (and `extra` name -> bytes) into the cache as commit `sha` of `repo_id`: each file a blob
-    under blobs/, linked from snapshots/<sha>/ by a relative symlink, each ref a file under refs/ holding the sha."""
+    under blobs/ (a copy, or with link=True a symlink to the file, for a real model's weights), linked from
+    snapshots/<sha>/ by a relative symlink, each ref a file under refs/ holding the sha."""
+    assert not (link and extra), "extra files are copied, never linked"
     repo = cache / ("models--" + repo_id.replace("/", "--"))
-    files = {p.name: p.read_bytes() for p in sorted(source.iterdir()) if p.is_file()} | (extra or {})
+    (repo / "blobs").mkdir(parents=True, exist_ok=True)
+    files = {p.name: p for p in sorted(source.iterdir()) if p.is_file()}
+    for name, data in (extra or {}).items():
+        files[name] = repo / f"extra-{name}"
+        files[name].write_bytes(data)
     snapshot = repo / "snapshots" / sha
     snapshot.mkdir(parents=True)
-    (repo / "blobs").mkdir(exist_ok=True)
-    for name, data in files.items():
-        blob = _blob_name(data, lfs=name.endswith((".safetensors", ".bin")))
-        (repo / "blobs" / blob).write_bytes(data)
-        (snapshot / name).symlink_to(Path("..", "..", "blobs", blob))
+    for name, path in files.items():
+        blob = repo / "blobs" / _blob_name(path, lfs=name.endswith((".safetensors", ".bin")))
+        if link:
+            blob.symlink_to(path.resolve())
+        elif not blob.exists():
+            shutil.copyfile(path, blob)
+        (snapshot / name).symlink_to(Path("..", "..", "blobs", blob.name))
+    for path in repo.glob("extra-*"):
+        path.unlink()
     for ref in refs:
         (repo / "refs" / ref).parent.mkdir(parents=True, exist_ok=True)
         (repo / "refs" / ref).write_text(sha)  # huggingface_hub writes the sha without a newline
@@ -371,3 +384,27 @@ def test_cli_compare_records_the_resolved_commit(hub, tmp_path):
     assert result["checkpoint"]["source"]["hub_id"] == "tiny-org/tiny-llama"
     assert result["checkpoint"]["source"]["revision"] == SHA_NEW
     assert f"tiny-org/tiny-llama@{SHA_NEW}" in result["command"]
+
+
+# --- the real model (SmolLM2-135M-Instruct, the checkpoint view of the GGUF bughunt ships) under its hub id ---
+
+def test_the_real_model_under_its_hub_id(smollm2, tmp_path):
+    """The smollm2 view placed in a hub cache as HuggingFaceTB/SmolLM2-135M-Instruct (blobs linked, not copied) resolves
+    offline to its snapshot with exactly the files bughunt reads and reads as the 30-layer llama (the CLI path is the tiny
+    model's: linting the real model takes a minute whatever its source)."""
+    home = tmp_path / "home"
+    sha = "4" * 40
+    snapshot = add_snapshot(home / "hub", "HuggingFaceTB/SmolLM2-135M-Instruct", sha, smollm2, link=True)
+    out = _run_python(RESOLVE.format(text="HuggingFaceTB/SmolLM2-135M-Instruct"), {"HF_HOME": str(home), "HF_HUB_OFFLINE": "1"},
+                      tmp_path)
+    assert out.returncode == 0, out.stderr
+    info = json.loads(out.stdout)
+    assert info["path"] == str(snapshot) and info["revision"] == sha
+    assert info["files"] == sorted(p.name for p in smollm2.iterdir() if p.name != "view.json")  # the GGUF view's record is no checkpoint file
+    from bughunt.spec import load_spec
+
+    spec = load_spec(snapshot)
+    assert (spec.family, spec.num_layers, spec.hidden_size, spec.vocab_size) == ("llama", 30, 576, 49152)
+    from bughunt.checkpoint import stored_shapes
+
+    assert stored_shapes(snapshot)["model.embed_tokens.weight"][0] == (49152, 576)  # the weights, read through two symlinks
