@@ -25,6 +25,9 @@ directory it did not write, and a place it cannot create, before any work starts
 """
 
 
+CHECKPOINT_HELP = ("the checkpoint: a Hugging Face-format directory (config.json + *.safetensors), a GGUF file (read as a "
+                   "dequantized view; llamacpp runs the file itself), or a hub id org/name[@revision]")
+
 def _positive_seconds(text: str) -> float:
     """argparse type for --timeout: a finite number of seconds above zero."""
     try:
@@ -80,7 +83,7 @@ def _add_compare(command) -> None:
     from bughunt.implementations.catalog import impl_help
 
     c = command("compare", help="compare implementations of one checkpoint against a reference")
-    c.add_argument("checkpoint", help="Hugging Face-format checkpoint directory (config.json + *.safetensors)")
+    c.add_argument("checkpoint", help=CHECKPOINT_HELP)
     c.add_argument("--impl", action="append", metavar="NAME[:DTYPE][@PYTHON]", help=impl_help())
     c.add_argument("--reference", default="reference", help="which implementation is the reference (default: reference, float64)")
     c.add_argument("--dtype", default="fp32", choices=DTYPES, help="dtype for implementations given without :DTYPE (default fp32)")
@@ -111,7 +114,7 @@ def _add_sweep(command) -> None:
     from bughunt.implementations import DEVICES, DTYPES
 
     w = command("sweep", help="run one implementation under toggle settings; search for the ones that explain a divergence")
-    w.add_argument("checkpoint")
+    w.add_argument("checkpoint", help=CHECKPOINT_HELP)
     w.add_argument("--impl", default="hf", metavar="NAME[:DTYPE]", help="the candidate implementation (default hf)")
     w.add_argument("--reference", default=None, help="reference implementation (default reference:<dtype>, the reference emulating the dtype)")
     w.add_argument("--toggle", action="append", metavar="NAME[=VALUE]",
@@ -136,7 +139,7 @@ def _add_decode(command) -> None:
     from bughunt.implementations import DEVICES, DTYPES
 
     k = command("decode", help="full forward pass vs incremental decoding (prefill, then one token at a time)")
-    k.add_argument("checkpoint")
+    k.add_argument("checkpoint", help=CHECKPOINT_HELP)
     k.add_argument("--impl", default="hf", metavar="NAME[:DTYPE][toggles]")
     k.add_argument("--reference", default=None, help="also compare each decoding step against this implementation")
     k.add_argument("--prefill", type=int, default=1, help="tokens processed in the first pass (default 1)")
@@ -188,7 +191,7 @@ def _add_render(command) -> None:
 def _add_lint(command) -> None:
     """`bughunt lint` and its flags."""
     lt = command("lint", help="static checks of a checkpoint's config, weights and tokenizer: exit 0 clean, 1 an error fired, 2 bad input")
-    lt.add_argument("checkpoint", help="Hugging Face-format checkpoint directory")
+    lt.add_argument("checkpoint", help=CHECKPOINT_HELP)
     lt.add_argument("--json", type=_path, metavar="FILE", help="also write the versioned lint document to FILE")
     lt.add_argument("--tokenizers", action="store_true",
                     help="also encode a corpus of tricky strings with every available tokenizer implementation and report disagreements")
@@ -200,9 +203,11 @@ def _add_weights(command) -> None:
 
     wt = command("weights", help="compare every parameter an implementation loaded with the checkpoint: exit 0 all identical, "
                  "1 a parameter departs, 2 bad input")
-    wt.add_argument("checkpoint", help="Hugging Face-format checkpoint directory")
-    wt.add_argument("--impl", required=True, metavar="NAME[:DTYPE][@PYTHON]", help="the implementation whose loaded parameters "
-                    "are checked: hf, keras-jax, keras-torch, deepmind")
+    wt.add_argument("checkpoint", help=CHECKPOINT_HELP)
+    wt.add_argument("--impl", metavar="NAME[:DTYPE][@PYTHON]", help="the implementation whose loaded parameters "
+                    "are checked: hf, keras-jax, keras-torch, deepmind, llamacpp (required unless --original)")
+    wt.add_argument("--original", metavar="DIR|HUB_ID", help="with a GGUF checkpoint: the checkpoint it was made from; "
+                    "every GGUF tensor is related to the original's (quantized within its type's bound, or what else)")
     wt.add_argument("--dtype", default="fp32", choices=DTYPES, help="dtype to load at when --impl has no :DTYPE (default fp32); "
                     "the checkpoint rounded to it counts as identical")
     wt.add_argument("--device", default="cpu", choices=DEVICES)

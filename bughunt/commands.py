@@ -276,8 +276,16 @@ def cmd_weights(args) -> int:
     protect = [("the checkpoint", Path(args.checkpoint))]
     if args.json:
         check_output_file(args.json, WEIGHTS_SCHEMA, protect)
-    wc = check(args.checkpoint, args.impl, dtype=args.dtype, device=args.device, in_process=args.in_process,
-               timeout=args.timeout)
+    if args.original is not None:
+        from bughunt.gguf_original import relate_arguments
+
+        wc = relate_arguments(args.checkpoint, args.original)
+    elif args.impl is None:
+        raise BughuntError("bughunt weights needs --impl NAME (the implementation whose loaded parameters are checked), "
+                           "or --original DIR|HUB_ID with a GGUF checkpoint.")
+    else:
+        wc = check(args.checkpoint, args.impl, dtype=args.dtype, device=args.device, in_process=args.in_process,
+                   timeout=args.timeout)
     print(format_check(wc))
     if args.json:
         write_json(wc, Path(args.json), protect)

@@ -19,6 +19,7 @@ import numpy as np
 from bughunt.errors import BughuntError
 
 RECORD = "view.json"  # in a view: what it was derived from (read by sources.describe and the llamacpp runner)
+VIEW_FORMAT = 2  # part of a view's cache key: a view written by another format is derived again
 _SHARD_BYTES = 2 << 30  # views are written in shards of at most this size, with an index when there are several
 
 
@@ -79,7 +80,7 @@ def view_of(path: Path) -> Path:
     path = Path(path)
     check_gguf(path)
     digest = content_hash(path)
-    view = views_root() / digest[:24]
+    view = views_root() / f"{digest[:24]}-v{VIEW_FORMAT}"
     if (view / RECORD).is_file():
         return view
     view.parent.mkdir(parents=True, exist_ok=True)
@@ -110,20 +111,20 @@ def _derive(path: Path, out: Path) -> dict:
     except (ValueError, KeyError, NotImplementedError) as e:
         raise BughuntError(f"transformers {transformers.__version__} cannot read {path} as a model ({e}). bughunt reads "
                            "GGUF files of the architectures transformers' GGUF loader supports.") from None
-    from transformers import AutoConfig
+    from transformers import CONFIG_MAPPING
 
-    config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+    config = CONFIG_MAPPING[parsed["config"]["model_type"]].from_dict(dict(parsed["config"]))  # AutoConfig's own path
     reader = gguf.GGUFReader(str(path))
     arch = str(parsed["config"].get("model_type"))
     names, processor, model_class = _name_map(config, parsed, reader)
     _write_config(config, model_class, out)
-    written, skipped = _write_weights(reader, names, processor, parsed, out)
+    types, skipped = _write_weights(reader, names, processor, parsed, out)
     tokenizer = _write_tokenizer(path, out)
-    types: dict[str, int] = {}
+    counts: dict[str, int] = {}
     for t in reader.tensors:
-        types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
+        counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
     return {"kind": "gguf", "file": str(path.resolve()), "size": path.stat().st_size, "file_type": file_type(reader),
-            "architecture": arch, "tensor_types": types, "tensors": written, "not_carried": skipped,
+            "architecture": arch, "tensor_types": counts, "tensors": len(types), "types": types, "not_carried": skipped,
             "derived": {"weights": f"float32 safetensors, each tensor dequantized by gguf-py {_version('gguf')} and named "
                                    f"and un-permuted by transformers {transformers.__version__}'s GGUF tensor processor",
                         "config": f"transformers {transformers.__version__} AutoConfig from the GGUF metadata "
@@ -149,8 +150,11 @@ def _write_config(config, model_class: str, out: Path) -> None:
 
 
 def _name_map(config, parsed: dict, reader) -> tuple[dict[str, str], object, str]:
-    """GGUF tensor name -> HF parameter name (transformers' own map, built on a model with no storage)."""
+    """GGUF tensor name -> HF parameter name, built on a model with no storage. gguf-py's name map of the architecture
+    names every parameter of the decoder families bughunt runs; where it leaves one unnamed, transformers' own (slower,
+    recursive) map is used instead."""
     import torch
+    from gguf import MODEL_ARCH_NAMES, get_tensor_name_map
     from transformers import AutoModelForCausalLM
     from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map
 
@@ -158,16 +162,29 @@ def _name_map(config, parsed: dict, reader) -> tuple[dict[str, str], object, str
     processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=parsed["config"])
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    return get_gguf_hf_weights_map(model, processor), processor, type(model).__name__
+    arch_enum = next((k for k, v in MODEL_ARCH_NAMES.items() if v == arch), None)
+    names: dict[str, str] = {}
+    if arch_enum is not None:
+        table = get_tensor_name_map(arch_enum, config.num_hidden_layers)
+        for hf_name in model.state_dict():
+            stem, dot, suffix = processor.preprocess_name(hf_name).rpartition(".")
+            gguf_name = table.get_name(stem) if suffix in ("weight", "bias") else None
+            if gguf_name is None:
+                names = {}
+                break
+            names[f"{gguf_name}.{suffix}"] = hf_name
+    return names or get_gguf_hf_weights_map(model, processor), processor, type(model).__name__
 
 
-def _write_weights(reader, names: dict[str, str], processor, parsed: dict, out: Path) -> tuple[int, list[str]]:
+def _write_weights(reader, names: dict[str, str], processor, parsed: dict, out: Path) -> tuple[dict[str, str], list[str]]:
+    """Each tensor dequantized and written under its HF name; returns (HF name -> the GGUF's type for it, GGUF tensors
+    no HF parameter takes)."""
     from gguf import dequantize
 
     from bughunt.safetensors_io import SafetensorsWriter
 
     shards: list[tuple[Path, list[str]]] = []
-    writer, size, skipped = None, 0, []
+    writer, size, skipped, types = None, 0, [], {}
     for tensor in reader.tensors:
         result = processor.process(weights=dequantize(tensor.data, tensor.tensor_type), name=tensor.name,
                                    tensor_key_mapping=names, parsed_parameters=parsed)
@@ -181,6 +198,7 @@ def _write_weights(reader, names: dict[str, str], processor, parsed: dict, out: 
             shards.append((out / f"model-{len(shards) + 1:05d}.safetensors", []))
             writer, size = SafetensorsWriter(shards[-1][0], len(reader.tensors)), 0
         writer.add(names[result.name], values)
+        types[names[result.name]] = tensor.tensor_type.name
         shards[-1][1].append(names[result.name])
         size += values.nbytes
     if writer is not None:
@@ -191,7 +209,7 @@ def _write_weights(reader, names: dict[str, str], processor, parsed: dict, out: 
         total = sum(p.stat().st_size for p, _ in shards)
         index = {"metadata": {"total_size": total}, "weight_map": {n: p.name for p, ns in shards for n in ns}}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
-    return sum(len(ns) for _, ns in shards), skipped
+    return types, skipped
 
 
 def _write_tokenizer(path: Path, out: Path) -> str:

@@ -27,7 +27,13 @@ RELATIONS = {
     "offset_by_one": "the checkpoint offset by 1 (a (1 + w) scale stored as w, or w stored as 1 + w)",
     "different": "different from the checkpoint",
     "not_in_checkpoint": "loaded by the implementation, absent from the checkpoint (initialised from nothing)",
+    # a GGUF file against the checkpoint it was made from (bughunt/gguf_original.py)
+    "quantized": "the original quantized to the GGUF's type for it (within that type's bound)",
+    "quantized_fp16": "the original rounded to fp16 before it was quantized",
+    "another_tensor": "another tensor of the original",
+    "missing": "in the original, absent from the GGUF",
 }
+FAITHFUL = ("identical", "quantized")  # relations that are not a departure
 
 # Tensors whose rows are heads x head_dim and go through RoPE: HF's layout pairs (i, i + d/2) in each head; a
 # conversion from or to the interleaved (2i, 2i + 1) layout permutes rows within each head.
@@ -72,7 +78,7 @@ class WeightRelation:
 
     @property
     def ok(self) -> bool:
-        return self.relation == "identical"
+        return self.relation in FAITHFUL
 
     def words(self) -> str:
         return " and ".join(RELATIONS[r].replace("the checkpoint ", "") if i else RELATIONS[r]
