@@ -27,7 +27,7 @@ from bughunt.execute import run_trace
 from bughunt.floors import noise_floor
 from bughunt.jobs import Load, TraceJob, runner_kwargs
 from bughunt.judging import judge, summary as _summary, unrepresentable_finding
-from bughunt.plan import DEFAULT_FLOOR_FACTOR, Device, Dtype, read_inputs, validated
+from bughunt.plan import DEFAULT_FLOOR_FACTOR, Device, Dtype, native_dtypes, read_inputs, validated
 from bughunt.errors import BughuntError
 from bughunt.findings import Finding
 from bughunt.hypotheses import PREFIX, changes_for
@@ -121,6 +121,8 @@ class SweepPlan:
         positive(options.floor_factor, "--floor-factor", "a finding is a point above this multiple of the noise floor")
         cand = ImplChoice.parse(impl)
         ref = ImplChoice.parse(options.reference or f"reference:{options.dtype}")
+        both, ref = native_dtypes([cand, ref], ref, checkpoint)  # llamacpp on a GGUF file: the file's own type
+        cand = both[0]
         refuse([cand, ref], in_process=in_process)  # cheap refusals now; environments are built once the plan is accepted
         plan = cls(checkpoint, spec, options, tokens, encoded, cand, ref,
                    cand_dtype=cand.dtype_at(options.dtype), ref_dtype=ref.dtype_at(options.dtype),
