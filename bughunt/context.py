@@ -56,7 +56,7 @@ class RunContext:
         self.scratch = Path(self._scratch.name)
         self.entries: dict[str, Entry] = {}
         self.traces: dict[str, Trace] = {}
-        self.floor_traces: dict[str, Trace] = {}  # dtype -> the reference emulating it, run beside the float64 pass
+        self.floor_traces: dict[str, list[Trace]] = {}  # dtype -> the reference emulating it (a pass per summation order), run beside the float64 pass
         self.records: dict[str, Any] = {}  # probe name -> what it keeps for `attach`
         self.order: list[str] = []  # labels in the order they started
 

@@ -1,7 +1,13 @@
 """The `decode` experiment: does incremental decoding (prefill, then one token at a time through the KV cache)
 give the logits a full forward pass gives? And does it agree, step by step, with a reference decoding the same
 tokens? Reports the first step that departs. Implementations without a KV cache path decode by recomputing each
-prefix (exactly what a cache must reproduce)."""
+prefix (exactly what a cache must reproduce).
+
+The floor of a step: incremental decoding reorders every reduction (a one-row product instead of a block's, a cache
+read instead of the full attention), so it and the full pass are two correct computations at the dtype, each within its
+noise floor of float64 (bughunt/floors.py, which sums in fp32 in two orders at fp32). They may then differ by up to the
+sum of the two floors at that position: twice the dtype's logits floor against its own full pass; against a reference
+decoding at another dtype, the candidate's floor plus the reference's (nothing for a float64 reference)."""
 
 from __future__ import annotations
 
@@ -15,14 +21,14 @@ from pydantic import BaseModel, ConfigDict
 
 from bughunt import sources
 from bughunt.assemble import save
-from bughunt.floors import noise_floor
+from bughunt.floors import floor_from, method, reference_with_floors
 from bughunt.plan import DEFAULT_FLOOR_FACTOR, read_inputs
 from bughunt.errors import BughuntError
 from bughunt.findings import Finding
 from bughunt.inputs.config import validate_decode_config
 from bughunt.inputs.flags import positive
 from bughunt.implementations import ImplChoice, runner_class
-from bughunt.metrics import UNIT_ROUNDOFF
+from bughunt.jobs import Load
 from bughunt.output import check_output_dir
 from bughunt.result import SCHEMA_VERSION, Result, environment
 from bughunt.spec import load_config
@@ -52,6 +58,22 @@ def incremental(choice: ImplChoice, checkpoint: Path, spec, dtype: str, device: 
         rows = [runner.run(tokens[:, :prefill]).arrays["logits"]]
         rows += [runner.run(tokens[:, :t + 1]).arrays["logits"][:, -1:] for t in range(prefill, tokens.shape[1])]
         return full, np.concatenate(rows, axis=1), "prefix recomputation"
+
+
+def step_floors(checkpoint: Path, spec, tokens: np.ndarray, dtypes: list[str]) -> dict[str, list[float]]:
+    """dtype -> the logits' noise floor (relative L2) at each position of `tokens`, from the float64 reference and the
+    passes emulating each dtype run side by side (a float64 side: its unit roundoff)."""
+    import tempfile
+
+    load = Load(ImplChoice("reference", "fp64"), Path(checkpoint), spec, "fp64", branches=False)
+    with tempfile.TemporaryDirectory(prefix="bughunt-decode-floor-") as scratch:
+        fp64, emulated = reference_with_floors(load, tokens, dtypes, Path(scratch))
+        out = {}
+        for d in dict.fromkeys(dtypes):
+            logits = floor_from(fp64, emulated.get(d), d, tokens)["points"]["logits"]
+            out[d] = logits.get("floor_rel_l2_per_position") or [logits["floor_rel_l2"]] * tokens.shape[1]
+        del fp64, emulated
+    return out
 
 
 class DecodeOptions(BaseModel):
@@ -94,26 +116,29 @@ def decode_check(checkpoint: str | Path, impl: str = "hf", **settings) -> Result
     cand = ImplChoice.parse(impl)
     cand_dtype = cand.dtype or dtype
     full, inc, how = incremental(cand, checkpoint, spec, cand_dtype, device, tokens, prefill, decode_config)
-    floor = noise_floor(checkpoint, spec, cand_dtype, tokens)["points"]["logits"]
-    per_pos_floor = floor.get("floor_rel_l2_per_position") or [floor["floor_rel_l2"]] * tokens.shape[1]
-    u = UNIT_ROUNDOFF[cand_dtype]
+    ref = ImplChoice.parse(reference) if reference else None
+    ref_dtype = (ref.dtype or cand_dtype) if ref else None
+    floors = step_floors(checkpoint, spec, tokens, [cand_dtype] + ([ref_dtype] if ref else []))
 
-    def judge(rel: list[float]) -> int | None:
-        return next((t for t in range(prefill, len(rel)) if not rel[t] <= floor_factor * max(per_pos_floor[t], u)), None)
+    def judge(rel: list[float], floor: list[float]) -> int | None:
+        return next((t for t in range(prefill, len(rel)) if not rel[t] <= floor_factor * floor[t]), None)
 
+    self_floor = [2 * f for f in floors[cand_dtype]]
     self_rel = _rel_per_step(inc, full)
     data_decode = {"candidate": cand.label, "prefill": prefill, "path": how, "decode_config": decode_config or {},
-                   "steps": list(range(tokens.shape[1])), "self": {"rel_l2": self_rel, "first_departing_step": judge(self_rel)}}
+                   "floor_method": f"the sum of the two sides' logits floors at each step; each: {method(cand_dtype)}",
+                   "steps": list(range(tokens.shape[1])),
+                   "self": {"rel_l2": self_rel, "floor_rel_l2": self_floor, "first_departing_step": judge(self_rel, self_floor)}}
     findings = []
     if data_decode["self"]["first_departing_step"] is not None:
         t = data_decode["self"]["first_departing_step"]
         findings.append(Finding("warning", "decode", f"{cand.label}: incremental decoding departs from its own full forward "
                                 f"pass at step {t} (position {t}; relative L2 {self_rel[t]:.2e})", cand.label, "logits").to_dict())
-    if reference:
-        ref = ImplChoice.parse(reference)
-        _, ref_inc, ref_how = incremental(ref, checkpoint, spec, ref.dtype or cand_dtype, device, tokens, prefill, None)
-        cross = _rel_per_step(inc, ref_inc)
-        data_decode["reference"] = {"label": ref.label, "path": ref_how, "rel_l2": cross, "first_departing_step": judge(cross)}
+    if ref:
+        _, ref_inc, ref_how = incremental(ref, checkpoint, spec, ref_dtype, device, tokens, prefill, None)
+        cross, cross_floor = _rel_per_step(inc, ref_inc), [a + b for a, b in zip(floors[cand_dtype], floors[ref_dtype])]
+        data_decode["reference"] = {"label": ref.label, "path": ref_how, "rel_l2": cross, "floor_rel_l2": cross_floor,
+                                    "first_departing_step": judge(cross, cross_floor)}
         t = data_decode["reference"]["first_departing_step"]
         if t is not None:
             findings.append(Finding("warning", "decode", f"{cand.label}: decoding departs from {ref.label} at step {t} "

@@ -1,7 +1,12 @@
-"""The fourth stage: noise floors. The divergence a correct implementation at a dtype shows against float64 is the
-reference emulating the family's HF rounding policy at that dtype, against the unrounded reference, per capture point;
-never below the dtype's unit roundoff. In compare the float64 reference and its floor passes run side by side in one
-read of the model."""
+"""The fourth stage: noise floors. The divergence a correct implementation at a dtype shows against float64 is measured
+by the reference emulating the family's HF rounding policy at that dtype, against the unrounded reference, per capture
+point and per position; never below the dtype's unit roundoff. The emulated passes sum the products of every matrix
+multiply (linear layers, attention scores and their weighted sum of values, logits) in fp32 with numpy's BLAS, as
+correct fp32, bf16 and fp16 kernels do: at fp32 that summation is the largest error there is (about u sqrt(K) times the
+condition of each dot product, not u), and two correct kernels differ by its order. So at fp32 the floor is the larger
+of two passes summing in different legitimate orders (BLAS's own, and the reduction reversed); at bf16 and fp16 the
+output roundings dominate and one pass suffices. In compare the float64 reference and its floor passes run side by
+side in one read of the model."""
 
 from __future__ import annotations
 
@@ -16,7 +21,14 @@ from bughunt.metrics import UNIT_ROUNDOFF, compare_traces
 from bughunt.spec import Spec
 from bughunt.trace import Trace
 
-METHOD = "reference emulating the family's rounding policy vs float64"
+METHOD = ("the larger divergence from float64 of the reference emulating the family's rounding policy with its matrix "
+          "products summed in fp32 in {orders}, per point and per position; never below the unit roundoff")
+# The summation orders of the floor's emulated passes at each dtype (reference_impls._numerics.ACCUMULATE). At fp32 the
+# order is the error: two orders, so that one pass's luckily small error at a position is not taken for the floor.
+ORDERS = {"fp32": ("fp32", "fp32-reversed"), "bf16": ("fp32",), "fp16": ("fp32",)}
+_ORDER_WORDS = {"fp32": "BLAS's order", "fp32-reversed": "the reverse order"}
+QUANTIZED_METHOD = ("the divergence from float64 of the reference computing on the dtype's quantized weights, per point and "
+                    "per position; never below the fp32 unit roundoff")
 
 
 def runs_floors(plan, choice: ImplChoice) -> bool:
@@ -24,32 +36,42 @@ def runs_floors(plan, choice: ImplChoice) -> bool:
     return choice is plan.reference and choice.in_main_process and plan.dtype_of(choice) == "fp64"
 
 
-def reference_with_floors(load: Load, tokens: np.ndarray, floor_dtypes, scratch: Path, on_step=None,
-                          inner: bool = False) -> tuple[Trace, dict[str, Trace]]:
-    """The float64 reference and its noise-floor passes (the reference emulating each dtype) in one read of the model.
-    Quantized weight types read their own weights, one pass each."""
+def reference_with_floors(load: Load, tokens: np.ndarray, floor_dtypes, scratch: Path | None, on_step=None,
+                          inner: bool = False, fp64: Trace | None = None) -> tuple[Trace, dict[str, list[Trace]]]:
+    """The float64 reference (unless `fp64` is given) and its noise-floor passes (the reference emulating each dtype,
+    one pass per summation order in ORDERS) in one read of the model: (the float64 trace, dtype -> its floor passes).
+    Quantized weight types read their own weights, one pass each. Without `scratch` the traces are held in memory."""
+    from reference_impls import Policy
+
     from bughunt.implementations.reference import ReferenceRunner, run_together
 
     dtypes = [d for d in dict.fromkeys(floor_dtypes) if d != "fp64"]
     quantized = [d for d in dtypes if d not in DTYPES]
-    dtypes = [d for d in dtypes if d in DTYPES]
     o = {"branches": load.branches, "allow_pickle": load.allow_pickle}
-    runners = [ReferenceRunner(load.checkpoint, load.spec, "fp64", load.device, label=load.choice.label,
-                               toggles=load.all_toggles, **o)]
-    runners += [ReferenceRunner(load.checkpoint, load.spec, d, "cpu", label=f"reference:{d}", **o) for d in dtypes]
+    passes = [(d, order) for d in dtypes if d in DTYPES for order in ORDERS[d]]
+    runners = [] if fp64 is not None else [ReferenceRunner(load.checkpoint, load.spec, "fp64", load.device,
+                                                           label=load.choice.label, toggles=load.all_toggles, **o)]
+    runners += [ReferenceRunner(load.checkpoint, load.spec, d, "cpu", label=f"reference:{d}", policy=Policy(accumulate=order), **o)
+                for d, order in passes]
+    stems = ([] if fp64 is not None else ["reference-fp64"]) + [f"floor-{d}-{order}" for d, order in passes]
+    traces = []
     try:
         for r in runners:
             r.open()
-        stems = [scratch / "reference-fp64"] + [scratch / f"floor-{d}" for d in dtypes]
-        traces = run_together(runners, tokens, stems, on_step, inner)
+        if runners:
+            traces = run_together(runners, tokens, [scratch / stem if scratch else None for stem in stems], on_step, inner)
     finally:
         for r in runners:
             r.close()
-    floors = dict(zip(dtypes, traces[1:]))
+    if fp64 is None:
+        fp64, traces = traces[0], traces[1:]
+    floors: dict[str, list[Trace]] = {}
+    for (d, _), trace in zip(passes, traces):
+        floors.setdefault(d, []).append(trace)
     for d in quantized:
         q = Load(ImplChoice("reference", d), load.checkpoint, load.spec, d, "cpu", load.branches, load.allow_pickle)
-        floors[d] = run_in_process(q, TraceJob(tokens, scratch / f"floor-{d}"))
-    return traces[0], floors
+        floors[d] = [run_in_process(q, TraceJob(tokens, scratch / f"floor-{d}" if scratch else None))]
+    return fp64, floors
 
 
 def run_reference_with_floors(ctx, bar) -> Trace:
@@ -64,13 +86,14 @@ def run_reference_with_floors(ctx, bar) -> Trace:
     return trace
 
 
-def floor_from(fp64: Trace, emulated: Trace | None, dtype: str, tokens: np.ndarray) -> dict:
-    """The floor document from the float64 trace and the one emulating `dtype` (None at fp64: a floor of zero)."""
+def floor_from(fp64: Trace, emulated: list[Trace] | None, dtype: str, tokens: np.ndarray) -> dict:
+    """The floor document from the float64 trace and the passes emulating `dtype` (None at fp64: a floor of zero): at
+    each point and position the largest divergence any of the passes shows, never below the unit roundoff."""
     u = UNIT_ROUNDOFF.get(dtype, UNIT_ROUNDOFF["fp32"])  # quantized weights: llama.cpp computes in fp32
     if dtype == "fp64":
         measured = {p: {"point": p, "rel_l2": 0.0, "l2": 0.0} for p in fp64.points()}
     else:
-        measured = {m["point"]: m for m in compare_traces(emulated, fp64, tokens)}
+        measured = _largest([{m["point"]: m for m in compare_traces(e, fp64, tokens)} for e in emulated])
     points = {}
     for p in fp64.points():
         rel = measured[p]["rel_l2"] or 0.0
@@ -81,30 +104,57 @@ def floor_from(fp64: Trace, emulated: Trace | None, dtype: str, tokens: np.ndarr
     if "logits" in points:
         points["logits"].update(metrics.loss_floor(measured.get("logits", {}), fp64.arrays["logits"], tokens, u))
     timings = {}
-    if emulated is not None:
-        timings["emulated_forward_s"] = emulated.meta["timings"]["forward_s"]
-    return {"dtype": dtype, "unit_roundoff": u, "method": METHOD, "timings": timings, "points": points}
+    if emulated:
+        timings["emulated_forward_s"] = emulated[0].meta["timings"]["forward_s"]  # one pass's own time
+        timings["emulated_passes"] = len(emulated)
+    return {"dtype": dtype, "unit_roundoff": u, "method": method(dtype), "orders": list(ORDERS.get(dtype, ())),
+            "timings": timings, "points": points}
+
+
+def method(dtype: str) -> str:
+    """In words, what the floor at `dtype` is."""
+    if dtype == "fp64":
+        return "float64 itself: the unit roundoff"
+    if dtype not in ORDERS:
+        return QUANTIZED_METHOD
+    return METHOD.format(orders=" and ".join(_ORDER_WORDS[o] for o in ORDERS[dtype]))
+
+
+def _largest(measured: list[dict[str, dict]]) -> dict[str, dict]:
+    """Point -> the largest of several passes' divergences from float64: relative and absolute L2, each position's
+    relative L2 and, on logits, the loss difference (mean absolute, and each position's absolute)."""
+    if len(measured) == 1:
+        return measured[0]
+
+    def most(values):
+        return max((v for v in values if v is not None), default=None)
+
+    out = {}
+    for p, first in measured[0].items():
+        each = [m[p] for m in measured if p in m]
+        merged = {**first, "rel_l2": most(m.get("rel_l2") for m in each), "l2": most(m.get("l2") for m in each)}
+        per = [(m.get("per_position") or {}).get("rel_l2") for m in each]
+        if all(v is not None for v in per):
+            merged["per_position"] = {"rel_l2": [most(vs) for vs in zip(*per)]}
+        if first.get("abs_delta_nll") is not None:
+            merged["abs_delta_nll"] = most(m.get("abs_delta_nll") for m in each)
+            merged["delta_nll_per_position"] = [most(abs(v) if v is not None else None for v in vs)
+                                                for vs in zip(*(m["delta_nll_per_position"] for m in each))]
+        out[p] = merged
+    return out
 
 
 def noise_floor(checkpoint: Path, spec: Spec, dtype: str, tokens: np.ndarray, *, fp64: Trace | None = None,
                 allow_pickle: bool = False, scratch: Path | None = None, inner: bool = False) -> dict:
-    """The noise floor at `dtype` for this input, running what it needs: the float64 reference (unless `fp64` is given)
-    and the reference emulating `dtype`. With `scratch`, the traces stream to files there instead of memory."""
-
+    """The noise floor at `dtype` for this input, running what it needs in one read of the model: the float64
+    reference (unless `fp64` is given) and the passes emulating `dtype`. With `scratch`, the traces stream to files
+    there instead of memory."""
     ref = Load(ImplChoice("reference", "fp64"), Path(checkpoint), spec, "fp64", allow_pickle=allow_pickle)
-    timings = {}
-    if fp64 is None and scratch is not None and dtype != "fp64":  # both passes in one read of the model
-        fp64, floors = reference_with_floors(ref, tokens, [dtype], Path(scratch), inner=inner)
-        return floor_from(fp64, floors[dtype], dtype, tokens)
-    if fp64 is None:
-        fp64 = run_in_process(ref, TraceJob(tokens, Path(scratch) / "floor-fp64" if scratch else None, inner))
-        timings["fp64_forward_s"] = fp64.meta["timings"]["forward_s"]
-    emulated = None
-    if dtype != "fp64":
-        emu = Load(ImplChoice("reference", dtype), Path(checkpoint), spec, dtype, allow_pickle=allow_pickle)
-        emulated = run_in_process(emu, TraceJob(tokens, Path(scratch) / f"floor-{dtype}" if scratch else None, inner))
-    floor = floor_from(fp64, emulated, dtype, tokens)
-    floor["timings"].update(timings)
+    given = fp64 is not None
+    fp64, floors = reference_with_floors(ref, tokens, [dtype], Path(scratch) if scratch else None, inner=inner, fp64=fp64)
+    floor = floor_from(fp64, floors.get(dtype), dtype, tokens)
+    if not given:
+        floor["timings"]["fp64_forward_s"] = fp64.meta["timings"]["forward_s"]
     return floor
 
 
