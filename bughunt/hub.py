@@ -27,6 +27,10 @@ ALLOW_PATTERNS = (
 # huggingface_hub's validate_repo_id, for one namespace and one name: 1 to 96 of [A-Za-z0-9_.-] each, starting and
 # ending with a letter, digit or underscore; "--" and ".." nowhere; no ".git" at the end.
 _PART = r"(?=[A-Za-z0-9_.\-]{1,96}(?:/|$))[A-Za-z0-9_](?:[A-Za-z0-9_.\-]*[A-Za-z0-9_])?"
+# Never downloaded: files in subfolders (original/consolidated.00.pth, onnx/, gguf variants; transformers reads a
+# checkpoint's top folder) and Mistral's consolidated.safetensors, the same weights again in Mistral's own names.
+IGNORE_PATTERNS = ("*/*", "consolidated*.safetensors")
+
 _REPO_ID = re.compile(rf"{_PART}/{_PART}")
 # A branch, tag, `refs/pr/N` or commit sha: git ref characters, no "..", no leading or trailing "/".
 _REVISION = re.compile(r"[A-Za-z0-9_.\-]+(?:/[A-Za-z0-9_.\-]+)*")
@@ -104,7 +108,8 @@ def resolve_hub_id(text: str) -> tuple[Path, dict]:
     try:
         with _offline_mode(offline):
             folder = huggingface_hub.snapshot_download(repo_id, revision=requested, allow_patterns=list(ALLOW_PATTERNS),
-                                                       cache_dir=cache, local_files_only=offline)
+                                                       ignore_patterns=list(IGNORE_PATTERNS), cache_dir=cache,
+                                                       local_files_only=offline)
     except Exception as e:  # every failure of the hub or the network is the user's to fix: say how, no traceback
         raise _hub_error(e, repo_id, requested, offline, cache) from None
     path = Path(folder)
@@ -115,8 +120,8 @@ def resolve_hub_id(text: str) -> tuple[Path, dict]:
 
 def _checkpoint_files(path: Path, repo_id: str, revision: str) -> list[str]:
     """The snapshot's files bughunt asked for; a snapshot without config.json or safetensors weights is refused."""
-    files = sorted(p.relative_to(path).as_posix() for p in path.rglob("*")
-                   if p.is_file() and any(fnmatch.fnmatch(p.name, pat) for pat in ALLOW_PATTERNS))
+    files = sorted(p.name for p in path.iterdir() if p.is_file() and any(fnmatch.fnmatch(p.name, pat) for pat in ALLOW_PATTERNS)
+                   and not any(fnmatch.fnmatch(p.name, pat) for pat in IGNORE_PATTERNS))
     missing = [what for what, ok in (("config.json", "config.json" in files),
                                      ("*.safetensors weights", any(f.endswith(".safetensors") for f in files))) if not ok]
     if missing:

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from bughunt.errors import BughuntError
-from bughunt.hub import ALLOW_PATTERNS, hub_cache_dir, hub_offline, looks_like_hub_id, resolve_hub_id, split_hub_id
+from bughunt.hub import ALLOW_PATTERNS, IGNORE_PATTERNS, hub_cache_dir, hub_offline, looks_like_hub_id, resolve_hub_id, split_hub_id
 
 SHA_OLD = "1" * 40
 SHA_NEW = "2" * 40
@@ -238,6 +238,59 @@ def test_bughunt_leaves_the_hub_variables_alone(monkeypatch):
         monkeypatch.delenv(var, raising=False)
     assert not hub_offline()
     assert hub_cache_dir() == Path(os.path.expanduser("~/.cache/huggingface/hub"))
+
+
+# File listings of real repositories (as on their hub pages), and what bughunt downloads of each.
+LISTINGS = {
+    "mistral-style": (
+        ["config.json", "generation_config.json", "consolidated.safetensors", "model-00001-of-00003.safetensors",
+         "model-00002-of-00003.safetensors", "model-00003-of-00003.safetensors", "model.safetensors.index.json",
+         "params.json", "special_tokens_map.json", "tokenizer.json", "tokenizer.model", "tokenizer.model.v3",
+         "tokenizer_config.json", "README.md", ".gitattributes"],
+        ["config.json", "generation_config.json", "model-00001-of-00003.safetensors", "model-00002-of-00003.safetensors",
+         "model-00003-of-00003.safetensors", "model.safetensors.index.json", "special_tokens_map.json", "tokenizer.json",
+         "tokenizer.model", "tokenizer_config.json"]),
+    "llama-3-style": (
+        ["config.json", "generation_config.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
+         "model.safetensors.index.json", "original/consolidated.00.pth", "original/params.json",
+         "original/tokenizer.model", "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json", "LICENSE"],
+        ["config.json", "generation_config.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
+         "model.safetensors.index.json", "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json"]),
+    "gpt2-style": (
+        ["config.json", "generation_config.json", "merges.txt", "model.safetensors", "pytorch_model.bin", "tf_model.h5",
+         "flax_model.msgpack", "rust_model.ot", "onnx/decoder_model.onnx", "64-8bits.tflite", "tokenizer.json",
+         "vocab.json", "onnx/model.safetensors"],
+        ["config.json", "generation_config.json", "merges.txt", "model.safetensors", "tokenizer.json", "vocab.json"]),
+    "smollm2-style": (
+        ["config.json", "generation_config.json", "model.safetensors", "chat_template.jinja", "merges.txt",
+         "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json", "vocab.json", "onnx/model.onnx",
+         "runs/events.out.tfevents"],
+        ["chat_template.jinja", "config.json", "generation_config.json", "merges.txt", "model.safetensors",
+         "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json", "vocab.json"]),
+}
+
+
+@pytest.mark.parametrize("listing", LISTINGS)
+def test_what_is_downloaded_of_real_repositories(listing):
+    """The patterns through huggingface_hub's own filter (the one snapshot_download applies): the top folder's config,
+    safetensors, index and tokenizer files; never pickles, other formats, subfolders or Mistral's consolidated copy."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    files, expected = LISTINGS[listing]
+    chosen = filter_repo_objects(files, allow_patterns=list(ALLOW_PATTERNS), ignore_patterns=list(IGNORE_PATTERNS))
+    assert sorted(chosen) == sorted(expected)
+
+
+def test_the_record_lists_the_top_folders_checkpoint_files_only(hub, tiny):
+    """A snapshot that holds more (a consolidated copy, a subfolder, from an earlier full download) is listed as
+    what bughunt reads."""
+    snapshot = add_snapshot(hub / "hub", "tiny-org/full", "5" * 40, tiny["llama"],
+                            extra={"consolidated.safetensors": b"x", "README.md": b"# full"})
+    (snapshot / "original").mkdir()
+    (snapshot / "original" / "model.safetensors").symlink_to(snapshot / "model.safetensors")
+    files = resolve_hub_id("tiny-org/full")[1]["files"]
+    assert files == ["config.json", "generation_config.json", "model.safetensors", "special_tokens_map.json",
+                     "tokenizer.json", "tokenizer_config.json"]  # not consolidated.safetensors, original/, README.md, bughunt_tiny.json
 
 
 def test_allow_patterns_never_match_pickles():
