@@ -82,10 +82,10 @@ CHECKS: dict[str, Check] = {c.id: c for c in (
        "MLPs from the same file.",
        "Keep one activation field (the one the family's config class defines) or make both name the same function."),
     _c("activation-silently-overridden", "warning", "a library rewrites or ignores the activation field",
-       "transformers does not run the activation the config names: GemmaConfig rewrites hidden_act='gelu' to "
-       "gelu_pytorch_tanh; Gemma2/Gemma3 configs ignore hidden_act and use hidden_activation (default "
-       "gelu_pytorch_tanh); GemmaConfig ignores hidden_activation. An implementation that reads the field "
-       "literally runs a different GELU.",
+       "The installed transformers does not run the activation the config names (read from its own config object, "
+       "not assumed): GemmaConfig rewrites hidden_act='gelu' to gelu_pytorch_tanh; Gemma2/Gemma3 configs ignore "
+       "hidden_act and use hidden_activation (default gelu_pytorch_tanh); GemmaConfig ignores hidden_activation. An "
+       "implementation that reads the field literally runs a different GELU.",
        "Write the activation the model was trained with explicitly in the field the family's config class reads "
        "(Gemma: hidden_act='gelu_pytorch_tanh'; Gemma 2/3: hidden_activation='gelu_pytorch_tanh')."),
     _c("untrained-embedding-rows", "warning", "untrained rows in the embedding or LM head",
@@ -255,6 +255,15 @@ class _Context:
             if name in read_header(f):
                 return read_safetensors(f, {name})[name]
         raise _Skip(f"{name} is not stored")
+
+    @cached_property
+    def transformers_config(self):
+        """transformers' reading of config.json (its config class, defaults and rewrites applied), or None when it refuses."""
+        if self.transformers_config_error:
+            return None
+        import transformers
+
+        return transformers.AutoConfig.from_pretrained(str(self.checkpoint))
 
     @cached_property
     def tokenizer_files(self) -> list[str]:

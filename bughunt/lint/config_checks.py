@@ -81,32 +81,32 @@ def check_max_position(ctx: _Context) -> list[Finding]:
     return out
 
 
+# The field each family's transformers modeling code builds its MLP activation from (GemmaMLP: config.hidden_act;
+# Gemma2MLP / Gemma3MLP: config.hidden_activation; read in transformers 5.23's modeling files).
+_TRANSFORMERS_READS = {"gemma": "hidden_act", "gemma2": "hidden_activation", "gemma3": "hidden_activation"}
+
+
 def check_activation(ctx: _Context) -> list[Finding]:
     out = []
-    fam = ctx.spec.family
     fields = {k: ctx.cfg[k] for k in ("hidden_act", "hidden_activation") if ctx.cfg.get(k)}
     canon = {k: _ACTIVATIONS.get(v, v) for k, v in fields.items()}
     if len(set(canon.values())) > 1:
         out.append(_finding("activation-fields-disagree", f"hidden_act={fields['hidden_act']!r} but hidden_activation={fields['hidden_activation']!r}",
                             **fields))
-    hf_default = "gelu_pytorch_tanh"
-    if fam == "gemma":
-        if fields.get("hidden_act") == "gelu":
-            out.append(_finding("activation-silently-overridden",
-                                "hidden_act='gelu': transformers' GemmaConfig rewrites it to gelu_pytorch_tanh (tanh GELU); "
-                                "a library reading it literally runs exact (erf) GELU",
-                                field="hidden_act", written="gelu", transformers_runs=hf_default))
-        elif "hidden_act" not in fields and "hidden_activation" in fields and canon["hidden_activation"] != "gelu_tanh":
-            out.append(_finding("activation-silently-overridden",
-                                f"hidden_activation={fields['hidden_activation']!r} is ignored by GemmaConfig, which reads "
-                                f"hidden_act (default {hf_default})",
-                                field="hidden_activation", written=fields["hidden_activation"], transformers_runs=hf_default))
-    elif fam in ("gemma2", "gemma3") and "hidden_activation" not in fields and "hidden_act" in fields \
-            and canon["hidden_act"] != "gelu_tanh":
+    read = _TRANSFORMERS_READS.get(ctx.spec.family)
+    if read is None or not fields or ctx.transformers_config is None:
+        return out  # a family whose activation transformers takes as written, or a config it refuses (reported elsewhere)
+    import transformers
+
+    runs = getattr(ctx.transformers_config, read, None)
+    written = fields.get(read) or next(iter(fields.values()))
+    field = read if read in fields else next(iter(fields))
+    if runs is not None and _ACTIVATIONS.get(runs, runs) != _ACTIVATIONS.get(written, written):
+        how = "rewrites it to" if field == read else f"ignores it and reads {read}, which gives"
         out.append(_finding("activation-silently-overridden",
-                            f"hidden_act={fields['hidden_act']!r} is ignored by transformers' {fam} config, which reads "
-                            f"hidden_activation (default {hf_default})",
-                            field="hidden_act", written=fields["hidden_act"], transformers_runs=hf_default))
+                            f"{field}={written!r}: transformers {transformers.__version__}'s {type(ctx.transformers_config).__name__} "
+                            f"{how} {runs!r}; a library reading {field} literally runs another activation",
+                            field=field, written=written, transformers_runs=runs, transformers_reads=read))
     return out
 
 
