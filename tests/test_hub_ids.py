@@ -348,6 +348,85 @@ def test_missing_and_gated_repositories_carry_the_hubs_message(fake_hub, tmp_pat
     assert re.search(expected, out.stderr, re.DOTALL), out.stderr
 
 
+def _hub_serving(repo_id: str, sha: str, files: dict[str, bytes], requests: list[tuple[str, str]]):
+    """A request handler answering the hub's API for one repository at one commit, as huggingface_hub's
+    snapshot_download asks it: repo info, the recursive tree listing, and each file under /resolve/ (X-Repo-Commit and
+    ETag headers: sha256 for LFS files, git blob sha1 otherwise). Every request is appended to `requests`."""
+    def entry(path: str, data: bytes) -> dict:
+        e = {"type": "file", "oid": hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest(), "size": len(data), "path": path}
+        if path.endswith((".safetensors", ".bin", ".pth")):
+            e["lfs"] = {"oid": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 134}
+        return e
+
+    class Hub(http.server.BaseHTTPRequestHandler):
+        def _send(self, code: int, body: bytes, headers: dict[str, str]):
+            self.send_response(code)
+            for k, v in (headers | {"Content-Length": str(len(body))}).items():
+                self.send_header(k, v)
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+
+        def _answer(self):
+            from urllib.parse import unquote, urlparse
+
+            path = unquote(urlparse(self.path).path)
+            requests.append((self.command, path))
+            if path in (f"/api/models/{repo_id}/revision/main", f"/api/models/{repo_id}/revision/{sha}"):
+                info = {"id": repo_id, "sha": sha, "siblings": [{"rfilename": p} for p in files]}
+                return self._send(200, json.dumps(info).encode(), {"Content-Type": "application/json"})
+            if path == f"/api/models/{repo_id}/tree/{sha}":
+                tree = [entry(p, d) for p, d in files.items()]
+                return self._send(200, json.dumps(tree).encode(), {"Content-Type": "application/json"})
+            name = path.removeprefix(f"/{repo_id}/resolve/{sha}/")
+            if name in files:
+                e = entry(name, files[name])
+                etag = e["lfs"]["oid"] if "lfs" in e else e["oid"]
+                return self._send(200, files[name], {"X-Repo-Commit": sha, "ETag": f'"{etag}"'})
+            return self._send(404, b"{}", {"X-Error-Code": "RepoNotFound" if "/api/models/" in path else "EntryNotFound"})
+
+        do_GET = do_HEAD = _answer
+
+        def log_message(self, *args):
+            pass
+
+    return Hub
+
+
+@pytest.fixture
+def local_hub(tiny):
+    """A hub at a local address serving tiny/llama as tiny-org/tiny-llama at commit 6...6, with what real repositories
+    also hold: pickled weights, a subfolder, a consolidated copy, a README. Yields (endpoint, requests)."""
+    files = {p.name: p.read_bytes() for p in tiny["llama"].iterdir() if p.name != "bughunt_tiny.json"}
+    files |= {"pytorch_model.bin": b"PICKLE", "original/consolidated.00.pth": b"PICKLE",
+              "consolidated.safetensors": b"0" * 64, "README.md": b"# tiny"}
+    requests: list[tuple[str, str]] = []
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _hub_serving("tiny-org/tiny-llama", "6" * 40, files, requests))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", requests
+    server.shutdown()
+    server.server_close()
+
+
+def test_cli_downloads_a_hub_id_then_reads_it_offline(local_hub, tmp_path):
+    """HF_HUB_OFFLINE unset: `bughunt lint org/name` downloads the checkpoint's files (and nothing else) into HF_HOME's
+    cache; with HF_HUB_OFFLINE=1 afterwards the same id resolves from the cache to the same commit."""
+    endpoint, requests = local_hub
+    home = tmp_path / "home"
+    out = _bughunt(["lint", "tiny-org/tiny-llama"], {"HF_HOME": str(home), "HF_ENDPOINT": endpoint}, tmp_path)
+    assert out.returncode == 0, out.stderr
+    snapshot = home / "hub" / "models--tiny-org--tiny-llama" / "snapshots" / ("6" * 40)
+    assert str(snapshot) in out.stdout
+    assert sorted(p.name for p in snapshot.iterdir()) == ["config.json", "generation_config.json", "model.safetensors",
+                                                           "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json"]
+    fetched = {path.rsplit("/", 1)[-1] for method, path in requests if "/resolve/" in path}
+    assert not fetched & {"pytorch_model.bin", "consolidated.00.pth", "consolidated.safetensors", "README.md"}, fetched
+    offline = _run_python(RESOLVE.format(text="tiny-org/tiny-llama"), {"HF_HOME": str(home), "HF_HUB_OFFLINE": "1",
+                                                                        "HF_ENDPOINT": "http://127.0.0.1:9"}, tmp_path)
+    assert offline.returncode == 0, offline.stderr
+    assert json.loads(offline.stdout)["revision"] == "6" * 40
+
+
 def _closed_port() -> int:
     import socket
 
