@@ -51,3 +51,27 @@ def assert_refused(capsys, argv: list[str], message: str, watch: Iterable[Path] 
     assert re.search(message, err, re.IGNORECASE | re.DOTALL), f"message {message!r} not in: {err}"
     assert snapshot(watch) == before, f"{argv} changed a watched path"
     return err
+
+
+def shard_checkpoint(ck: Path, parts: int = 3, index: bool = True) -> dict[str, str]:
+    """Split ck/model.safetensors into `parts` shard files (tensors dealt round-robin by sorted name), writing
+    model.safetensors.index.json when `index`; returns the weight_map (tensor name -> shard file name)."""
+    from bughunt.safetensors_io import read_safetensors, write_safetensors
+
+    tensors = read_safetensors(ck / "model.safetensors")
+    names = sorted(tensors)
+    (ck / "model.safetensors").unlink()
+    weight_map = {}
+    for i in range(parts):
+        shard = f"model-{i + 1:05d}-of-{parts:05d}.safetensors"
+        write_safetensors(ck / shard, {n: tensors[n] for n in names[i::parts]})
+        weight_map.update({n: shard for n in names[i::parts]})
+    if index:
+        write_index(ck, weight_map)
+    return weight_map
+
+
+def write_index(ck: Path, weight_map: dict) -> None:
+    import json
+
+    (ck / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))

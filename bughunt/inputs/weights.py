@@ -49,8 +49,9 @@ def read_weight_map(index: Path, checkpoint: Path) -> dict[str, str]:
 
 
 def read_shard_index(index: Path, checkpoint: Path) -> list[str]:
-    """The shard file names of model.safetensors.index.json, in sorted order (see `read_weight_map`)."""
-    return sorted(set(read_weight_map(index, checkpoint).values()))
+    """The shard file names of model.safetensors.index.json, in sorted order, each once however it is spelled
+    ('./a.safetensors' is 'a.safetensors'; see `read_weight_map`)."""
+    return sorted({PurePosixPath(name).as_posix() for name in read_weight_map(index, checkpoint).values()})
 
 
 def _listed(items: list[str], limit: int = 4) -> str:
