@@ -173,7 +173,7 @@ def test_damaged_shapes_and_lengths_are_refused(copy):
     patch(copy, lambda r: r.tensors[0].field.parts[2].__setitem__(0, 7))
     refused(copy, r"'token_embd.weight' has 7 dimensions")
     copy.write_bytes(good)
-    # a token list claiming 2^40 items: gguf.GGUFReader would walk past the end of the file item by item
+    # a token list claiming 2^40 items: refused from the count alone, before any item is read
     patch(copy, lambda r: r.fields["tokenizer.ggml.tokens"].parts[4].__setitem__(0, 1 << 40))
     refused(copy, r"metadata 'tokenizer.ggml.tokens' declares 1099511627776 items .* truncated or the count is damaged")
     copy.write_bytes(good)
