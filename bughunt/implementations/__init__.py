@@ -15,7 +15,10 @@ DTYPES = ("fp64", "fp32", "bf16", "fp16")
 # llama.cpp's own quantizer, or a GGUF checkpoint's own file at its type) and what the reference's quantization noise
 # floor emulates
 QUANT_FTYPES = {"q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q5_1": 9, "q2_k": 10, "q3_k_s": 11, "q3_k_m": 12,
-                "q3_k_l": 13, "q4_k_s": 14, "q4_k_m": 15, "q5_k_s": 16, "q5_k_m": 17, "q6_k": 18}
+                "q3_k_l": 13, "q4_k_s": 14, "q4_k_m": 15, "q5_k_s": 16, "q5_k_m": 17, "q6_k": 18,
+                # made only with an importance matrix, so bughunt does not quantize to them; a GGUF file of these types runs
+                "iq2_xxs": 19, "iq2_xs": 20, "q2_k_s": 21, "iq3_xs": 22, "iq3_xxs": 23, "iq1_s": 24, "iq4_nl": 25,
+                "iq3_s": 26, "iq3_m": 27, "iq2_s": 28, "iq2_m": 29, "iq4_xs": 30, "iq1_m": 31, "tq1_0": 36, "tq2_0": 37}
 QUANTIZED = {"llamacpp": tuple(QUANT_FTYPES), "reference": tuple(QUANT_FTYPES)}
 DEVICES = ("cpu", "cuda")
 # implementations that run in the main process (no worker) unless given another interpreter: the float64 reference, whose

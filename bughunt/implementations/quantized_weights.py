@@ -85,6 +85,19 @@ class QuantizedWeights(MappedWeights):
         self._done[name] = out
         return out
 
+    def emulation(self) -> dict:
+        """What this floor emulated so far: weights by how they were made, activation types by weight type, and the
+        weight types whose activations llama.cpp treats in a way no emulation covers yet."""
+        from reference_impls._activations import VEC_DOT_TYPE
+
+        made: dict[str, int] = {}
+        for how in self.how.values():
+            made[how] = made.get(how, 0) + 1
+        types = {t.tensor_type.name for t in self.stored.values() if len(t.shape) >= 2} - {"F32"}
+        return {"weights": made, "activations": {t: VEC_DOT_TYPE[t] for t in sorted(types) if t in VEC_DOT_TYPE},
+                "not_emulated": [f"activations of {t} products (no emulation: judged on the weights alone)"
+                                 for t in sorted(types) if t not in VEC_DOT_TYPE]}
+
     def activation_type(self, name: str) -> str | None:
         """The type llama.cpp's CPU dot product quantizes the activations to for this weight (None: not quantized)."""
         from reference_impls._activations import VEC_DOT_TYPE

@@ -35,7 +35,7 @@ class ReferenceRunner(Runner):
         from bughunt.toggles import POLICY_TOGGLES, apply_to_spec
 
         policy_fields = {k: v for k, v in self.toggles.items() if k in POLICY_TOGGLES}
-        self.quantized = self.dtype if self.dtype.startswith("q") else None
+        self.quantized = self.dtype if self.dtype in QUANT_FTYPES else None
         self.policy = Policy(**{**(policy or Policy()).__dict__, **policy_fields, "dtype": "fp64" if self.quantized else self.dtype})
         self.config_spec = self.spec  # what the checkpoint holds: its weights are loaded and checked against this
         self.spec = apply_to_spec(self.spec, self.toggles)
@@ -67,6 +67,16 @@ class ReferenceRunner(Runner):
 
     def _close(self) -> None:
         self.weights = None
+
+    def finish(self, out, tokens, seconds, **timings):
+        """A quantization floor's trace says what it emulated: how each weight was made, and the activation type each
+        weight type's products see (a weight type with none is emulated on its weights alone)."""
+        trace = super().finish(out, tokens, seconds, **timings)
+        if self.quantized and hasattr(self.weights, "emulation"):
+            trace.meta["quantization"] = self.weights.emulation()
+            if trace.stem is not None:
+                trace.save_meta()
+        return trace
 
     def versions(self) -> dict[str, str]:
         import ml_dtypes
