@@ -140,3 +140,29 @@ def test_original_needs_a_gguf_checkpoint(llama256):
     proc = subprocess.run([sys.executable, "-m", "bughunt.cli", "weights", str(llama256), "--original", str(llama256)],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "not a GGUF file" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_compare_with_original_names_a_planted_permutation_and_runs_hf_on_the_original(quantized, llama256, tokens, tmp_path):
+    from bughunt.comparison import compare
+    from bughunt.summary import format_summary
+
+    clean = compare(quantized["q8_0"], ["hf", "reference"], dtype="fp32", tokens=tokens, original=str(llama256), render=False)
+    section = clean.data["original"]
+    assert section["weights"]["rows"] == [] and section["hf"]["first_above_floor"] is None, section["hf"]["points"][:4]
+    assert section["hf"]["floor_dtype"] == "q8_0"
+    assert not [f for f in clean.data["findings"] if f.get("implementation") in ("original", "hf@original")]
+    planted = tmp_path / "planted.q8_0.gguf"
+    shutil.copyfile(quantized["q8_0"], planted)
+    _plant_row_permutation(planted, "blk.1.attn_q.weight", load_spec(llama256).head_dim)
+    result = compare(planted, ["hf", "reference"], dtype="fp32", tokens=tokens, original=str(llama256),
+                     out=tmp_path / "report")
+    section = result.data["original"]
+    assert [(r["name"], r["relation"]) for r in section["weights"]["rows"]] == \
+        [("model.layers.1.self_attn.q_proj.weight", "permuted")]
+    assert section["hf"]["first_above_floor"] == "layer.1.attn"
+    assert result.comparison("hf")["first_above_floor"] is None  # hf and the reference read the same (planted) GGUF
+    assert "--original" in result.data["command"]
+    text = format_summary(result)
+    assert "original" in text and "permuted" in text
+    assert "Against the original checkpoint" in (tmp_path / "report" / "report.html").read_text()

@@ -28,8 +28,9 @@ class ReferenceRunner(Runner):
     toggle_support = {name: None for name, toggle in TOGGLES.items() if not toggle.setting}
     applies_field_hypotheses = True  # field:<path> toggles: the spec as an implementation that reads the config that way
 
-    def __init__(self, *args, policy=None, **kwargs):
+    def __init__(self, *args, policy=None, quantized_from: str | Path | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.quantized_from = quantized_from  # a quantization floor at this GGUF file's types (default: llama.cpp's own)
         from reference_impls import Policy
 
         from bughunt.toggles import POLICY_TOGGLES, apply_to_spec
@@ -58,7 +59,8 @@ class ReferenceRunner(Runner):
             from bughunt.implementations.llamacpp import gguf_file
             from bughunt.implementations.quantized_weights import QuantizedWeights
 
-            self.weights = QuantizedWeights(self.weights, self.config_spec, gguf_file(self.checkpoint, self.quantized)[0])
+            source = Path(self.quantized_from) if self.quantized_from else gguf_file(self.checkpoint, self.quantized)[0]
+            self.weights = QuantizedWeights(self.weights, self.config_spec, source)
 
     def _run(self, tokens: np.ndarray, out) -> None:
         from reference_impls import forward

@@ -119,6 +119,7 @@ _MODULES = (
     "bughunt.probes.weights",
     "bughunt.probes.generate",
     "bughunt.probes.logit_lens",
+    "bughunt.probes.original",
 )
 
 
