@@ -9,7 +9,7 @@ from bughunt.numbers import multiple
 def format_summary(result) -> str:
     """The short terminal table: one row per candidate, naming the first capture point above the floor."""
     d = result.data
-    lines = [f"{d['checkpoint']['spec']['family']} · {d['checkpoint']['path']} · reference {d['settings']['reference']} · "
+    lines = [f"{d['checkpoint']['spec']['family']} · {_named(d['checkpoint'])} · reference {d['settings']['reference']} · "
              f"floor factor {d['settings']['floor_factor']:g}"]
     text = d["inputs"].get("text")
     if text:
@@ -46,3 +46,13 @@ def format_summary(result) -> str:
         lines.append(f"  memory plan: {'side by side' if sch['side_by_side'] else 'one after another'} within {sch['budget_gb']} GB "
                      f"({sch['budget_source']}{', ' + sch['reason'] if sch.get('reason') else ''}); estimated peaks " + ", ".join(f"{e['label']} ~{e['peak_gb']} GB" for e in sch["estimates"]))
     return "\n".join(lines)
+
+
+def _named(checkpoint: dict) -> str:
+    """The checkpoint as the user named it: the GGUF file, the hub id at its resolved revision, or the directory."""
+    source = checkpoint.get("source") or {}
+    if source.get("kind") == "gguf":
+        return f"{source['file']} ({source['file_type']})"
+    if source.get("kind") == "hub":
+        return f"{source['hub_id']}@{source['revision'][:12]}"
+    return checkpoint["path"]
