@@ -166,3 +166,25 @@ def test_compare_with_original_names_a_planted_permutation_and_runs_hf_on_the_or
     text = format_summary(result)
     assert "original" in text and "permuted" in text
     assert "Against the original checkpoint" in (tmp_path / "report" / "report.html").read_text()
+
+
+@pytest.mark.slow
+def test_a_gguf_is_a_checkpoint_for_lint_sweep_decode_and_ci_cells(quantized, tokens, tmp_path):
+    from bughunt.ci.matrix import load_matrix
+    from bughunt.decode import decode_check
+    from bughunt.lint import lint
+    from bughunt.sweep import sweep
+
+    gguf = quantized["q8_0"]
+    report = lint(gguf)
+    assert report.family == "llama" and report.count("error") == 0, [f for f in report.findings if f.severity == "error"]
+    swept = sweep(gguf, impl="llamacpp", side="candidate", toggles=["kv_cache=f32"], tokens=tokens, render=False)
+    assert swept.data["checkpoint"]["source"]["kind"] == "gguf"
+    assert swept.data["command"].split()[2] == str(gguf.resolve()) and "llamacpp:q8_0" in swept.data["command"]
+    decoded = decode_check(gguf, impl="hf", tokens=tokens, prefill=4)
+    assert decoded.data["checkpoint"]["source"]["file_type"] == "q8_0"
+    matrix = tmp_path / "bughunt.toml"
+    shutil.copyfile(gguf, tmp_path / "model.gguf")
+    matrix.write_text('[[checkpoints]]\npath = "model.gguf"\nimplementations = ["hf"]\ndtypes = ["fp32"]\n')
+    entry = load_matrix(matrix).checkpoints[0]
+    assert sources.describe(entry.resolve())["kind"] == "gguf"
