@@ -27,8 +27,9 @@ METHOD = ("the larger divergence from float64 of the reference emulating the fam
 # order is the error: two orders, so that one pass's luckily small error at a position is not taken for the floor.
 ORDERS = {"fp32": ("fp32", "fp32-reversed"), "bf16": ("fp32",), "fp16": ("fp32",)}
 _ORDER_WORDS = {"fp32": "BLAS's order", "fp32-reversed": "the reverse order"}
-QUANTIZED_METHOD = ("the divergence from float64 of the reference computing on the dtype's quantized weights, per point and "
-                    "per position; never below the fp32 unit roundoff")
+QUANTIZED_METHOD = ("the divergence from float64 of the reference computing on the dtype's quantized weights, with each "
+                    "product's activations quantized as llama.cpp's CPU dot product quantizes them for that weight type "
+                    "(Q8_0, Q8_1 or Q8_K), per point and per position; never below the fp32 unit roundoff")
 
 
 def runs_floors(plan, choice: ImplChoice) -> bool:
@@ -107,8 +108,12 @@ def floor_from(fp64: Trace, emulated: list[Trace] | None, dtype: str, tokens: np
     if emulated:
         timings["emulated_forward_s"] = emulated[0].meta["timings"]["forward_s"]  # one pass's own time
         timings["emulated_passes"] = len(emulated)
-    return {"dtype": dtype, "unit_roundoff": u, "method": method(dtype), "orders": list(ORDERS.get(dtype, ())),
-            "timings": timings, "points": points}
+    floor = {"dtype": dtype, "unit_roundoff": u, "method": method(dtype), "orders": list(ORDERS.get(dtype, ())),
+             "timings": timings, "points": points}
+    emulation = next((e.meta["quantization"] for e in emulated or () if e.meta.get("quantization")), None)
+    if emulation is not None:  # a quantization floor: what it emulated, and what it could not
+        floor["emulates"] = emulation
+    return floor
 
 
 def method(dtype: str) -> str:
