@@ -39,8 +39,17 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 class QuantizedWeights(MappedWeights):
-    """name -> the checkpoint weight as the quantized GGUF holds it, made on first use and kept (a weight is used once
-    per pass; the floor runs one pass)."""
+    """name -> the checkpoint weight as the quantized GGUF holds it, made on first use and kept until the forward pass
+    releases it (reference_impls/_weights.py calls `release` once it has converted a tensor), so memory stays near one
+    layer; the embedding and the output head, read a chunk at a time, are kept for the pass."""
+
+    KEEP = ("model.embed_tokens.weight", "lm_head.weight")
+
+    def release(self, array) -> None:
+        for name, made in list(self._done.items()):
+            if made is array and name not in self.KEEP:
+                del self._done[name]
+        MappedWeights.release(array)
 
     def __init__(self, weights: dict, spec: Spec, gguf_path: Path):
         super().__init__(weights)
