@@ -82,6 +82,7 @@ def view_of(path: Path) -> Path:
     digest = content_hash(path)
     view = views_root() / f"{digest[:24]}-v{VIEW_FORMAT}"
     if (view / RECORD).is_file():
+        _point_at(view, path)
         return view
     view.parent.mkdir(parents=True, exist_ok=True)
     tmp = view.with_name(f"{view.name}.{os.getpid()}.tmp")
@@ -99,6 +100,17 @@ def view_of(path: Path) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return view
+
+
+def _point_at(view: Path, path: Path) -> None:
+    """The view's record names the file this run was given (a copy of the same content may have derived it, and may
+    since have moved): llama.cpp runs that file, and result.json names it."""
+    record = _read_json(view / RECORD)
+    if record.get("file") != str(path.resolve()):
+        record["file"] = str(path.resolve())
+        tmp = view / f"{RECORD}.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(record, indent=1))
+        os.replace(tmp, view / RECORD)
 
 
 def _derive(path: Path, out: Path) -> dict:
