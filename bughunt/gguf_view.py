@@ -89,7 +89,7 @@ def view_of(path: Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        record = _derive(path, tmp)
+        record = _derive_in_child(path, tmp)
         record.update(sha256=digest, view=str(view))
         (tmp / RECORD).write_text(json.dumps(record, indent=1))
         try:
@@ -111,6 +111,22 @@ def _point_at(view: Path, path: Path) -> None:
         tmp = view / f"{RECORD}.{os.getpid()}.tmp"
         tmp.write_text(json.dumps(record, indent=1))
         os.replace(tmp, view / RECORD)
+
+
+def _derive_in_child(path: Path, out: Path) -> dict:
+    """`_derive` in a child process: torch, transformers' GGUF loader and the tokenizer build leave nothing behind in
+    the caller's process (its memory and any global state), which may go on to load models in-process."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "bughunt.gguf_view", str(path), str(out)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        said = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+        if proc.returncode == 2 and said:
+            raise BughuntError(said[-1].removeprefix("bughunt: error: "))
+        raise BughuntError(f"deriving the checkpoint view of {path} failed (exit {proc.returncode}): "
+                           f"{' '.join(said[-3:])[:600] or 'no message'}")
+    return json.loads((out / RECORD).read_text())
 
 
 def _derive(path: Path, out: Path) -> dict:
@@ -235,3 +251,13 @@ def _write_tokenizer(path: Path, out: Path) -> str:
         return f"none: transformers could not build one from the GGUF metadata ({type(e).__name__}: {str(e)[:200]})"
     tok.save_pretrained(str(out))
     return f"transformers {transformers.__version__} AutoTokenizer from the GGUF metadata ({type(tok).__name__})"
+
+
+if __name__ == "__main__":  # the child `_derive_in_child` starts: python -m bughunt.gguf_view FILE OUT
+    import sys
+
+    try:
+        (Path(sys.argv[2]) / RECORD).write_text(json.dumps(_derive(Path(sys.argv[1]), Path(sys.argv[2]))))
+    except BughuntError as e:
+        print(f"bughunt: error: {e}", file=sys.stderr)
+        sys.exit(2)

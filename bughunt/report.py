@@ -37,7 +37,8 @@ def _environment():
     import jinja2
 
     env = jinja2.Environment(loader=jinja2.PackageLoader("bughunt", "templates"), autoescape=jinja2.select_autoescape(["html"]))
-    env.filters.update(fmt=_fmt, number=_number, multiple=multiple, short=short_point)
+    env.filters.update(fmt=_fmt, number=_number, short=short_point,
+                       multiple=lambda v: multiple(None if isinstance(v, jinja2.Undefined) else v))  # absent: '–' 
     return env
 
 
