@@ -23,11 +23,11 @@ def weight_files(checkpoint: Path, allow_pickle: bool = False) -> list[Path]:
     checkpoint = Path(checkpoint)
     index = checkpoint / "model.safetensors.index.json"
     if os.path.lexists(index):
-        if os.path.lexists(checkpoint / "model.safetensors"):
-            raise BughuntError(f"{checkpoint} holds both model.safetensors and the shard index model.safetensors.index.json; "
-                               "transformers reads model.safetensors, bughunt's reference the shards, so they would compare "
-                               "different weights. Remove whichever is stale.")
         files = read_shard_index(index, checkpoint)
+        if os.path.lexists(checkpoint / "model.safetensors") and files != ["model.safetensors"]:
+            raise BughuntError(f"{checkpoint} holds both model.safetensors and the shard index model.safetensors.index.json "
+                               "naming other shards; transformers reads model.safetensors, bughunt's reference the shards, so "
+                               "they would compare different weights. Remove whichever is stale.")
         missing = [f for f in files if not os.path.lexists(checkpoint / f)]
         if missing:
             raise BughuntError(f"{index} names shard(s) that are missing: {', '.join(missing)}. Download or copy every shard.")
