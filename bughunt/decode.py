@@ -93,26 +93,31 @@ class DecodeOptions(BaseModel):
     text: Any = None
 
 
+def _read(checkpoint: Path, o: DecodeOptions):
+    """The decode check's planning stage: (the checkpoint directory, its inputs, the checked decode config); every
+    refusal happens here."""
+    if o.out is not None:
+        check_output_dir(o.out, "decode", [("the checkpoint", checkpoint)])
+    checkpoint = sources.resolve(checkpoint)  # a GGUF file's view, a hub id's snapshot, or the directory itself
+    inputs = read_inputs(checkpoint, o.tokens, o.text, default_length=32)  # the planning stage compare and sweep share
+    decode_config = validate_decode_config(o.decode_config or {}, load_config(checkpoint), str(checkpoint / "config.json"))
+    positive(o.floor_factor, "--floor-factor", "a finding is a point above this multiple of the noise floor")
+    if inputs.tokens.shape[0] != 1:
+        raise BughuntError("decode checks one sequence at a time: give a single row of tokens.")
+    if not 1 <= o.prefill < inputs.tokens.shape[1]:
+        raise BughuntError(f"--prefill must be between 1 and {inputs.tokens.shape[1] - 1} (the number of tokens minus one).")
+    return checkpoint, inputs, decode_config
+
+
 def decode_check(checkpoint: str | Path, impl: str = "hf", **settings) -> Result:
     """Full forward pass vs incremental decoding (prefill, then one token at a time) of implementation `impl`, and
     against `reference` when given; `settings` are DecodeOptions' fields."""
     from bughunt.plan import validated
 
     o = validated(DecodeOptions, settings)
-    reference, dtype, device, tokens, prefill = o.reference, o.dtype, o.device, o.tokens, o.prefill
-    decode_config, floor_factor, out, text = o.decode_config, o.floor_factor, o.out, o.text
-    checkpoint = Path(checkpoint)
-    if out is not None:
-        check_output_dir(out, "decode", [("the checkpoint", checkpoint)])
-    checkpoint = sources.resolve(checkpoint)  # a GGUF file's view, a hub id's snapshot, or the directory itself
-    inputs = read_inputs(checkpoint, tokens, text, default_length=32)  # the planning stage compare and sweep share
+    reference, dtype, device, prefill, floor_factor, out = o.reference, o.dtype, o.device, o.prefill, o.floor_factor, o.out
+    checkpoint, inputs, decode_config = _read(Path(checkpoint), o)
     spec, tokens, encoded = inputs.spec, inputs.tokens, inputs.encoded
-    decode_config = validate_decode_config(decode_config or {}, load_config(checkpoint), str(checkpoint / "config.json"))
-    positive(floor_factor, "--floor-factor", "a finding is a point above this multiple of the noise floor")
-    if tokens.shape[0] != 1:
-        raise BughuntError("decode checks one sequence at a time: give a single row of tokens.")
-    if not 1 <= prefill < tokens.shape[1]:
-        raise BughuntError(f"--prefill must be between 1 and {tokens.shape[1] - 1} (the number of tokens minus one).")
     cand = ImplChoice.parse(impl)
     cand_dtype = cand.dtype or dtype
     full, inc, how = incremental(cand, checkpoint, spec, cand_dtype, device, tokens, prefill, decode_config)
