@@ -19,7 +19,7 @@ import numpy as np
 from bughunt.errors import BughuntError
 
 RECORD = "view.json"  # in a view: what it was derived from (read by sources.describe and the llamacpp runner)
-VIEW_FORMAT = 2  # part of a view's cache key: a view written by another format is derived again
+VIEW_FORMAT = 3  # part of a view's cache key: a view written by another format is derived again
 _SHARD_BYTES = 2 << 30  # views are written in shards of at most this size, with an index when there are several
 
 
@@ -152,7 +152,8 @@ def _derive(path: Path, out: Path) -> dict:
     for t in reader.tensors:
         counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
     return {"kind": "gguf", "file": str(path.resolve()), "size": path.stat().st_size, "file_type": file_type(reader),
-            "architecture": arch, "tensor_types": counts, "tensors": len(types), "types": types, "not_carried": skipped,
+            "architecture": arch, "gguf_architecture": str(bytes(reader.fields["general.architecture"].parts[-1]), "utf-8"),
+            "vocabulary": "real" if "tokenizer.ggml.tokens" in reader.fields else "none", "tensor_types": counts, "tensors": len(types), "types": types, "not_carried": skipped,
             "derived": {"weights": f"float32 safetensors, each tensor dequantized by gguf-py {_version('gguf')} and named "
                                    f"and un-permuted by transformers {transformers.__version__}'s GGUF tensor processor",
                         "config": f"transformers {transformers.__version__} AutoConfig from the GGUF metadata "

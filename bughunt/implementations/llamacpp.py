@@ -58,7 +58,7 @@ def gguf_file(checkpoint: Path, dtype: str, vocab: str = "auto") -> tuple[Path, 
 
     native = sources.native_gguf(checkpoint)
     if native is not None and native[1] == dtype:  # a GGUF checkpoint at its own type: llama.cpp runs the file itself
-        return native[0], _native_record(native[0], dtype)
+        return native[0], _native_record(sources.describe(checkpoint), dtype)
     path, record = gguf_convert.convert(checkpoint, "fp32" if dtype in QUANT_TYPES else dtype, vocab)
     record = dict(record)
     if dtype not in QUANT_TYPES:
@@ -84,14 +84,11 @@ def gguf_file(checkpoint: Path, dtype: str, vocab: str = "auto") -> tuple[Path, 
     return out, record
 
 
-def _native_record(path: Path, dtype: str) -> dict:
-    """The conversion record of a GGUF checkpoint run as it is (nothing converted or quantized by bughunt)."""
-    from bughunt.implementations.quantized_weights import import_gguf
-
-    reader = import_gguf().GGUFReader(str(path))
-    arch = str(bytes(reader.fields["general.architecture"].parts[-1]), "utf-8")
-    return {"gguf_arch": arch, "source": "the GGUF checkpoint's own file, run as it is", "file": str(path),
-            "type": dtype, "vocabulary": "real" if "tokenizer.ggml.tokens" in reader.fields else "none"}
+def _native_record(view: dict, dtype: str) -> dict:
+    """The conversion record of a GGUF checkpoint run as it is (nothing converted or quantized by bughunt), from what
+    its view recorded when it was derived (the file is not read again)."""
+    return {"gguf_arch": view["gguf_architecture"], "source": "the GGUF checkpoint's own file, run as it is",
+            "file": view["file"], "type": dtype, "vocabulary": view["vocabulary"]}
 
 
 class LlamaCppRunner(Runner):
