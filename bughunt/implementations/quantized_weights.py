@@ -113,8 +113,8 @@ class QuantizedWeights(MappedWeights):
 
         gname = self.gguf_name(name)
         tensor = self.stored.get(gname) if gname else None
-        if tensor is None or len(tensor.shape) < 2 or name == "model.embed_tokens.weight" and not self.spec.tie_word_embeddings:
-            return None  # the input embedding is a row lookup, not a product
+        if tensor is None or len(tensor.shape) < 2:
+            return None  # (the input embedding's rows are looked up, never marked: reference_impls/_weights.py)
         return VEC_DOT_TYPE.get(tensor.tensor_type.name)
 
     def get(self, name, default=None):
