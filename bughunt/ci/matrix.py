@@ -17,6 +17,7 @@ from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fi
 from pydantic_core import PydanticCustomError
 
 from bughunt.errors import BughuntError
+from bughunt.hub import looks_like_hub_id
 from bughunt.generation import DEFAULT_TOP_K, MAX_STEPS
 from bughunt.implementations import DEVICES, DTYPES, ImplChoice, available
 from bughunt.inputs.config import MAX_TOKEN_ID
@@ -499,7 +500,7 @@ def _entry(file: MatrixFile, index: int, tokens: Tokens, source: Path) -> Checkp
     path = None
     if table.path is not None:
         path = Path(os.path.expanduser(table.path))
-        path = path if path.is_absolute() or not (source.parent / path).exists() and _hub_id(table.path) else source.parent / path
+        path = path if path.is_absolute() or not (source.parent / path).exists() and looks_like_hub_id(table.path) else source.parent / path
     own_tokens = table.tokens is not None
     return CheckpointEntry(
         name=table.cell_name, path=path, tiny=table.tiny, seed=table.seed or 0, reference=file.setting(table, "reference"),
@@ -532,10 +533,3 @@ def load_matrix(path: str | Path) -> Matrix:
     if not path.exists() and not path.is_symlink():
         raise BughuntError(f"matrix file {path} does not exist. Write one (see examples/bughunt.toml) or fix the path.")
     return parse_matrix(read_toml(path), path)
-
-
-def _hub_id(text: str) -> bool:
-    """Whether a matrix's path = "..." is a hub id (org/name[@rev]) rather than a path relative to the matrix file."""
-    from bughunt.hub import looks_like_hub_id
-
-    return looks_like_hub_id(text)
